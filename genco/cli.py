@@ -1,0 +1,198 @@
+"""The ``genco`` command line (../shared/interface.md, "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from genco.config import Settings
+from genco.jsonl import BadLines, parse_line, read_records, readable_request_id
+
+
+def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
+    """Human lines, or with --json the summary as the last stdout line."""
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print("\n".join(lines))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from learner.trainer import Learner, preset
+    from state.snapshots import SnapshotStore
+
+    store = SnapshotStore(args.snapshot_dir)
+    resumed = store.latest_version()
+    if resumed:
+        snapshot = store.load(with_optimizer=True)
+        m = snapshot.manifest
+        learner = Learner.resume(snapshot.model, m.train_config, snapshot.optimizer_state, m.bags_seen, m.steps)
+    else:
+        learner = Learner(preset(args.preset, train={"batch_size": args.batch_size} if args.batch_size else None))
+    bad = BadLines()
+    size = learner.preset.train.batch_size
+    start, trained, pending = time.perf_counter(), 0, []
+    with open(args.bags, "rb") as lines:
+        for _, bag in read_records(lines, _bag_model(), bad):
+            pending.append(bag)
+            if len(pending) == size:
+                learner.step(pending)
+                trained += len(pending)
+                pending = []
+    if pending:
+        learner.step(pending)
+        trained += len(pending)
+    elapsed = time.perf_counter() - start
+    manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,
+                          train_config=learner.preset.train.to_dict(), optimizer_state=learner.optimizer_state())
+    summary = {"trained": trained, "bad_lines": bad.count, "steps": learner.steps, "bags_seen": learner.bags_seen,
+               "version": manifest.version, "seconds": round(elapsed, 3),
+               "bags_per_s": round(trained / elapsed, 1) if elapsed else None,
+               "snapshot_dir": str(Path(args.snapshot_dir).resolve()), "preset": args.preset}
+    _emit(summary, args.json, [
+        f"trained on {trained} bags ({bad.count} bad lines skipped) in {elapsed:.1f} s "
+        f"({summary['bags_per_s']} bags/s)",
+        f"snapshot v{manifest.version} written to {args.snapshot_dir} ({learner.bags_seen} bags seen in all)",
+    ])
+    return 0
+
+
+def _bag_model():
+    from stream.events import Bag
+
+    return Bag
+
+
+def _serving_policy(snapshot_dir: str, explore: float, k: int):
+    from learner.policy import ServingPolicy
+    from state.snapshots import SnapshotStore
+
+    store = SnapshotStore(snapshot_dir)
+    if not store.latest_version():
+        print(f"no snapshot in {snapshot_dir}: serving the uniform fallback", file=sys.stderr)
+        return ServingPolicy(None, explore=explore)
+    snapshot = store.load()
+    return ServingPolicy(snapshot.model, snapshot.manifest.version, explore=explore, k=k)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from stream.events import SelectionRequest
+
+    policy = _serving_policy(args.snapshot_dir, args.explore, args.k)
+    bad = BadLines()
+    out = sys.stdout
+    batch: list = []
+
+    def flush() -> None:
+        for response in policy.respond(batch):
+            out.write(json.dumps(response) + "\n")
+        batch.clear()
+
+    answered = 0
+    for lineno, raw in enumerate(sys.stdin.buffer, 1):
+        if not raw.strip():
+            continue
+        try:
+            batch.append(parse_line(raw, SelectionRequest))
+            answered += 1
+        except ValueError as error:
+            bad.add(lineno, str(error))
+            request_id = readable_request_id(raw)
+            if request_id is not None:
+                flush()  # keep responses in input order
+                out.write(json.dumps({"request_id": request_id, "error": str(error)}) + "\n")
+        if len(batch) >= args.batch_size:
+            flush()
+    flush()
+    out.flush()
+    summary = {"answered": answered, "bad_lines": bad.count, "model_version": policy.version}
+    print(json.dumps(summary) if args.json else f"answered {answered} requests, {bad.count} bad lines",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from learner.evaluate import calibrated_sctr
+
+    policy = _serving_policy(args.snapshot_dir, 0.0, args.k)
+    if policy.selector is None:
+        print(f"no snapshot in {args.snapshot_dir}", file=sys.stderr)
+        return 2
+    bad = BadLines()
+    with open(args.bags, "rb") as lines:
+        bags = [bag for _, bag in read_records(lines, _bag_model(), bad)]
+    selections = []
+    for start in range(0, len(bags), 1024):
+        selections.extend(policy.selector.select(bags[start : start + 1024]))
+    result = calibrated_sctr(bags, selections)
+    result["bad_lines"] = bad.count
+    result["model_version"] = policy.version
+    pol, uni = result["policy"], result["uniform"]
+
+    def fmt(x: float | None) -> str:
+        return "   -   " if x is None else f"{x:.5f}"
+
+    lines = [f"calibrated sCTR (Algorithm 1) on {len(bags)} bags, snapshot v{policy.version}",
+             f"{'component':<22}{'genco':>10}{'uniform':>10}{'lift':>9}"]
+    for component, value in pol["per_component"].items():
+        base = uni["per_component"][component]
+        lift = f"{value / base - 1:+.1%}" if value is not None and base else "-"
+        lines.append(f"{component:<22}{fmt(value):>10}{fmt(base):>10}{lift:>9}")
+    lift = f"{pol['pooled'] / uni['pooled'] - 1:+.1%}" if pol["pooled"] and uni["pooled"] else "-"
+    lines.append(f"{'pooled':<22}{fmt(pol['pooled']):>10}{fmt(uni['pooled']):>10}{lift:>9}")
+    _emit(result, args.json, lines)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from genco.demo import run_demo
+
+    return run_demo(Settings(), bags=args.bags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genco", description="GenCO creative optimisation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train offline on a BAGS.jsonl file, in file order, and write a snapshot")
+    train.add_argument("bags")
+    train.add_argument("--snapshot-dir", required=True)
+    train.add_argument("--preset", default="default", choices=["default", "paper"])
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(run=cmd_train)
+
+    select = sub.add_parser("select", help="answer SelectionRequest lines on stdin with SelectionResponse lines")
+    select.add_argument("--snapshot-dir", required=True)
+    select.add_argument("--explore", type=float, default=0.0)
+    select.add_argument("--k", type=int, default=16, help="combinations sampled per request")
+    select.add_argument("--batch-size", type=int, default=1024)
+    select.add_argument("--json", action="store_true")
+    select.set_defaults(run=cmd_select)
+
+    evaluate = sub.add_parser("evaluate", help="calibrated sCTR (Algorithm 1) of a snapshot on a uniform log")
+    evaluate.add_argument("bags")
+    evaluate.add_argument("--snapshot-dir", required=True)
+    evaluate.add_argument("--k", type=int, default=16)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="learn on a simulated ad server and show the CTR gained")
+    demo.add_argument("--bags", type=int, default=200_000, help="simulated impressions")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Read contract records from JSON lines, reporting and skipping the bad ones.
+
+A bad line never stops a run: it is reported on stderr with its line number and
+the field at fault, counted, and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+from pydantic import BaseModel, ValidationError
+
+from stream.events import describe_error
+
+MAX_LINE_BYTES = 5 << 20
+
+
+@dataclass
+class BadLines:
+    """Counts bad lines and tells the operator about each (up to ``report_limit`` of them)."""
+
+    report_limit: int = 100
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, lineno: int, error: str, out: IO[str] | None = None) -> None:
+        self.count += 1
+        message = f"line {lineno}: {error}"
+        if len(self.examples) < 5:
+            self.examples.append(message)
+        if self.count <= self.report_limit:
+            print(message, file=out or sys.stderr)
+        elif self.count == self.report_limit + 1:
+            print("further bad lines are counted, not shown", file=out or sys.stderr)
+
+
+def parse_line(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """Validate one line; raises ValueError with a message naming the field at fault."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ValueError(f"line of {len(raw)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 at byte {error.start}") from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(describe_error(error)) from None
+
+
+def read_records(lines: IO[bytes], model: type[BaseModel], bad: BadLines) -> Iterator[tuple[int, BaseModel]]:
+    """Yield (line number, record) for each valid non-blank line; report the rest to ``bad``."""
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            yield lineno, parse_line(raw, model)
+        except ValueError as error:
+            bad.add(lineno, str(error))
+
+
+def readable_request_id(raw: bytes) -> str | None:
+    """The request_id of a line that failed validation, when it can still be read."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    request_id = value.get("request_id") if isinstance(value, dict) else None
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 256 else None

@@ -1,0 +1,240 @@
+"""The GenCO network (paper §"Generative Element Modeling and Multi-Instance Reward Learning").
+
+Read top to bottom:
+
+1. context encoder   h = Enc(user, age, gender, ad, query, segments, pool stats)   MLP [32,16,8] + BN
+2. cross-component   z = Attn(emb(e); {emb(e)} ∪ candidates of the other components)   hidden 4
+3. element features  f_e = (emb(e), emb(C_j), z)
+4. element scores    p_e = φ(h, f_e)            φ: shared MLP [64,32,8] -> 1
+5. combination       f_c = Σ_j w_j(h, f) f_e_j  (MIL: context-dependent weights over shown elements)
+                     s   = φ(h, f_c)
+
+Beyond the paper (each a switch, kept because the benchmark shows it helps; see README):
+- ``wide``: a logit bias per element and per ad. The paper's φ must move a 4-dim
+  embedding through three layers to express "this title is good"; a bias says it
+  directly, and the ad bias absorbs product appeal (the paper's disentangling).
+- ``crosses``: a factor vector per element dotted with the request's context factors
+  (age, gender, query, segments): user-context preferences as a factorisation machine.
+- ``pairs``: in the combination score, the dot products of the shown elements' factor
+  vectors: cross-component synergy the additive element scores cannot express.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learner.features import CONTEXT_KINDS, PAPER_COMPONENTS, Batch, HashSizes
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 8
+    attention: bool = True  # cross-component attention; off = the paper's "w/o context"
+    mil: bool = True  # combination head + L_comb; off = the paper's "w/o MIL"
+    rl_weight: float = 0.15  # λ of L_RL; 0 = the paper's "w/o RL"
+    wide: bool = False
+    crosses: bool = True
+    pairs: bool = True
+    prior: bool = True  # smoothed click counts per element and ad as a logit prior
+    prior_strength: float = 20.0  # pseudo-impressions at the running mean CTR
+    factor_dim: int = 4
+    encoder: tuple[int, ...] = (32, 16, 8)
+    policy: tuple[int, ...] = (64, 32, 8)
+    attention_hidden: int = 4
+    max_candidates: int = 15
+    sizes: HashSizes = field(default_factory=HashSizes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON types, so a manifest written and read back compares equal."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        data["sizes"] = HashSizes(**data.get("sizes", {}))
+        for key in ("encoder", "policy"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Encoded:
+    """Per-batch intermediate results shared by the element and combination scores."""
+
+    h: torch.Tensor  # (B, 8)
+    features: torch.Tensor  # (L, F) f_e
+    element_logit: torch.Tensor  # (L,) p_e, all terms
+    factors: torch.Tensor | None  # (L, k) element factor vectors
+    additive: torch.Tensor | None  # (L,) the element's wide bias + context cross, reused by s
+    request_bias: torch.Tensor | None  # (B,) global + ad bias
+
+
+class GenCO(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        sizes = c.sizes
+        # One table per id space: each row holds the id's embedding, then its wide bias, then its
+        # factor vector, so one gather and one sparse optimiser update serve all three.
+        self.factor_dim = c.factor_dim if (c.crosses or c.pairs) else 0
+        width = c.dim + int(c.wide) + self.factor_dim
+        self.context_table = nn.Embedding(sizes.context_rows, width, sparse=True)
+        self.element_table = nn.Embedding(sizes.element_rows, width, sparse=True)
+        for table in (self.context_table, self.element_table):
+            nn.init.normal_(table.weight[:, : c.dim], std=0.05)
+            nn.init.zeros_(table.weight[:, c.dim :])
+            nn.init.normal_(table.weight[:, c.dim + int(c.wide) :], std=0.01)
+        self.component_embedding = nn.Embedding(sizes.component, c.dim)
+        context_in = (len(CONTEXT_KINDS) + 1) * c.dim + len(PAPER_COMPONENTS) + 1
+        self.encoder = _mlp([context_in, *c.encoder], batch_norm=True)
+        hidden = c.attention_hidden
+        self.query = nn.Linear(c.dim, hidden, bias=False)
+        self.key = nn.Linear(c.dim, hidden, bias=False)
+        self.value = nn.Linear(c.dim, hidden, bias=False)
+        feature_dim = 2 * c.dim + hidden
+        h_dim = c.encoder[-1]
+        self.phi = _mlp([h_dim + feature_dim, *c.policy, 1])
+        self.mil_weight = _mlp([h_dim + feature_dim, 8, 1])
+        if c.wide:
+            self.bias = nn.Parameter(torch.tensor([-2.5]))
+        if c.prior:  # (impressions, clicks) per row; counted, not learned, and saved with the weights
+            self.register_buffer("element_counts", torch.zeros(sizes.element_rows, 2))
+            self.register_buffer("ad_counts", torch.zeros(sizes.context_rows, 2))
+            self.register_buffer("total_counts", torch.zeros(2))
+            self.prior_weight = nn.Parameter(torch.ones(2))
+
+    # -- 1..4: context, attention, element scores ---------------------------------------------
+    def encode(self, batch: Batch) -> Encoded:
+        c = self.config
+        n, d = batch.size, c.dim
+        element_request = batch.group_request[batch.element_group]
+        ctx_rows = self.context_table(batch.context)  # (B, 5, width)
+        if batch.segments.numel():
+            seg_rows = F.embedding_bag(batch.segments, self.context_table.weight, batch.segment_offsets,
+                                       mode="mean", sparse=True)
+            seg_rows = F.pad(seg_rows, (0, 0, 0, n - seg_rows.shape[0]))  # trailing empty bags are dropped
+        else:
+            seg_rows = ctx_rows.new_zeros(n, ctx_rows.shape[2])
+        h = self.encoder(torch.cat([ctx_rows[:, :, :d].flatten(1), seg_rows[:, :d], batch.pool_stats], 1))
+
+        rows = self.element_table(batch.element)
+        emb = rows[:, :d]
+        comp = self.component_embedding(batch.group_component[batch.element_group])
+        if c.attention:
+            z = self._cross_component_attention(batch, emb, element_request)
+        else:
+            z = emb.new_zeros(emb.shape[0], c.attention_hidden)
+        features = torch.cat([emb, comp, z], 1)
+        logit = self.phi(torch.cat([h[element_request], features], 1)).squeeze(1)
+
+        factors = request_bias = None
+        additive = torch.zeros_like(logit)
+        if self.factor_dim:
+            factors = rows[:, -self.factor_dim :]
+        if c.crosses:  # age, gender, query and the segments' factors form the request's taste
+            taste = ctx_rows[:, [1, 2, 4], -self.factor_dim :].sum(1) + seg_rows[:, -self.factor_dim :]
+            additive = additive + (factors * taste[element_request]).sum(1)
+        if c.wide:
+            additive = additive + rows[:, d]
+            request_bias = self.bias + ctx_rows[:, 3, d]  # global + ad bias: the product's own appeal
+        if c.prior:
+            additive = additive + self.prior_weight[0] * self._prior(self.element_counts[batch.element])
+            ad_prior = self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]])
+            request_bias = ad_prior if request_bias is None else request_bias + ad_prior
+        return Encoded(h, features, logit + additive, factors, additive, request_bias)
+
+    def _prior(self, counts: torch.Tensor) -> torch.Tensor:
+        """Smoothed log-odds of a row's CTR relative to the running mean: what a click counter knows."""
+        m = self.config.prior_strength
+        base = (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)
+        rate = (counts[:, 1] + m * base) / (counts[:, 0] + m)
+        return torch.logit(rate) - torch.logit(base)
+
+    @torch.no_grad()
+    def observe(self, batch: Batch) -> None:
+        """Count the batch's shown elements and ads; called after the step so a label never sees itself."""
+        if not self.config.prior:
+            return
+        valid = batch.shown >= 0
+        clicked = batch.clicked[batch.group_request[valid]]
+        shown_rows = batch.element[batch.shown[valid]]
+        self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(clicked), clicked], 1))
+        ads = torch.stack([torch.ones_like(batch.clicked), batch.clicked], 1)
+        self.ad_counts.index_add_(0, batch.context[:, 3], ads)
+        self.total_counts += ads.sum(0)
+
+    def _cross_component_attention(self, batch: Batch, emb: torch.Tensor, element_request: torch.Tensor):
+        """Each element attends to itself and every candidate of the *other* components of its request.
+
+        Requests are sorted by size and attended in chunks, so padding stays near the chunk's own
+        largest request instead of the batch's.
+        """
+        n = batch.size
+        sizes = torch.bincount(element_request, minlength=n)
+        order = torch.argsort(sizes)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n)
+        chunk = max(64, (n + 7) // 8)
+        q, k, v = self.query(emb), self.key(emb), self.value(emb)
+        z = emb.new_empty(emb.shape[0], q.shape[1])
+        element_rank = rank[element_request]
+        for start in range(0, n, chunk):
+            members = torch.nonzero((element_rank >= start) & (element_rank < start + chunk)).squeeze(1)
+            row, slot = element_rank[members] - start, batch.element_slot[members]
+            rows, width = min(chunk, n - start), int(sizes[order[min(start + chunk, n) - 1]])
+            group = torch.full((rows, width), -1, dtype=torch.long)
+            group[row, slot] = batch.element_group[members]
+            allowed = (group.unsqueeze(1) != group.unsqueeze(2)) & (group >= 0).unsqueeze(1)
+            allowed |= torch.eye(width, dtype=torch.bool)
+            dense = [x.new_zeros(rows, width, x.shape[1]).index_put((row, slot), x[members]) for x in (q, k, v)]
+            out = F.scaled_dot_product_attention(*dense, attn_mask=allowed)
+            z = z.index_put((members,), out[row, slot])
+        return z
+
+    # -- 5: combination scores ------------------------------------------------------------------
+    def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor) -> torch.Tensor:
+        """s for K combinations per request. picks: (K, G) element index per pool, -1 where absent."""
+        c = self.config
+        k, n = picks.shape[0], batch.size
+        width = int(batch.group_slot.max()) + 1
+        dense = torch.full((k, n, width), -1, dtype=torch.long)
+        dense[:, batch.group_request, batch.group_slot] = picks
+        present = dense >= 0
+        index = dense.clamp(min=0)
+        f = enc.features[index]  # (K, B, M, F)
+        h = enc.h.expand(k, n, -1)
+        logit = torch.zeros(k, n)
+        if c.mil:
+            weight_logit = self.mil_weight(torch.cat([h.unsqueeze(2).expand(-1, -1, width, -1), f], 3)).squeeze(3)
+            weight = torch.softmax(weight_logit.masked_fill(~present, float("-inf")), 2)
+            combined = (weight.unsqueeze(3) * f).sum(2)
+            logit = self.phi(torch.cat([h, combined], 2)).squeeze(2)
+        else:  # without MIL a combination scores as the sum of its element scores
+            logit = (enc.element_logit[index] * present).sum(2)
+        mask = present.float()
+        if enc.request_bias is not None:
+            logit = logit + enc.request_bias
+        if c.mil and (c.wide or c.crosses or c.prior):
+            logit = logit + (enc.additive[index] * mask).sum(2)
+        if c.pairs:
+            factors = enc.factors[index] * mask.unsqueeze(3)  # (K, B, M, k)
+            total = factors.sum(2)
+            logit = logit + 0.5 * ((total * total).sum(2) - (factors * factors).sum((2, 3)))
+        return logit

@@ -1,0 +1,122 @@
+"""Serving: choose one combination per request (paper eq. 24-25).
+
+GenCO samples K combinations from the per-component softmaxes and keeps the
+one the combination head scores highest. We always put the greedy
+combination (each component's top element) among the K, so sampling can only
+add options, never lose the best single-element choices.
+
+Sampling noise is a hash of (request seed, sample, slot), not a generator
+draw: a request gets the same answer alone or inside any batch, which makes
+``genco select`` and ``genco evaluate`` agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+
+from learner.features import Batch, Featurizer
+from learner.model import GenCO
+
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def hashed_uniform(key: torch.Tensor) -> torch.Tensor:
+    """Deterministic U(0,1) per int64 key (splitmix64 finaliser)."""
+    x = key * _GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
+
+
+def pool_scores(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
+    """(G, Nmax) element scores per pool, -inf on padding."""
+    dense = element_logit.new_full((len(batch.group_size), int(batch.group_size.max())), float("-inf"))
+    dense[batch.element_group, batch.element_pos] = element_logit
+    return dense
+
+
+@torch.no_grad()
+def choose(model: GenCO, batch: Batch, k: int = 16, temperature: float = 1.0) -> torch.Tensor:
+    """Chosen position inside each pool (G,): best of greedy + (k-1) sampled combinations."""
+    model.eval()
+    enc = model.encode(batch)
+    scores = pool_scores(batch, enc.element_logit)
+    greedy = scores.argmax(1)
+    if k <= 1:
+        return greedy
+    groups, width = scores.shape
+    sample = torch.arange(1, k).view(-1, 1, 1)
+    slot = batch.group_slot.view(1, -1, 1) * 1024 + torch.arange(width).view(1, 1, -1)
+    key = batch.seed[batch.group_request].view(1, -1, 1) * 1_000_003 + sample * 65_537 + slot
+    gumbel = -torch.log(-torch.log(hashed_uniform(key))).float()
+    sampled = (scores / temperature + gumbel).argmax(2)  # (k-1, G)
+    candidates = torch.cat([greedy.unsqueeze(0), sampled])
+    first = torch.cumsum(batch.group_size, 0) - batch.group_size
+    combo_score = model.combination_logit(batch, enc, first + candidates)  # (k, B)
+    best = combo_score.argmax(0)[batch.group_request]
+    return candidates[best, torch.arange(groups)]
+
+
+class Selector:
+    """Picks combinations for contract SelectionRequests with a trained model."""
+
+    def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0) -> None:
+        self.model = model
+        self.k = k
+        self.temperature = temperature
+        self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)
+
+    def select(self, requests: list) -> list[dict[str, str]]:
+        if not requests:
+            return []
+        batch = self.featurizer.batch(requests)
+        picks = choose(self.model, batch, self.k, self.temperature).tolist()
+        return [
+            {batch.group_names[g]: batch.candidate_ids[g][picks[g]] for g in groups}
+            for groups in batch.request_groups
+        ]
+
+
+def uniform_propensity(candidates: dict[str, list[str]]) -> float:
+    """Probability that the uniform policy shows one given combination: Π 1/n_j."""
+    return math.prod(1.0 / len(ids) for ids in candidates.values())
+
+
+class ServingPolicy:
+    """Answers SelectionRequests: the learned policy, an exploration slice, or the uniform fallback.
+
+    ``explore`` of the requests get a uniform random combination with its exact propensity, so
+    the log keeps the unbiased slice that Algorithm 1 and future training need.
+    """
+
+    def __init__(self, model: GenCO | None, version: int = 0, explore: float = 0.0, k: int = 16,
+                 seed: int | None = None) -> None:
+        self.selector = Selector(model, k) if model is not None else None
+        self.version = version if model is not None else 0
+        self.explore = explore
+        self.rng = random.Random(seed)
+
+    def respond(self, requests: list) -> list[dict]:
+        now = time.time()
+        learned = [r for r in requests if self.selector and not (self.explore and self.rng.random() < self.explore)]
+        picks = dict(zip(map(id, learned), self.selector.select(learned), strict=True)) if learned else {}
+        responses = []
+        for request in requests:
+            shown = picks.get(id(request))
+            if shown is not None:
+                policy, propensity = "genco", None
+            else:
+                policy = "explore" if self.selector else "fallback"
+                shown = {c: self.rng.choice(ids) for c, ids in request.candidates.items()}
+                propensity = uniform_propensity(request.candidates)
+            responses.append({"request_id": request.request_id, "ad_id": request.ad_id, "shown": shown,
+                              "policy": policy, "propensity": propensity, "model_version": self.version,
+                              "ts": now})
+        return responses

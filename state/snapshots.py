@@ -1,0 +1,134 @@
+"""Versioned model snapshots on disk: safetensors weights plus a JSON manifest.
+
+Why this shape: a snapshot must be safe to load (safetensors holds tensors
+only, no pickled code), impossible to read half-written (each version is
+written into a temporary directory and renamed into place, then LATEST is
+replaced atomically), and self-describing (the manifest carries the version,
+bags seen, the full model config and a checksum of the weights).
+
+Layout::
+
+    DIR/v00000012/model.safetensors
+    DIR/v00000012/optimizer.safetensors   (optional: lets training resume exactly)
+    DIR/v00000012/manifest.json
+    DIR/LATEST                             ("v00000012")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from learner.model import GenCO, ModelConfig
+
+FORMAT = 1
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing, incomplete or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    bags_seen: int
+    steps: int
+    created: float
+    model_config: dict
+    train_config: dict
+    sha256: str
+    format: int = FORMAT
+
+
+@dataclass
+class Snapshot:
+    manifest: Manifest
+    model: GenCO
+    optimizer_state: dict[str, torch.Tensor] | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _name(version: int) -> str:
+    return f"v{version:08d}"
+
+
+class SnapshotStore:
+    """Writes and reads the snapshots of one directory; keeps the newest ``keep`` versions."""
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def latest_version(self) -> int:
+        """The newest complete version, 0 when there is none."""
+        try:
+            name = (self.directory / "LATEST").read_text().strip()
+        except FileNotFoundError:
+            return 0
+        return int(name.removeprefix("v")) if name.startswith("v") and name[1:].isdigit() else 0
+
+    def save(self, model: GenCO, *, version: int, bags_seen: int, steps: int, train_config: dict,
+             optimizer_state: dict[str, torch.Tensor] | None = None) -> Manifest:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.directory))
+        try:
+            weights = staging / "model.safetensors"
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
+            if optimizer_state:
+                save_file({k: v.contiguous() for k, v in optimizer_state.items()},
+                          str(staging / "optimizer.safetensors"))
+            manifest = Manifest(version, bags_seen, steps, time.time(), model.config.to_dict(), train_config,
+                                _sha256(weights))
+            (staging / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
+            final = self.directory / _name(version)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        pointer = self.directory / ".LATEST.tmp"
+        pointer.write_text(_name(version))
+        os.replace(pointer, self.directory / "LATEST")
+        self._prune(version)
+        return manifest
+
+    def load(self, version: int | None = None, with_optimizer: bool = False) -> Snapshot:
+        version = version or self.latest_version()
+        if not version:
+            raise SnapshotError(f"no snapshot in {self.directory}")
+        folder = self.directory / _name(version)
+        try:
+            manifest = Manifest(**json.loads((folder / "manifest.json").read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise SnapshotError(f"{folder}: unreadable manifest ({error})") from error
+        weights = folder / "model.safetensors"
+        if not weights.exists() or _sha256(weights) != manifest.sha256:
+            raise SnapshotError(f"{weights}: missing or checksum mismatch")
+        model = GenCO(ModelConfig.from_dict(manifest.model_config))
+        model.load_state_dict(load_file(str(weights)))
+        model.eval()
+        optimizer = folder / "optimizer.safetensors"
+        state = load_file(str(optimizer)) if with_optimizer and optimizer.exists() else None
+        return Snapshot(manifest, model, state)
+
+    def _prune(self, newest: int) -> None:
+        for folder in self.directory.glob("v*"):
+            if folder.name[1:].isdigit() and int(folder.name[1:]) <= newest - self.keep:
+                shutil.rmtree(folder, ignore_errors=True)
