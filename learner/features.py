@@ -20,10 +20,12 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 PAPER_COMPONENTS = ("title", "image", "marketing", "highlight", "attribute", "structure_attribute")
 CONTEXT_KINDS = ("user", "age", "gender", "ad", "query")
+_STAT_COLUMN = {name: i for i, name in enumerate(PAPER_COMPONENTS)}
 
 
 @dataclass(frozen=True)
@@ -118,75 +120,72 @@ class Featurizer:
         return base + stable_hash(f"element:{component}", element) % self.sizes.other_element
 
     def batch(self, records: list, labelled: bool = False) -> Batch:
-        """Featurize requests; ``labelled`` Bags also carry their shown combination and click label."""
+        """Featurize requests; ``labelled`` Bags also carry their shown combination and click label.
+
+        The Python loop collects only what needs a per-id lookup; every index layout is then
+        derived from the pool sizes with numpy, which keeps featurisation off the training path.
+        """
         cap = self.max_candidates
-        context, segments, segment_offsets, pool_stats, clicked = [], [], [], [], []
-        element, element_group, element_pos, element_slot = [], [], [], []
-        group_request, group_slot, group_component, group_size, shown = [], [], [], [], []
-        seeds = []
-        candidate_ids, group_names, request_groups = [], [], []
-        crow, erow = self.context_row, self.element_row
-        for b, record in enumerate(records):
+        context, segments, segment_offsets, groups_per_request = [], [], [], []
+        element, group_size, group_component, group_stat, shown_pos = [], [], [], [], []
+        seeds, candidate_ids, group_names = [], [], []
+        crow, erow, comp_row = self.context_row, self.element_row, self.component_row
+        no_user, no_query = (crow("user", ""), crow("age", ""), crow("gender", "")), crow("query", "")
+        for record in records:
             user, query = record.user, record.query
-            context.append((
-                crow("user", user.id or "") if user else crow("user", ""),
-                crow("age", str(user.age)) if user else crow("age", ""),
-                crow("gender", str(user.gender)) if user else crow("gender", ""),
-                crow("ad", record.ad_id),
-                crow("query", query.id or "") if query else crow("query", ""),
-            ))
+            user_rows = (crow("user", user.id or ""), crow("age", str(user.age)), crow("gender", str(user.gender))) \
+                if user else no_user
+            context.append((*user_rows, crow("ad", record.ad_id), crow("query", query.id or "") if query else no_query))
             segment_offsets.append(len(segments))
             if query:
-                segments.extend(crow("segment", s) for s in query.segments)
-            shown_ids = (record.shown or {}) if labelled else {}
-            stats = [0.0] * (len(PAPER_COMPONENTS) + 1)
-            first_group = len(group_request)
-            slot = 0
+                segments.extend([crow("segment", s) for s in query.segments])
+            shown_ids = record.shown if labelled else {}
+            groups_per_request.append(len(record.candidates))
             for component, ids in record.candidates.items():
                 considered = ids[:cap]
                 pick = shown_ids.get(component)
                 if pick is not None and pick not in considered:  # keep the logged element trainable
                     considered = [*considered[: cap - 1], pick]
-                g = len(group_request)
-                n = len(considered)
-                base = len(element)
-                element.extend(erow(component, e) for e in considered)
-                element_group.extend([g] * n)
-                element_pos.extend(range(n))
-                element_slot.extend(range(slot, slot + n))
-                slot += n
-                group_request.append(b)
-                group_slot.append(g - first_group)
-                group_component.append(self.component_row(component))
-                group_size.append(n)
-                shown.append(base + considered.index(pick) if pick is not None else -1)
+                element.extend([erow(component, e) for e in considered])
+                group_size.append(len(considered))
+                group_component.append(comp_row(component))
+                group_stat.append(_STAT_COLUMN.get(component, len(PAPER_COMPONENTS)))
+                shown_pos.append(considered.index(pick) if pick is not None else -1)
                 candidate_ids.append(considered)
                 group_names.append(component)
-                k = PAPER_COMPONENTS.index(component) if component in PAPER_COMPONENTS else -1
-                stats[k] += n
-            request_groups.append(range(first_group, len(group_request)))
             seeds.append(stable_hash(record.ad_id, f"{user and user.id}|{query and query.id}") & 0x7FFFFFFF)
-            pool_stats.append(stats)
-            if labelled:
-                clicked.append(1.0 if record.clicked else 0.0)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+
+        n = len(records)
+        sizes = np.asarray(group_size, dtype=np.int64)
+        per_request = np.asarray(groups_per_request, dtype=np.int64)
+        group_request = np.repeat(np.arange(n), per_request)
+        first_group = np.cumsum(per_request) - per_request
+        group_start = np.cumsum(sizes) - sizes
+        element_group = np.repeat(np.arange(len(sizes)), sizes)
+        element_request = group_request[element_group]
+        first_element = group_start[first_group]  # every request has at least one pool
+        stats = np.zeros((n, len(PAPER_COMPONENTS) + 1), dtype=np.float32)
+        np.add.at(stats, (group_request, np.asarray(group_stat, dtype=np.int64)), sizes)
+        shown = np.asarray(shown_pos, dtype=np.int64)
+        clicked = [1.0 if r.clicked else 0.0 for r in records] if labelled else [0.0] * n
+        t = torch.from_numpy
         return Batch(
-            context=as_long(context).view(-1, len(CONTEXT_KINDS)),
-            segments=as_long(segments),
-            segment_offsets=as_long(segment_offsets),
-            pool_stats=torch.log1p(torch.tensor(pool_stats, dtype=torch.float32)),
-            element=as_long(element),
-            element_group=as_long(element_group),
-            element_pos=as_long(element_pos),
-            element_slot=as_long(element_slot),
-            group_request=as_long(group_request),
-            group_slot=as_long(group_slot),
-            group_component=as_long(group_component),
-            group_size=as_long(group_size),
-            shown=as_long(shown),
-            clicked=torch.tensor(clicked if labelled else [0.0] * len(records), dtype=torch.float32),
-            seed=as_long(seeds),
+            context=t(np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))),
+            segments=t(np.asarray(segments, dtype=np.int64)),
+            segment_offsets=t(np.asarray(segment_offsets, dtype=np.int64)),
+            pool_stats=torch.log1p(t(stats)),
+            element=t(np.asarray(element, dtype=np.int64)),
+            element_group=t(element_group),
+            element_pos=t(np.arange(len(element)) - group_start[element_group]),
+            element_slot=t(np.arange(len(element)) - first_element[element_request]),
+            group_request=t(group_request),
+            group_slot=t(np.arange(len(sizes)) - first_group[group_request]),
+            group_component=t(np.asarray(group_component, dtype=np.int64)),
+            group_size=t(sizes),
+            shown=t(np.where(shown >= 0, group_start + shown, -1)),
+            clicked=t(np.asarray(clicked, dtype=np.float32)),
+            seed=t(np.asarray(seeds, dtype=np.int64)),
             candidate_ids=candidate_ids,
             group_names=group_names,
-            request_groups=request_groups,
+            request_groups=[range(int(a), int(a + m)) for a, m in zip(first_group, per_request, strict=True)],
         )

@@ -115,7 +115,7 @@ class GenCO(nn.Module):
         if c.wide:
             self.bias = nn.Parameter(torch.tensor([-2.5]))
         if c.prior:  # (impressions, clicks) per row; counted, not learned, and saved with the weights
-            self.register_buffer("element_counts", torch.zeros(sizes.element_rows, 2))
+            self.register_buffer("element_counts", torch.zeros(sizes.element_rows, 2))  # (n, Σ y − ad CTR)
             self.register_buffer("ad_counts", torch.zeros(sizes.context_rows, 2))
             self.register_buffer("total_counts", torch.zeros(2))
             self.prior_weight = nn.Parameter(torch.ones(2))
@@ -155,16 +155,28 @@ class GenCO(nn.Module):
             additive = additive + rows[:, d]
             request_bias = self.bias + ctx_rows[:, 3, d]  # global + ad bias: the product's own appeal
         if c.prior:
-            additive = additive + self.prior_weight[0] * self._prior(self.element_counts[batch.element])
-            ad_prior = self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]])
+            additive = additive + self.prior_weight[0] * self._prior(self.element_counts[batch.element], True)
+            ad_prior = self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], False)
             request_bias = ad_prior if request_bias is None else request_bias + ad_prior
         return Encoded(h, features, logit + additive, factors, additive, request_bias)
 
-    def _prior(self, counts: torch.Tensor) -> torch.Tensor:
-        """Smoothed log-odds of a row's CTR relative to the running mean: what a click counter knows."""
-        m = self.config.prior_strength
-        base = (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)
-        rate = (counts[:, 1] + m * base) / (counts[:, 0] + m)
+    def _base_rate(self) -> torch.Tensor:
+        return (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)
+
+    def _ad_rate(self, ads: torch.Tensor) -> torch.Tensor:
+        counts, m = self.ad_counts[ads], self.config.prior_strength
+        return (counts[:, 1] + m * self._base_rate()) / (counts[:, 0] + m)
+
+    def _prior(self, counts: torch.Tensor, relative: bool) -> torch.Tensor:
+        """Smoothed log-odds of a row's CTR against the running mean CTR.
+
+        Element rows hold (impressions, Σ click − its ad's CTR): the element's effect measured
+        against the product it was shown with, so an element reused by strong ads is not credited
+        with their appeal (the paper's creative-versus-product disentangling).
+        """
+        base, m = self._base_rate(), self.config.prior_strength
+        excess = counts[:, 1] if relative else counts[:, 1] - counts[:, 0] * base
+        rate = (base + excess / (counts[:, 0] + m)).clamp(1e-4, 1 - 1e-4)
         return torch.logit(rate) - torch.logit(base)
 
     @torch.no_grad()
@@ -173,9 +185,10 @@ class GenCO(nn.Module):
         if not self.config.prior:
             return
         valid = batch.shown >= 0
-        clicked = batch.clicked[batch.group_request[valid]]
+        request = batch.group_request[valid]
+        excess = (batch.clicked - self._ad_rate(batch.context[:, 3]))[request]
         shown_rows = batch.element[batch.shown[valid]]
-        self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(clicked), clicked], 1))
+        self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(excess), excess], 1))
         ads = torch.stack([torch.ones_like(batch.clicked), batch.clicked], 1)
         self.ad_counts.index_add_(0, batch.context[:, 3], ads)
         self.total_counts += ads.sum(0)

@@ -11,7 +11,9 @@ exploit:
 
 Elements churn: each impression may retire one element of one ad and put a
 fresh one (new id, new quality) in its place, as seasonal creatives do.
-Some marketing lines are shared by many ads, so their ids recur across ads.
+Elements recur across ads of a category (Table 1 has about one id per three
+ad slots), so an element's raw click rate mixes in the appeal of the ads it
+was shown with: the product-versus-creative confounding the paper names.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class WorldConfig:
     context: float = 0.25  # strength of user/query taste x element style
     synergy: float = 0.08  # strength of style agreement between shown elements
     churn: float = 0.002  # chance per impression that one element is replaced
-    shared_marketing: int = 40  # marketing lines shared across ads
+    reuse: float = 0.7  # chance a pool slot reuses an element of another ad of the same category:
+    # Table 1 has ~1 id per 3 ad slots (e.g. 230M titles for 110M ads x 6.3), so elements recur across ads
     max_combinations: int = 20_000  # pools are trimmed so the oracle stays exact
     components: tuple[tuple[str, float, float, float], ...] = TABLE1_COMPONENTS
     seed: int = 0
@@ -89,7 +92,7 @@ class World:
             (f"q-{i}", tuple(self.rng.choice(SEGMENTS, size=int(self.rng.integers(1, 4)), replace=False)))
             for i in range(cfg.n_queries)
         ]
-        self.shared_marketing = [self._new_element("marketing", 0.25) for _ in range(cfg.shared_marketing)]
+        self.catalogue: dict[tuple[int, str], list[_Element]] = {}  # (category, component) -> elements
         self.ads = [self._new_ad(i) for i in range(cfg.n_ads)]
 
     # -- construction ---------------------------------------------------------------------------
@@ -111,25 +114,33 @@ class World:
             if self.rng.random() >= coverage:
                 continue
             n = int(min(15, 1 + self.rng.poisson(max(mean - 1, 0))))
-            if name == "marketing" and self.shared_marketing:
-                picks = self.rng.choice(len(self.shared_marketing), size=min(n, len(self.shared_marketing)),
-                                        replace=False)
-                ad.pools[name] = [self.shared_marketing[k] for k in picks]
-            else:
-                ad.pools[name] = [self._new_element(name, self._scale(ad, j)) for _ in range(n)]
+            pool: list[_Element] = []
+            for _ in range(n):
+                pool.append(self._pool_element(ad, j, pool))
+            ad.pools[name] = pool
         while np.prod([len(p) for p in ad.pools.values()]) > cfg.max_combinations:
             largest = max(ad.pools, key=lambda c: len(ad.pools[c]))
             ad.pools[largest].pop()
         return ad
 
+    def _pool_element(self, ad: _Ad, j: int, pool: list[_Element]) -> _Element:
+        """An element for one slot of an ad's pool: often one the category already uses, else a new one."""
+        component = self.config.components[j][0]
+        known = self.catalogue.setdefault((ad.category, component), [])
+        if known and self.rng.random() < self.config.reuse:
+            element = known[int(self.rng.integers(0, len(known)))]
+            if element not in pool:
+                return element
+        element = self._new_element(component, self._scale(ad, j))
+        known.append(element)
+        return element
+
     def _churn(self) -> None:
         ad = self.ads[int(self.rng.integers(0, len(self.ads)))]
         component = list(ad.pools)[int(self.rng.integers(0, len(ad.pools)))]
-        if component == "marketing":
-            return
         j = [c[0] for c in self.config.components].index(component)
         pool = ad.pools[component]
-        pool[int(self.rng.integers(0, len(pool)))] = self._new_element(component, self._scale(ad, j))
+        pool[int(self.rng.integers(0, len(pool)))] = self._pool_element(ad, j, pool)
 
     # -- traffic ----------------------------------------------------------------------------------
     def request(self, request_id: str) -> dict:

@@ -1,0 +1,83 @@
+"""Speed of the learner: `genco train` end to end, single and batched selection.
+
+Each figure is printed beside a floor measured in the same run on the same
+data (json.loads of the same lines), so machines of different speed compare
+as ratios. Run: .venv/bin/python benchmarks/speed.py [--bags 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from learner.policy import Selector
+from sim.world import World, WorldConfig
+from state.snapshots import SnapshotStore
+from stream.events import SelectionRequest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bags", type=int, default=100_000)
+    parser.add_argument("--out", default="bench-out/speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="genco-speed-"))
+    world = World(WorldConfig(seed=0, n_ads=200))
+    log = world.uniform_log(args.bags)
+    bags_path = work / "bags.jsonl"
+    bags_path.write_text("".join(json.dumps(b) + "\n" for b in log))
+    lines = bags_path.read_bytes().splitlines()
+
+    started = time.perf_counter()
+    for line in lines:
+        json.loads(line)
+    floor = len(lines) / (time.perf_counter() - started)
+
+    snapshots = work / "snap"
+    run = subprocess.run([sys.executable, "-m", "genco.cli", "train", str(bags_path), "--snapshot-dir",
+                          str(snapshots), "--json"], capture_output=True, text=True, check=True)
+    train = json.loads(run.stdout.splitlines()[-1])
+
+    model = SnapshotStore(snapshots).load().model
+    requests = [SelectionRequest.model_validate(world.request(f"s-{i}")) for i in range(5000)]
+    selector = Selector(model, k=16)
+    for request in requests[:200]:
+        selector.select([request])  # warm up
+    latencies = []
+    for request in requests[:2000]:
+        t = time.perf_counter()
+        selector.select([request])
+        latencies.append(time.perf_counter() - t)
+    latencies.sort()
+    started = time.perf_counter()
+    for start in range(0, len(requests), 1024):
+        selector.select(requests[start : start + 1024])
+    batched = len(requests) / (time.perf_counter() - started)
+
+    result = {
+        "bags": args.bags,
+        "json_loads_floor_per_s": round(floor),
+        "train_bags_per_s": train["bags_per_s"],
+        "train_ratio_to_floor": round(train["bags_per_s"] / floor, 4),
+        "select_single_p50_ms": round(1000 * statistics.median(latencies), 3),
+        "select_single_p99_ms": round(1000 * latencies[int(0.99 * len(latencies))], 3),
+        "select_batched_per_s": round(batched),
+        "torch_threads": torch.get_num_threads(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for key, value in result.items():
+        print(f"{key:<26}{value}")
+
+
+if __name__ == "__main__":
+    main()
