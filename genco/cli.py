@@ -21,6 +21,7 @@ def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from learner.offline import bag_batches
     from learner.trainer import Learner, preset
     from state.snapshots import SnapshotStore
 
@@ -33,18 +34,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         learner = Learner(preset(args.preset, train={"batch_size": args.batch_size} if args.batch_size else None))
     bad = BadLines()
-    size = learner.preset.train.batch_size
-    start, trained, pending = time.perf_counter(), 0, []
+    start, trained = time.perf_counter(), 0
     with open(args.bags, "rb") as lines:
-        for _, bag in read_records(lines, _bag_model(), bad):
-            pending.append(bag)
-            if len(pending) == size:
-                learner.step(pending)
-                trained += len(pending)
-                pending = []
-    if pending:
-        learner.step(pending)
-        trained += len(pending)
+        for batch, errors in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size, args.workers):
+            for lineno, error in errors:
+                bad.add(lineno, error)
+            if batch is not None:
+                learner.step_batch(batch)
+                trained += batch.size
     elapsed = time.perf_counter() - start
     manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,
                           train_config=learner.preset.train.to_dict(), optimizer_state=learner.optimizer_state())
@@ -60,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bag_model():
+def _bag_model():  # imported lazily: pydantic models cost start-up time the CLI's --help need not pay
     from stream.events import Bag
 
     return Bag
@@ -162,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--snapshot-dir", required=True)
     train.add_argument("--preset", default="default", choices=["default", "paper"])
     train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--workers", type=int, default=1, help="parser processes (0: parse in-process)")
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=cmd_train)
 

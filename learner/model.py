@@ -9,18 +9,16 @@ Read top to bottom:
 5. combination       f_c = Σ_j w_j(h, f) f_e_j  (MIL: context-dependent weights over shown elements)
                      s   = φ(h, f_c)
 
-Beyond the paper (each a switch, kept because the benchmark shows it helps; see README):
-- ``wide``: a logit bias per element and per ad. The paper's φ must move a 4-dim
-  embedding through three layers to express "this title is good"; a bias says it
-  directly, and the ad bias absorbs product appeal (the paper's disentangling).
-- ``crosses``: a factor vector per element dotted with the request's context factors
-  (age, gender, query, segments): user-context preferences as a factorisation machine.
-- ``pairs``: in the combination score, the dot products of the shown elements' factor
-  vectors: cross-component synergy the additive element scores cannot express.
+Beyond the paper (``prior``; measured in the README): every score also gets a
+count-based prior, the smoothed log-odds of the element's clicks *in excess of its
+ad's own CTR*. One-pass SGD on hashed embeddings learns element quality far more
+slowly than counting does, and measuring an element against the product it was
+shown with keeps product appeal out of its credit (the paper's third challenge).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -37,12 +35,8 @@ class ModelConfig:
     attention: bool = True  # cross-component attention; off = the paper's "w/o context"
     mil: bool = True  # combination head + L_comb; off = the paper's "w/o MIL"
     rl_weight: float = 0.15  # λ of L_RL; 0 = the paper's "w/o RL"
-    wide: bool = False
-    crosses: bool = True
-    pairs: bool = True
-    prior: bool = True  # smoothed click counts per element and ad as a logit prior
+    prior: bool = True  # count-based element and ad priors added to the scores
     prior_strength: float = 20.0  # pseudo-impressions at the running mean CTR
-    factor_dim: int = 4
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4
@@ -65,7 +59,7 @@ class ModelConfig:
 
 def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             if batch_norm:
@@ -78,12 +72,11 @@ def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
 class Encoded:
     """Per-batch intermediate results shared by the element and combination scores."""
 
-    h: torch.Tensor  # (B, 8)
+    h: torch.Tensor  # (B, 8) context embedding
     features: torch.Tensor  # (L, F) f_e
-    element_logit: torch.Tensor  # (L,) p_e, all terms
-    factors: torch.Tensor | None  # (L, k) element factor vectors
-    additive: torch.Tensor | None  # (L,) the element's wide bias + context cross, reused by s
-    request_bias: torch.Tensor | None  # (B,) global + ad bias
+    element_logit: torch.Tensor  # (L,) p_e, prior included
+    element_prior: torch.Tensor | None  # (L,) the prior's share of p_e, reused by s
+    request_prior: torch.Tensor | None  # (B,) the ad's prior
 
 
 class GenCO(nn.Module):
@@ -91,16 +84,10 @@ class GenCO(nn.Module):
         super().__init__()
         self.config = c = config
         sizes = c.sizes
-        # One table per id space: each row holds the id's embedding, then its wide bias, then its
-        # factor vector, so one gather and one sparse optimiser update serve all three.
-        self.factor_dim = c.factor_dim if (c.crosses or c.pairs) else 0
-        width = c.dim + int(c.wide) + self.factor_dim
-        self.context_table = nn.Embedding(sizes.context_rows, width, sparse=True)
-        self.element_table = nn.Embedding(sizes.element_rows, width, sparse=True)
+        self.context_table = nn.Embedding(sizes.context_rows, c.dim, sparse=True)
+        self.element_table = nn.Embedding(sizes.element_rows, c.dim, sparse=True)
         for table in (self.context_table, self.element_table):
-            nn.init.normal_(table.weight[:, : c.dim], std=0.05)
-            nn.init.zeros_(table.weight[:, c.dim :])
-            nn.init.normal_(table.weight[:, c.dim + int(c.wide) :], std=0.01)
+            nn.init.normal_(table.weight, std=0.05)
         self.component_embedding = nn.Embedding(sizes.component, c.dim)
         context_in = (len(CONTEXT_KINDS) + 1) * c.dim + len(PAPER_COMPONENTS) + 1
         self.encoder = _mlp([context_in, *c.encoder], batch_norm=True)
@@ -112,11 +99,9 @@ class GenCO(nn.Module):
         h_dim = c.encoder[-1]
         self.phi = _mlp([h_dim + feature_dim, *c.policy, 1])
         self.mil_weight = _mlp([h_dim + feature_dim, 8, 1])
-        if c.wide:
-            self.bias = nn.Parameter(torch.tensor([-2.5]))
-        if c.prior:  # (impressions, clicks) per row; counted, not learned, and saved with the weights
+        if c.prior:  # counted, not learned, and saved with the weights
             self.register_buffer("element_counts", torch.zeros(sizes.element_rows, 2))  # (n, Σ y − ad CTR)
-            self.register_buffer("ad_counts", torch.zeros(sizes.context_rows, 2))
+            self.register_buffer("ad_counts", torch.zeros(sizes.context_rows, 2))  # (n, Σ y)
             self.register_buffer("total_counts", torch.zeros(2))
             self.prior_weight = nn.Parameter(torch.ones(2))
 
@@ -125,17 +110,16 @@ class GenCO(nn.Module):
         c = self.config
         n, d = batch.size, c.dim
         element_request = batch.group_request[batch.element_group]
-        ctx_rows = self.context_table(batch.context)  # (B, 5, width)
+        ctx = self.context_table(batch.context).flatten(1)
         if batch.segments.numel():
-            seg_rows = F.embedding_bag(batch.segments, self.context_table.weight, batch.segment_offsets,
-                                       mode="mean", sparse=True)
-            seg_rows = F.pad(seg_rows, (0, 0, 0, n - seg_rows.shape[0]))  # trailing empty bags are dropped
+            seg = F.embedding_bag(batch.segments, self.context_table.weight, batch.segment_offsets,
+                                  mode="mean", sparse=True)
+            seg = F.pad(seg, (0, 0, 0, n - seg.shape[0]))  # embedding_bag drops trailing empty bags
         else:
-            seg_rows = ctx_rows.new_zeros(n, ctx_rows.shape[2])
-        h = self.encoder(torch.cat([ctx_rows[:, :, :d].flatten(1), seg_rows[:, :d], batch.pool_stats], 1))
+            seg = ctx.new_zeros(n, d)
+        h = self.encoder(torch.cat([ctx, seg, batch.pool_stats], 1))
 
-        rows = self.element_table(batch.element)
-        emb = rows[:, :d]
+        emb = self.element_table(batch.element)
         comp = self.component_embedding(batch.group_component[batch.element_group])
         if c.attention:
             z = self._cross_component_attention(batch, emb, element_request)
@@ -143,22 +127,11 @@ class GenCO(nn.Module):
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
         logit = self.phi(torch.cat([h[element_request], features], 1)).squeeze(1)
-
-        factors = request_bias = None
-        additive = torch.zeros_like(logit)
-        if self.factor_dim:
-            factors = rows[:, -self.factor_dim :]
-        if c.crosses:  # age, gender, query and the segments' factors form the request's taste
-            taste = ctx_rows[:, [1, 2, 4], -self.factor_dim :].sum(1) + seg_rows[:, -self.factor_dim :]
-            additive = additive + (factors * taste[element_request]).sum(1)
-        if c.wide:
-            additive = additive + rows[:, d]
-            request_bias = self.bias + ctx_rows[:, 3, d]  # global + ad bias: the product's own appeal
-        if c.prior:
-            additive = additive + self.prior_weight[0] * self._prior(self.element_counts[batch.element], True)
-            ad_prior = self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], False)
-            request_bias = ad_prior if request_bias is None else request_bias + ad_prior
-        return Encoded(h, features, logit + additive, factors, additive, request_bias)
+        if not c.prior:
+            return Encoded(h, features, logit, None, None)
+        element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.element], relative=True)
+        request_prior = self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], relative=False)
+        return Encoded(h, features, logit + element_prior, element_prior, request_prior)
 
     def _base_rate(self) -> torch.Tensor:
         return (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)
@@ -233,21 +206,15 @@ class GenCO(nn.Module):
         index = dense.clamp(min=0)
         f = enc.features[index]  # (K, B, M, F)
         h = enc.h.expand(k, n, -1)
-        logit = torch.zeros(k, n)
         if c.mil:
             weight_logit = self.mil_weight(torch.cat([h.unsqueeze(2).expand(-1, -1, width, -1), f], 3)).squeeze(3)
             weight = torch.softmax(weight_logit.masked_fill(~present, float("-inf")), 2)
             combined = (weight.unsqueeze(3) * f).sum(2)
             logit = self.phi(torch.cat([h, combined], 2)).squeeze(2)
+            if enc.element_prior is not None:
+                logit = logit + (enc.element_prior[index] * present).sum(2)
         else:  # without MIL a combination scores as the sum of its element scores
             logit = (enc.element_logit[index] * present).sum(2)
-        mask = present.float()
-        if enc.request_bias is not None:
-            logit = logit + enc.request_bias
-        if c.mil and (c.wide or c.crosses or c.prior):
-            logit = logit + (enc.additive[index] * mask).sum(2)
-        if c.pairs:
-            factors = enc.factors[index] * mask.unsqueeze(3)  # (K, B, M, k)
-            total = factors.sum(2)
-            logit = logit + 0.5 * ((total * total).sum(2) - (factors * factors).sum((2, 3)))
+        if enc.request_prior is not None:
+            logit = logit + enc.request_prior
         return logit

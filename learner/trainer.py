@@ -47,7 +47,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "default": Preset(),
     # The paper's appendix exactly: plain SGD, lr 5e-3, embeddings of dimension 4, nothing added.
-    "paper": Preset(ModelConfig(dim=4, wide=False, crosses=False, pairs=False, prior=False), TrainConfig("sgd", 5e-3, "sgd", 5e-3)),
+    "paper": Preset(ModelConfig(dim=4, prior=False), TrainConfig("sgd", 5e-3, "sgd", 5e-3)),
 }
 
 
@@ -113,7 +113,8 @@ class Learner:
         dense = [p for p in self.model.parameters() if id(p) not in sparse_tables]
         dense_kinds = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
         sparse_kinds = {"adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-        return [dense_kinds[cfg.optimizer](dense, lr=cfg.lr), sparse_kinds[cfg.sparse_optimizer](sparse, lr=cfg.sparse_lr)]
+        return [dense_kinds[cfg.optimizer](dense, lr=cfg.lr),
+                sparse_kinds[cfg.sparse_optimizer](sparse, lr=cfg.sparse_lr)]
 
     def step(self, bags: list) -> StepResult:
         """One optimiser step on a chronological mini-batch of validated Bags."""

@@ -79,6 +79,7 @@ class World:
         self.rng = np.random.default_rng(cfg.seed)
         self._next_element = 0
         self.elements: dict[str, _Element] = {}
+        self._value_cache: dict[str, tuple[float, float]] = {}
         self.clock = 1_763_900_000.0
         r = cfg.style_dim
         self.age_taste = self.rng.normal(0, 1, (7, r)) / np.sqrt(r)
@@ -167,7 +168,8 @@ class World:
         for i in range(start, start + n):
             request = self.request(f"r-{i}")
             draws = self.rng.random(len(request["candidates"]) + 1)
-            shown = {c: ids[int(d * len(ids))] for (c, ids), d in zip(request["candidates"].items(), draws)}
+            pools = request["candidates"].items()
+            shown = {c: ids[int(d * len(ids))] for (c, ids), d in zip(pools, draws[:-1], strict=True)}
             clicked = bool(draws[-1] < self.click_probability(request, shown))
             bag = {**request, "impression_id": f"imp-{i}", "shown": shown, "policy": "explore",
                    "propensity": float(np.prod([1 / len(v) for v in request["candidates"].values()])),
@@ -219,10 +221,17 @@ class World:
         oracle = {c: request["candidates"][c][int(k)] for c, k in zip(comps, best, strict=True)}
         return float(ctr.mean()), float(ctr.max()), oracle
 
+    def _uniform_and_oracle(self, request: dict) -> tuple[float, float]:
+        """values() remembered per request id: several policies are scored on one request set."""
+        key = request["request_id"]
+        if key not in self._value_cache:
+            self._value_cache[key] = self.values(request)[:2]
+        return self._value_cache[key]
+
     def score(self, requests: list[dict], selections: list[dict[str, str]]) -> dict[str, float]:
         """True CTR of the selections beside the uniform policy and the oracle."""
         policy = np.array([self.click_probability(r, s) for r, s in zip(requests, selections, strict=True)])
-        uniform, oracle = np.array([self.values(r)[:2] for r in requests]).T
+        uniform, oracle = np.array([self._uniform_and_oracle(r) for r in requests]).T
         gap = oracle.mean() - uniform.mean()
         return {
             "ctr": float(policy.mean()),

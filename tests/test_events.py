@@ -34,7 +34,8 @@ def test_contract_examples_parse_and_unknown_fields_are_ignored():
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"shown": {"title": "t2", "image": "i9", "highlight": "h4"}}, "shown.image 'i9' is not among candidates.image"),
+        ({"shown": {"title": "t2", "image": "i9", "highlight": "h4"}},
+         "shown.image 'i9' is not among candidates.image"),
         ({"shown": {"nope": "t2"}}, "shown.nope is not a component of candidates"),
         ({"candidates": {}}, "candidates"),
         ({"candidates": {"title": []}, "shown": {}}, "candidates.title"),

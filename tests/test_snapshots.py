@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from learner.features import HashSizes
 from learner.model import GenCO, ModelConfig
 from learner.trainer import Learner, Preset, TrainConfig
 from state.snapshots import SnapshotError, SnapshotStore
-from learner.features import HashSizes
 
 SMALL = ModelConfig(sizes=HashSizes(user=256, ad=256, query=256, segment=64, element=512, other_element=256))
 
