@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # One intra-op thread: with two OpenMP threads on a busy 2-core machine (a parser process,
+    # another agent) every barrier waits for a descheduled thread; the demo measured 18x slower.
+    torch.set_num_threads(1)
     args = build_parser().parse_args(argv)
     return args.run(args)
 
