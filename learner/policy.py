@@ -42,10 +42,11 @@ def pool_scores(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     return dense
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def choose(model: GenCO, batch: Batch, k: int = 16, temperature: float = 1.0) -> torch.Tensor:
     """Chosen position inside each pool (G,): best of greedy + (k-1) sampled combinations."""
-    model.eval()
+    if model.training:  # BatchNorm must use its running statistics when serving
+        model.eval()
     enc = model.encode(batch)
     scores = pool_scores(batch, enc.element_logit)
     greedy = scores.argmax(1)
