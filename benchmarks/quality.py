@@ -98,6 +98,17 @@ def summarise(rows: list[dict]) -> str:
         sd = f" ± {statistics.stdev(cap):.3f}" if len(cap) > 1 else ""
         table.append(f"| {world} | {size} | {policy} | {statistics.mean(cap):.3f}{sd} | "
                      f"{statistics.mean(lift):+.3f} | {len(cap)} |")
+    table += ["", "GenCO's margin over the click counter, paired by seed (same world, same log):", "",
+              "| world | bags | genco − counter (mean ± sd) | seeds |", "|---|---|---|---|"]
+    for world, size in sorted({(r["world"], r["size"]) for r in rows}, key=lambda k: (list(WORLDS).index(k[0]), k[1])):
+        by_seed = {}
+        for r in rows:
+            if (r["world"], r["size"]) == (world, size) and r["policy"] in ("genco", "counter"):
+                by_seed.setdefault(r["seed"], {})[r["policy"]] = r["captured"]
+        margins = [v["genco"] - v["counter"] for v in by_seed.values() if len(v) == 2]
+        if margins:
+            sd = f" ± {statistics.stdev(margins):.3f}" if len(margins) > 1 else ""
+            table.append(f"| {world} | {size} | {statistics.mean(margins):+.3f}{sd} | {len(margins)} |")
     return "\n".join(table)
 
 
@@ -109,7 +120,11 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--ads", type=int, default=200)
     parser.add_argument("--out", default="bench-out/quality.json")
+    parser.add_argument("--summarise", nargs="+", metavar="JSON", help="print the tables of earlier runs and stop")
     args = parser.parse_args()
+    if args.summarise:
+        print(summarise([row for path in args.summarise for row in json.loads(Path(path).read_text())]))
+        return
     torch.set_num_threads(1)
     rows = []
     for world in args.worlds:
