@@ -42,27 +42,32 @@ def pool_scores(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     return dense
 
 
-@torch.inference_mode()
-def choose(model: GenCO, batch: Batch, k: int = 16, temperature: float = 1.0) -> torch.Tensor:
-    """Chosen position inside each pool (G,): best of greedy + (k-1) sampled combinations."""
-    if model.training:  # BatchNorm must use its running statistics when serving
-        model.eval()
-    enc = model.encode(batch)
-    scores = pool_scores(batch, enc.element_logit)
-    greedy = scores.argmax(1)
+def sample_combinations(batch: Batch, scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """(k, G) positions: row 0 the greedy combination, rows 1.. Gumbel-max samples of each pool's softmax."""
+    greedy = scores.argmax(1).unsqueeze(0)
     if k <= 1:
         return greedy
-    groups, width = scores.shape
+    width = scores.shape[1]
     sample = torch.arange(1, k).view(-1, 1, 1)
     slot = batch.group_slot.view(1, -1, 1) * 1024 + torch.arange(width).view(1, 1, -1)
     key = batch.seed[batch.group_request].view(1, -1, 1) * 1_000_003 + sample * 65_537 + slot
     gumbel = -torch.log(-torch.log(hashed_uniform(key))).float()
-    sampled = (scores / temperature + gumbel).argmax(2)  # (k-1, G)
-    candidates = torch.cat([greedy.unsqueeze(0), sampled])
+    return torch.cat([greedy, (scores / temperature + gumbel).argmax(2)])
+
+
+@torch.inference_mode()
+def choose(model: GenCO, batch: Batch, k: int = 16, temperature: float = 1.0) -> torch.Tensor:
+    """Chosen position inside each pool (G,): the combination the combination head scores highest."""
+    if model.training:  # BatchNorm must use its running statistics when serving
+        model.eval()
+    enc = model.encode(batch)
+    candidates = sample_combinations(batch, pool_scores(batch, enc.element_logit), k, temperature)
+    if k <= 1:
+        return candidates[0]
     first = torch.cumsum(batch.group_size, 0) - batch.group_size
     combo_score = model.combination_logit(batch, enc, first + candidates)  # (k, B)
     best = combo_score.argmax(0)[batch.group_request]
-    return candidates[best, torch.arange(groups)]
+    return candidates[best, torch.arange(candidates.shape[1])]
 
 
 class Selector:
