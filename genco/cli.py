@@ -36,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bad = BadLines()
     start, trained = time.perf_counter(), 0
     with open(args.bags, "rb") as lines:
-        for batch, errors in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size, args.workers):
+        for batch, errors in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size):
             for lineno, error in errors:
                 bad.add(lineno, error)
             if batch is not None:
@@ -159,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--snapshot-dir", required=True)
     train.add_argument("--preset", default="default", choices=["default", "paper"])
     train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--workers", type=int, default=1, help="parser processes (0: parse in-process)")
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=cmd_train)
 
