@@ -42,17 +42,22 @@ def pool_scores(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     return dense
 
 
-def sample_combinations(batch: Batch, scores: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """(k, G) positions: row 0 the greedy combination, rows 1.. Gumbel-max samples of each pool's softmax."""
+def sample_combinations(batch: Batch, element_logit: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """(k, G) positions: row 0 the greedy combination, rows 1.. Gumbel-max samples of each pool's softmax.
+
+    Noise is drawn for real elements only (not the padded pool grid) and keyed by the request's
+    seed, the sample and the element's position in the request.
+    """
+    scores = pool_scores(batch, element_logit)
     greedy = scores.argmax(1).unsqueeze(0)
     if k <= 1:
         return greedy
-    width = scores.shape[1]
-    sample = torch.arange(1, k).view(-1, 1, 1)
-    slot = batch.group_slot.view(1, -1, 1) * 1024 + torch.arange(width).view(1, 1, -1)
-    key = batch.seed[batch.group_request].view(1, -1, 1) * 1_000_003 + sample * 65_537 + slot
-    gumbel = -torch.log(-torch.log(hashed_uniform(key))).float()
-    return torch.cat([greedy, (scores / temperature + gumbel).argmax(2)])
+    request = batch.group_request[batch.element_group]
+    key = (batch.seed[request] * 1_000_003 + batch.element_slot).unsqueeze(0) + torch.arange(1, k).view(-1, 1) * 65_537
+    noisy = element_logit / temperature - torch.log(-torch.log(hashed_uniform(key))).float()  # (k-1, L)
+    dense = noisy.new_full((k - 1, *scores.shape), float("-inf"))
+    dense[:, batch.element_group, batch.element_pos] = noisy
+    return torch.cat([greedy, dense.argmax(2)])
 
 
 @torch.inference_mode()
@@ -61,7 +66,7 @@ def choose(model: GenCO, batch: Batch, k: int = 16, temperature: float = 1.0) ->
     if model.training:  # BatchNorm must use its running statistics when serving
         model.eval()
     enc = model.encode(batch)
-    candidates = sample_combinations(batch, pool_scores(batch, enc.element_logit), k, temperature)
+    candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
     first = torch.cumsum(batch.group_size, 0) - batch.group_size

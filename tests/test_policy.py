@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from learner.features import Featurizer
-from learner.policy import Selector, ServingPolicy, choose, hashed_uniform, pool_scores, sample_combinations
+from learner.policy import Selector, ServingPolicy, choose, hashed_uniform, sample_combinations
 from learner.trainer import Learner
 from stream.events import SelectionRequest
 
@@ -37,7 +37,7 @@ def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
     greedy, chosen = choose(model, batch, k=1), choose(model, batch, k=16)
     with torch.no_grad():
         enc = model.encode(batch)
-        candidates = sample_combinations(batch, pool_scores(batch, enc.element_logit), k=16)
+        candidates = sample_combinations(batch, enc.element_logit, k=16)
         first = torch.cumsum(batch.group_size, 0) - batch.group_size
         scores = model.combination_logit(batch, enc, torch.stack([first + greedy, first + chosen]))
     assert torch.equal(candidates[0], greedy)
