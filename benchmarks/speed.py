@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from learner.offline import bag_batches
 from learner.policy import Selector
+from learner.trainer import Learner
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
 from stream.events import SelectionRequest
@@ -41,6 +43,18 @@ def main() -> None:
     for line in lines:
         json.loads(line)
     floor = len(lines) / (time.perf_counter() - started)
+
+    # Where the end-to-end time goes: parsing + featurising, and the training step alone.
+    learner = Learner()
+    started = time.perf_counter()
+    with bags_path.open("rb") as lines:
+        batches = [batch for batch, _ in bag_batches(lines, learner.featurizer, 1024) if batch is not None]
+    parse = args.bags / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for batch in batches[:40]:
+        learner.step_batch(batch)
+    step = sum(b.size for b in batches[:40]) / (time.perf_counter() - started)
+    del batches
 
     snapshots = work / "snap"
     run = subprocess.run([sys.executable, "-m", "genco.cli", "train", str(bags_path), "--snapshot-dir",
@@ -68,6 +82,8 @@ def main() -> None:
         "json_loads_floor_per_s": round(floor),
         "train_bags_per_s": train["bags_per_s"],
         "train_ratio_to_floor": round(train["bags_per_s"] / floor, 4),
+        "parse_featurize_per_s": round(parse),
+        "train_step_only_per_s": round(step),
         "select_single_p50_ms": round(1000 * statistics.median(latencies), 3),
         "select_single_p99_ms": round(1000 * latencies[int(0.99 * len(latencies))], 3),
         "select_batched_per_s": round(batched),

@@ -21,6 +21,8 @@ def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from river import metrics, stats
+
     from learner.offline import bag_batches
     from learner.trainer import Learner, preset
     from state.snapshots import SnapshotStore
@@ -34,13 +36,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         learner = Learner(preset(args.preset, train={"batch_size": args.batch_size} if args.batch_size else None))
     bad = BadLines()
+    # Progressive validation: each bag is scored before the step that learns from it.
+    model_loss, mean_loss, mean_ctr = metrics.LogLoss(), metrics.LogLoss(), stats.Mean()
     start, trained = time.perf_counter(), 0
     with open(args.bags, "rb") as lines:
         for batch, errors in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size):
             for lineno, error in errors:
                 bad.add(lineno, error)
             if batch is not None:
-                learner.step_batch(batch)
+                predicted = learner.step_batch(batch).predicted.tolist()
+                for y, p in zip(batch.clicked.tolist(), predicted, strict=True):
+                    model_loss.update(y > 0, p)
+                    mean_loss.update(y > 0, min(max(mean_ctr.get(), 1e-6), 1 - 1e-6))
+                    mean_ctr.update(y)
                 trained += batch.size
     elapsed = time.perf_counter() - start
     manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,
@@ -48,10 +56,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = {"trained": trained, "bad_lines": bad.count, "steps": learner.steps, "bags_seen": learner.bags_seen,
                "version": manifest.version, "seconds": round(elapsed, 3),
                "bags_per_s": round(trained / elapsed, 1) if elapsed else None,
+               "progressive_logloss": round(model_loss.get(), 5), "running_mean_logloss": round(mean_loss.get(), 5),
                "snapshot_dir": str(Path(args.snapshot_dir).resolve()), "preset": args.preset}
     _emit(summary, args.json, [
         f"trained on {trained} bags ({bad.count} bad lines skipped) in {elapsed:.1f} s "
         f"({summary['bags_per_s']} bags/s)",
+        f"progressive log loss {model_loss.get():.5f} (predicting the running mean CTR: {mean_loss.get():.5f})",
         f"snapshot v{manifest.version} written to {args.snapshot_dir} ({learner.bags_seen} bags seen in all)",
     ])
     return 0

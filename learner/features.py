@@ -90,6 +90,12 @@ class Batch:
     def size(self) -> int:
         return self.context.shape[0]
 
+    def pool_grid(self, element_values: torch.Tensor) -> torch.Tensor:
+        """(G, Nmax) view of per-element values, one row per pool, -inf on padding."""
+        grid = element_values.new_full((len(self.group_size), int(self.group_size.max())), float("-inf"))
+        grid[self.element_group, self.element_pos] = element_values
+        return grid
+
 
 class Featurizer:
     """Maps contract records to :class:`Batch` tensors; pure function of its sizes and cap."""

@@ -75,8 +75,8 @@ class Encoded:
     h: torch.Tensor  # (B, 8) context embedding
     features: torch.Tensor  # (L, F) f_e
     element_logit: torch.Tensor  # (L,) p_e, prior included
-    element_prior: torch.Tensor | None  # (L,) the prior's share of p_e, reused by s
-    request_prior: torch.Tensor | None  # (B,) the ad's prior
+    element_prior: torch.Tensor | None  # (L,) the element's prior relative to the mean, reused by s
+    request_prior: torch.Tensor | None  # (B,) mean CTR's log-odds plus the ad's prior
 
 
 class GenCO(nn.Module):
@@ -129,9 +129,12 @@ class GenCO(nn.Module):
         logit = self.phi(torch.cat([h[element_request], features], 1)).squeeze(1)
         if not c.prior:
             return Encoded(h, features, logit, None, None)
+        # The running mean CTR's log-odds sets the level, so scores are calibrated from the first
+        # batch instead of waiting for φ's output bias to crawl from 0 to about -2.5.
+        base = torch.logit(self._base_rate())
         element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.element], relative=True)
-        request_prior = self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], relative=False)
-        return Encoded(h, features, logit + element_prior, element_prior, request_prior)
+        request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], relative=False)
+        return Encoded(h, features, logit + element_prior + base, element_prior, request_prior)
 
     def _base_rate(self) -> torch.Tensor:
         return (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)

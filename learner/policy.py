@@ -35,20 +35,13 @@ def hashed_uniform(key: torch.Tensor) -> torch.Tensor:
     return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
 
 
-def pool_scores(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
-    """(G, Nmax) element scores per pool, -inf on padding."""
-    dense = element_logit.new_full((len(batch.group_size), int(batch.group_size.max())), float("-inf"))
-    dense[batch.element_group, batch.element_pos] = element_logit
-    return dense
-
-
 def sample_combinations(batch: Batch, element_logit: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
     """(k, G) positions: row 0 the greedy combination, rows 1.. Gumbel-max samples of each pool's softmax.
 
     Noise is drawn for real elements only (not the padded pool grid) and keyed by the request's
     seed, the sample and the element's position in the request.
     """
-    scores = pool_scores(batch, element_logit)
+    scores = batch.pool_grid(element_logit)
     greedy = scores.argmax(1).unsqueeze(0)
     if k <= 1:
         return greedy
