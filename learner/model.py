@@ -80,6 +80,8 @@ class Encoded:
 
 
 class GenCO(nn.Module):
+    """Scores every candidate element (``encode``) and any combination of them (``combination_logit``)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = c = config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,15 @@ def test_evaluate_equals_algorithm_1_on_select_output(trained):
     assert reported["uniform"]["combination"] == pytest.approx(ctr)
     assert reported == {**calibrated_sctr([Bag.model_validate(b) for b in held_out], selections),
                         "bad_lines": 0, "model_version": 1}
+
+
+def test_demo_learns_and_leaves_a_plot_and_a_snapshot(tmp_path):
+    env = {**os.environ, "GENCO_STATE_DIR": str(tmp_path)}
+    result = subprocess.run([*GENCO, "demo", "--bags", "20000"], capture_output=True, text=True, env=env,
+                            timeout=300, check=True)
+    assert "GenCO captured" in result.stdout
+    final = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
+             if line.startswith("  ") and line.split()[0] in ("uniform", "genco")}
+    assert final["genco"] > final["uniform"] * 1.1
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "demo-snapshots" / "LATEST").read_text() == "v00000001"
