@@ -123,7 +123,9 @@ def main() -> None:
     parser.add_argument("--summarise", nargs="+", metavar="JSON", help="print the tables of earlier runs and stop")
     args = parser.parse_args()
     if args.summarise:
-        print(summarise([row for path in args.summarise for row in json.loads(Path(path).read_text())]))
+        rows = {(r["world"], r["size"], r["seed"], r["policy"]): r  # a later file's run of the same cell wins
+                for path in args.summarise for r in json.loads(Path(path).read_text())}
+        print(summarise(list(rows.values())))
         return
     torch.set_num_threads(1)
     rows = []
