@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from genco.jsonl import BadLines
 from learner.offline import bag_batches
 from learner.policy import Selector
 from learner.trainer import Learner
@@ -48,7 +49,7 @@ def main() -> None:
     learner = Learner()
     started = time.perf_counter()
     with bags_path.open("rb") as lines:
-        batches = [batch for batch, _ in bag_batches(lines, learner.featurizer, 1024) if batch is not None]
+        batches = list(bag_batches(lines, learner.featurizer, 1024, BadLines()))
     parse = args.bags / (time.perf_counter() - started)
     started = time.perf_counter()
     for batch in batches[:40]:

@@ -40,16 +40,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_loss, mean_loss, mean_ctr = metrics.LogLoss(), metrics.LogLoss(), stats.Mean()
     start, trained = time.perf_counter(), 0
     with open(args.bags, "rb") as lines:
-        for batch, errors in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size):
-            for lineno, error in errors:
-                bad.add(lineno, error)
-            if batch is not None:
-                predicted = learner.step_batch(batch).predicted.tolist()
-                for y, p in zip(batch.clicked.tolist(), predicted, strict=True):
-                    model_loss.update(y > 0, p)
-                    mean_loss.update(y > 0, min(max(mean_ctr.get(), 1e-6), 1 - 1e-6))
-                    mean_ctr.update(y)
-                trained += batch.size
+        for batch in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size, bad):
+            predicted = learner.step_batch(batch).predicted.tolist()
+            for y, p in zip(batch.clicked.tolist(), predicted, strict=True):
+                model_loss.update(y > 0, p)
+                mean_loss.update(y > 0, min(max(mean_ctr.get(), 1e-6), 1 - 1e-6))
+                mean_ctr.update(y)
+            trained += batch.size
     elapsed = time.perf_counter() - start
     manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,
                           train_config=learner.preset.train.to_dict(), optimizer_state=learner.optimizer_state())

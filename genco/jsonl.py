@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -52,9 +52,10 @@ def parse_line(raw: bytes, model: type[BaseModel]) -> BaseModel:
         raise ValueError(describe_error(error)) from None
 
 
-def read_records(lines: IO[bytes], model: type[BaseModel], bad: BadLines) -> Iterator[tuple[int, BaseModel]]:
+def read_records(lines: Iterable[bytes], model: type[BaseModel], bad: BadLines,
+                 first_line: int = 1) -> Iterator[tuple[int, BaseModel]]:
     """Yield (line number, record) for each valid non-blank line; report the rest to ``bad``."""
-    for lineno, raw in enumerate(lines, 1):
+    for lineno, raw in enumerate(lines, first_line):
         if not raw.strip():
             continue
         try:

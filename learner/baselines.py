@@ -201,17 +201,6 @@ class MLPBaseline:
         self.sparse = torch.optim.SparseAdam([self.model.context.weight, self.model.elements.weight], lr=lr)
         self.last_loss: float | None = None
 
-    def _context(self, r: Request) -> list[int]:
-        """The same context rows the GenCO featurizer uses."""
-        row, user, query = self.featurizer.context_row, r.user, r.query
-        return [
-            row("user", (user.id or "") if user else ""),
-            row("age", str(user.age) if user else ""),
-            row("gender", str(user.gender) if user else ""),
-            row("ad", r.ad_id),
-            row("query", (query.id or "") if query else ""),
-        ]
-
     def _bags(self, combos: Sequence[Selection]) -> tuple[list[int], list[int]]:
         """Flat element rows and bag offsets, 7 bags per combination, in slot order."""
         items: list[int] = []
@@ -237,7 +226,7 @@ class MLPBaseline:
         self.model.train()
         items, offsets = self._bags([b.shown for b in bags])
         logit = self.model(
-            torch.tensor([self._context(b) for b in bags]), torch.tensor(items), torch.tensor(offsets)
+            torch.tensor([self.featurizer.context_rows(b) for b in bags]), torch.tensor(items), torch.tensor(offsets)
         )
         label = torch.tensor([float(b.clicked) for b in bags])
         loss = nn.functional.binary_cross_entropy_with_logits(logit, label)
@@ -282,7 +271,7 @@ class MLPBaseline:
             n = len(index)
             offset_parts.append(n_items + np.arange(n)[:, None] * len(comps) + start[None, :])
             item_parts.append(items.reshape(-1))
-            contexts.append(np.tile(self._context(r), (n, 1)))
+            contexts.append(np.tile(self.featurizer.context_rows(r), (n, 1)))
             counts.append(n)
             plans.append((comps, index))
             n_items += items.size

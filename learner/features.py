@@ -125,6 +125,13 @@ class Featurizer:
         base = len(PAPER_COMPONENTS) * self.sizes.element
         return base + stable_hash(f"element:{component}", element) % self.sizes.other_element
 
+    def context_rows(self, record) -> tuple[int, int, int, int, int]:
+        """Rows of the record's user, age, gender, ad and query; absent parts hash as empty ids."""
+        crow, user, query = self.context_row, record.user, record.query
+        return (crow("user", (user.id or "") if user else ""), crow("age", str(user.age) if user else ""),
+                crow("gender", str(user.gender) if user else ""), crow("ad", record.ad_id),
+                crow("query", (query.id or "") if query else ""))
+
     def batch(self, records: list, labelled: bool = False) -> Batch:
         """Featurize requests; ``labelled`` Bags also carry their shown combination and click label.
 
@@ -136,12 +143,9 @@ class Featurizer:
         element, group_size, group_component, group_stat, shown_pos = [], [], [], [], []
         seeds, candidate_ids, group_names = [], [], []
         crow, erow, comp_row = self.context_row, self.element_row, self.component_row
-        no_user, no_query = (crow("user", ""), crow("age", ""), crow("gender", "")), crow("query", "")
         for record in records:
             user, query = record.user, record.query
-            user_rows = (crow("user", user.id or ""), crow("age", str(user.age)), crow("gender", str(user.gender))) \
-                if user else no_user
-            context.append((*user_rows, crow("ad", record.ad_id), crow("query", query.id or "") if query else no_query))
+            context.append(self.context_rows(record))
             segment_offsets.append(len(segments))
             if query:
                 segments.extend([crow("segment", s) for s in query.segments])

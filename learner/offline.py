@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from itertools import islice
 from typing import IO
 
-from genco.jsonl import parse_line
+from genco.jsonl import BadLines, read_records
 from learner.features import Batch, Featurizer
 from stream.events import Bag
 
@@ -31,24 +31,17 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def bag_batches(lines: IO[bytes], featurizer: Featurizer,
-                lines_per_batch: int) -> Iterator[tuple[Batch | None, list[tuple[int, str]]]]:
-    """(featurized batch, [(line number, error)]) per ``lines_per_batch`` lines, in file order.
+def bag_batches(lines: IO[bytes], featurizer: Featurizer, lines_per_batch: int, bad: BadLines) -> Iterator[Batch]:
+    """One featurized batch per ``lines_per_batch`` lines, in file order; bad lines go to ``bad``.
 
     A batch holds fewer bags than lines when some lines are bad: training only needs batches
     to be chronological, not exactly full.
     """
     lineno = 1
     while chunk := list(islice(lines, lines_per_batch)):
-        bags, bad = [], []
         with _no_gc():
-            for number, raw in enumerate(chunk, lineno):
-                if not raw.strip():
-                    continue
-                try:
-                    bags.append(parse_line(raw, Bag))
-                except ValueError as error:
-                    bad.append((number, str(error)))
+            bags = [bag for _, bag in read_records(chunk, Bag, bad, first_line=lineno)]
             batch = featurizer.batch(bags, labelled=True) if bags else None
         lineno += len(chunk)
-        yield batch, bad
+        if batch is not None:
+            yield batch
