@@ -157,6 +157,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Settings(), bags=args.bags)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream.serve import serve
+
+    return serve(Settings(), broker=args.broker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genco", description="GenCO creative optimisation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=16)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    serve = sub.add_parser("serve", help="run every agent (joiner, learner, selector) until SIGTERM")
+    serve.add_argument("--broker", default=None, help="kafka://host:port[,host:port] (default: GENCO_BROKER, "
+                       "else an embedded broker)")
+    serve.set_defaults(run=cmd_serve)
 
     demo = sub.add_parser("demo", help="learn on a simulated ad server and show the CTR gained")
     demo.add_argument("--bags", type=int, default=200_000, help="simulated impressions")

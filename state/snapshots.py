@@ -128,7 +128,16 @@ class SnapshotStore:
         state = load_file(str(optimizer)) if with_optimizer and optimizer.exists() else None
         return Snapshot(manifest, model, state)
 
+    def checkpoints(self) -> list[int]:
+        """Versions that carry optimiser state (training can resume from them), oldest first."""
+        return sorted(int(f.parent.name[1:]) for f in self.directory.glob("v*/optimizer.safetensors")
+                      if f.parent.name[1:].isdigit())
+
     def _prune(self, newest: int) -> None:
+        # The two newest checkpoints survive: a crash between writing one and recording it leaves
+        # the learner resuming from the one before.
+        protected = set(self.checkpoints()[-2:])
         for folder in self.directory.glob("v*"):
-            if folder.name[1:].isdigit() and int(folder.name[1:]) <= newest - self.keep:
+            version = int(folder.name[1:]) if folder.name[1:].isdigit() else None
+            if version is not None and version <= newest - self.keep and version not in protected:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""One agent process (``python -m stream.agent``), started by ``genco serve``'s supervisor.
+
+The supervisor passes the agent's name, the broker and the settings as JSON in
+GENCO_AGENT_SPEC (the environment, not argv: settings may hold Kafka credentials).
+SIGTERM or SIGINT stops the agent cleanly: it finishes the batch in hand,
+flushes, checkpoints and leaves its consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from genco.config import Settings
+from stream.kafka import Connection, Topics
+
+LOG_FORMAT = "%(asctime)s %(name)-15s %(levelname)-7s %(message)s"
+
+
+def build_agent(name: str, connection: Connection, settings: Settings):
+    state = Path(settings.state_dir)
+    topics = Topics(settings.topic_prefix)
+    if name == "joiner":
+        from state.kv import Store
+        from stream.joiner import Joiner
+
+        return Joiner(connection, topics, settings.click_window_s, Store(state / "joiner"))
+    if name == "learner":
+        from stream.training import TrainingAgent
+
+        return TrainingAgent(connection, topics, state, settings.click_window_s)
+    if name == "selector":
+        from stream.selector import SelectorAgent
+
+        return SelectorAgent(connection, topics, state / "snapshots", settings.explore)
+    raise ValueError(f"unknown agent {name!r}")
+
+
+async def run_agent(name: str, connection: Connection, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    agent = build_agent(name, connection, settings)
+    await agent.run(stop)
+    logging.getLogger(f"genco.{name}").info("stopped cleanly")
+
+
+def main() -> None:
+    spec = json.loads(os.environ["GENCO_AGENT_SPEC"])
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(1)  # one core per agent: OpenMP threads would fight the other agents
+    settings = Settings(**spec["settings"])
+    asyncio.run(run_agent(spec["name"], Connection.from_settings(settings, spec["broker"]), settings))
+
+
+if __name__ == "__main__":
+    main()

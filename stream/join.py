@@ -1,0 +1,138 @@
+"""Impressions + clicks -> bags, exactly the contract's join semantics, on a RocksDB store.
+
+Event time throughout: a click labels an impression when ``-60 s <= click.ts -
+impression.ts <= window``, whatever order the two arrive in. A positive bag goes
+out as soon as the pair meets; a negative one when the watermark (see
+``stream.watermark``) passes the impression's window. Each impression yields one
+bag: repeated impressions and clicks are recognised by impression_id for a
+horizon of ``max(2 * window, 1 h)`` of event time.
+
+Keys (one byte prefix, time-ordered indexes for the sweeps)::
+
+    i<id>             pending impression: its ts (8 bytes) + its JSON
+    t<close><id>      index: when that impression's window closes
+    c<id>             clicks seen before their impression: packed ts
+    u<expiry><id>     index: when those clicks are dropped as orphans
+    d<id>             done: the label given (b"0"/b"1") + ts
+    e<expiry><id>     index: when the done mark is forgotten
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from state.kv import Transaction, decode_time, encode_time
+from stream.events import Click, Impression
+
+EARLY_CLICK_S = 60.0  # clicks this long before the impression still count (clock skew)
+
+
+@dataclass
+class JoinCounts:
+    bags_positive: int = 0
+    bags_negative: int = 0
+    duplicate_impressions: int = 0
+    duplicate_clicks: int = 0
+    orphan_clicks: int = 0
+    pending: int = 0  # impressions waiting for their window to close
+
+
+def bag_json(impression_json: bytes, click_ts: float | None) -> bytes:
+    """The Bag: the (validated, re-serialised) impression's fields plus the label and click_ts."""
+    label = f',"clicked":true,"click_ts":{click_ts!r}}}' if click_ts is not None else ',"clicked":false}'
+    return impression_json[:-1] + label.encode()
+
+
+class Join:
+    """The join's decisions; the caller owns the transaction and sends what it queues."""
+
+    def __init__(self, window_s: float, bags_topic: str, grace_s: float = 1.0) -> None:
+        self.window_s = window_s
+        self.grace_s = grace_s
+        self.horizon_s = max(2 * window_s, 3600.0)
+        self.bags_topic = bags_topic
+        self.counts = JoinCounts()
+
+    def _attributes(self, click_ts: float, impression_ts: float) -> bool:
+        return -EARLY_CLICK_S <= click_ts - impression_ts <= self.window_s
+
+    def _finish(self, tx: Transaction, impression_id: bytes, ts: float, bag: bytes, clicked: bool) -> None:
+        tx.send(self.bags_topic, impression_id, bag)
+        tx.put(b"d" + impression_id, (b"1" if clicked else b"0") + encode_time(ts))
+        tx.put(b"e" + encode_time(ts + self.horizon_s) + impression_id, b"")
+        if clicked:
+            self.counts.bags_positive += 1
+        else:
+            self.counts.bags_negative += 1
+
+    def impression(self, tx: Transaction, impression: Impression) -> None:
+        key = impression.impression_id.encode()
+        if tx.get(b"d" + key) is not None or tx.get(b"i" + key) is not None:
+            self.counts.duplicate_impressions += 1
+            return
+        body = impression.model_dump_json(exclude_none=True).encode()
+        early = tx.get(b"c" + key)
+        if early is not None:
+            clicks = [t for t in _unpack_times(early) if self._attributes(t, impression.ts)]
+            if clicks:
+                tx.delete(b"c" + key)
+                self._finish(tx, key, impression.ts, bag_json(body, min(clicks)), clicked=True)
+                return
+        close = impression.ts + self.window_s
+        tx.put(b"i" + key, encode_time(impression.ts) + body)
+        self.counts.pending += 1
+        tx.put(b"t" + encode_time(close) + key, b"")
+
+    def click(self, tx: Transaction, click: Click) -> None:
+        key = click.impression_id.encode()
+        if tx.get(b"d" + key) is not None:
+            self.counts.duplicate_clicks += 1
+            return
+        pending = tx.get(b"i" + key)
+        if pending is not None:
+            impression_ts = decode_time(pending)
+            if self._attributes(click.ts, impression_ts):
+                tx.delete(b"i" + key)  # its t-index entry is skipped by the sweep
+                self.counts.pending -= 1
+                self._finish(tx, key, impression_ts, bag_json(pending[8:], click.ts), clicked=True)
+            else:
+                self.counts.duplicate_clicks += 1  # outside the window: it labels nothing
+            return
+        early = tx.get(b"c" + key)
+        times = _unpack_times(early) if early is not None else []
+        if click.ts in times or len(times) >= 16:
+            self.counts.duplicate_clicks += 1
+            return
+        tx.put(b"c" + key, _pack_times([*times, click.ts]))
+        if not times:
+            tx.put(b"u" + encode_time(click.ts + self.window_s) + key, b"")
+
+    def sweep(self, tx: Transaction, watermark: float) -> None:
+        """Close windows, drop orphan clicks and forget done marks that the watermark has passed."""
+        limit = encode_time(watermark - self.grace_s)
+        for index, _ in tx.store.scan(b"t", limit):
+            key = index[9:]
+            tx.delete(index)
+            pending = tx.get(b"i" + key)
+            if pending is not None:
+                tx.delete(b"i" + key)
+                self.counts.pending -= 1
+                self._finish(tx, key, decode_time(pending), bag_json(pending[8:], None), clicked=False)
+        for index, _ in tx.store.scan(b"u", limit):
+            key = index[9:]
+            tx.delete(index)
+            if tx.get(b"c" + key) is not None:
+                tx.delete(b"c" + key)
+                self.counts.orphan_clicks += 1
+        for index, _ in tx.store.scan(b"e", limit):
+            tx.delete(index)
+            tx.delete(b"d" + index[9:])
+
+
+def _pack_times(times: list[float]) -> bytes:
+    return struct.pack(f">{len(times)}d", *times)
+
+
+def _unpack_times(raw: bytes) -> list[float]:
+    return list(struct.unpack(f">{len(raw) // 8}d", raw))

@@ -1,0 +1,104 @@
+"""The joiner agent: impressions + clicks -> bags on the bags topic (semantics in ``stream.join``).
+
+Each batch of input is applied to RocksDB in one write batch together with the
+offsets it came from and the messages it produces (an outbox); the messages are
+sent after that commit and struck off once the broker has them. A crash at any
+point therefore replays at most the uncommitted batch, and the outbox re-sends
+bags with the labels already decided, never different ones.
+
+It consumes every partition of both topics itself, so the join is correct
+whatever partition counts or key partitioning the producers used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import TopicPartition
+
+from genco.jsonl import parse_line
+from state.kv import Store
+from stream.events import Click, Impression
+from stream.join import Join, JoinCounts
+from stream.kafka import Connection, Topics
+from stream.metrics import BAGS_OUT, DUPLICATES, EVENTS_IN, ORPHAN_CLICKS, PENDING_IMPRESSIONS, WATERMARK
+from stream.runtime import SeekToStoredOffsets, dead_letter, lagging_partitions, send_all
+from stream.watermark import Watermark
+
+log = logging.getLogger("genco.joiner")
+
+GROUP = "genco-joiner"
+
+
+class Joiner:
+    def __init__(self, connection: Connection, topics: Topics, window_s: float, store: Store) -> None:
+        self.connection = connection
+        self.topics = topics
+        self.store = store
+        self.join = Join(window_s, topics.bags)
+        self.join.counts.pending = sum(1 for _ in store.scan(b"i"))
+        self.watermark = Watermark()
+        self._reported = JoinCounts()
+
+    def apply(self, tx, tp: TopicPartition, record) -> None:
+        """Validate one input message and hand it to the join (or to the dead-letter topic)."""
+        model = Impression if tp.topic == self.topics.impressions else Click
+        try:
+            event = parse_line(record.value or b"", model)
+        except ValueError as error:
+            tx.send(self.topics.dead_letters, record.key,
+                    dead_letter(tp.topic, tp.partition, record.offset, str(error), record.value))
+            return
+        self.watermark.observe(tp, event.ts, time.time())
+        if model is Impression:
+            self.join.impression(tx, event)
+        else:
+            self.join.click(tx, event)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        producer = self.connection.producer()
+        await producer.start()
+        consumer = self.connection.consumer(group=GROUP, max_poll_records=2000)
+        try:
+            leftovers = self.store.outbox()
+            if leftovers:
+                log.info("re-sending %d messages decided before the last stop", len(leftovers))
+                await send_all(producer, [m for _, m in leftovers])
+                self.store.sent([k for k, _ in leftovers])
+            consumer.subscribe([self.topics.impressions, self.topics.clicks],
+                               listener=SeekToStoredOffsets(consumer, self.store))
+            await consumer.start()
+            log.info("joining %s + %s -> %s (window %.0f s)", self.topics.impressions, self.topics.clicks,
+                     self.topics.bags, self.join.window_s)
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                tx = self.store.transaction()
+                for tp, records in batches.items():
+                    EVENTS_IN.labels(tp.topic).inc(len(records))
+                    for record in records:
+                        self.apply(tx, tp, record)
+                    tx.set_offset(tp.topic, tp.partition, records[-1].offset + 1)
+                lagging = await lagging_partitions(consumer, "joiner")
+                watermark = self.watermark.advance(lagging, time.time())
+                self.join.sweep(tx, watermark)
+                messages = tx.commit()
+                await send_all(producer, [m for _, m in messages])
+                self.store.sent([k for k, _ in messages])
+                self._publish_counts(watermark)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    def _publish_counts(self, watermark: float) -> None:
+        now, before = self.join.counts, self._reported
+        BAGS_OUT.labels("true").inc(now.bags_positive - before.bags_positive)
+        BAGS_OUT.labels("false").inc(now.bags_negative - before.bags_negative)
+        DUPLICATES.labels("impression").inc(now.duplicate_impressions - before.duplicate_impressions)
+        DUPLICATES.labels("click").inc(now.duplicate_clicks - before.duplicate_clicks)
+        ORPHAN_CLICKS.inc(now.orphan_clicks - before.orphan_clicks)
+        PENDING_IMPRESSIONS.set(now.pending)
+        if watermark > 0:
+            WATERMARK.set(watermark)
+        self._reported = JoinCounts(**now.__dict__)

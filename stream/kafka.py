@@ -1,0 +1,113 @@
+"""Kafka plumbing shared by every agent: broker URLs, topic names, clients, topic creation.
+
+The agents talk to Kafka through aiokafka directly (see README, "Why not Faust's
+stream engine"); kafka-python's admin client creates topics before they start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from genco.config import Settings
+
+log = logging.getLogger("genco.kafka")
+
+MAX_MESSAGE_BYTES = 6 << 20  # a little over the 5 MB values the contract says we must survive
+
+
+def bootstrap_servers(url: str) -> list[str]:
+    """``kafka://h1:9092,h2:9092`` (or bare ``h1:9092``) as a bootstrap list."""
+    hosts = url.removeprefix("kafka://").strip("/")
+    servers = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not servers or any(":" not in s for s in servers):
+        raise ValueError(f"broker URL {url!r} is not kafka://host:port[,host:port]")
+    return servers
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The contract's topic names under one prefix."""
+
+    prefix: str = "genco."
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}selection-requests"
+
+    @property
+    def responses(self) -> str:
+        return f"{self.prefix}selection-responses"
+
+    @property
+    def impressions(self) -> str:
+        return f"{self.prefix}impressions"
+
+    @property
+    def clicks(self) -> str:
+        return f"{self.prefix}clicks"
+
+    @property
+    def bags(self) -> str:
+        return f"{self.prefix}bags"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}dead-letters"
+
+    def all(self) -> list[str]:
+        return [self.requests, self.responses, self.impressions, self.clicks, self.bags, self.dead_letters]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the broker is and how to authenticate; makes clients configured alike."""
+
+    servers: tuple[str, ...]
+    security: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, broker: str | None = None) -> Connection:
+        return cls(tuple(bootstrap_servers(broker or settings.broker)), tuple(sorted(settings.kafka_security.items())))
+
+    def producer(self, **options) -> AIOKafkaProducer:
+        return AIOKafkaProducer(bootstrap_servers=list(self.servers), linger_ms=2, max_batch_size=512 << 10,
+                                max_request_size=MAX_MESSAGE_BYTES, acks="all", **dict(self.security), **options)
+
+    def consumer(self, *topics: str, group: str, **options) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(*topics, bootstrap_servers=list(self.servers), group_id=group,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_bytes=16 << 20, max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+                                fetch_max_wait_ms=10,  # the embedded broker answers a fetch only at
+                                # its max wait, so a long wait is pure latency for requests
+                                rebalance_timeout_ms=3000, session_timeout_ms=10000, heartbeat_interval_ms=1000,
+                                **dict(self.security), **options)
+
+    def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0) -> None:
+        """Create the topics that do not exist; leave existing ones (and their partition counts) alone."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=list(self.servers), client_id="genco-admin",
+                                         **dict(self.security))
+                break
+            except KafkaError as error:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("broker %s not reachable yet (%s); retrying", ",".join(self.servers), error)
+                time.sleep(1.0)
+        try:
+            missing = [t for t in topics if t not in set(admin.list_topics())]
+            for topic in missing:
+                try:
+                    admin.create_topics([NewTopic(topic, partitions, 1)])
+                    log.info("created topic %s (%d partition%s)", topic, partitions, "s"[: partitions > 1])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            admin.close()

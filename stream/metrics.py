@@ -1,0 +1,33 @@
+"""Prometheus metrics of every agent, served by ``genco serve`` on GENCO_METRICS_PORT.
+
+The agents run in separate processes, so the client library's multiprocess mode
+is used: ``genco serve`` sets PROMETHEUS_MULTIPROC_DIR before any agent starts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS_IN = Counter("genco_events_in", "Messages consumed from input topics", ["topic"])
+DEAD_LETTERS = Counter("genco_dead_letters", "Invalid messages sent to the dead-letter topic", ["topic", "reason"])
+BAGS_OUT = Counter("genco_bags_out", "Bags emitted by the joiner", ["clicked"])
+DUPLICATES = Counter("genco_duplicates_skipped", "Repeated messages recognised and ignored", ["kind"])
+ORPHAN_CLICKS = Counter("genco_orphan_clicks", "Clicks dropped because their impression never arrived")
+PENDING_IMPRESSIONS = Gauge("genco_pending_impressions", "Impressions waiting for their window to close",
+                            multiprocess_mode="livesum")
+WATERMARK = Gauge("genco_join_watermark_seconds", "Event time up to which windows are closed",
+                  multiprocess_mode="livemax")
+TRAINING_STEPS = Counter("genco_training_steps", "Optimiser steps taken by the learner")
+TRAINED_BAGS = Counter("genco_trained_bags", "Bags the learner trained on (each impression once)")
+SNAPSHOT_VERSION = Gauge("genco_snapshot_version", "Newest snapshot the learner published",
+                         multiprocess_mode="livemax")
+MODEL_VERSION = Gauge("genco_model_version", "Snapshot version the selector serves", multiprocess_mode="livemax")
+MODEL_LOADED_AT = Gauge("genco_model_loaded_timestamp_seconds", "When the served snapshot was loaded",
+                        multiprocess_mode="livemax")
+SELECTIONS = Counter("genco_selections", "Selection responses sent", ["policy"])
+SELECTION_LATENCY = Histogram("genco_selection_latency_seconds", "Request consumed -> response sent",
+                              buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0))
+CONSUMER_LAG = Gauge("genco_consumer_lag", "Messages not yet consumed, by agent and topic", ["agent", "topic"],
+                     multiprocess_mode="livesum")
+PROGRESSIVE_LOGLOSS = Gauge("genco_progressive_logloss", "Log loss of each bag scored before training on it",
+                            multiprocess_mode="livemax")

@@ -1,0 +1,106 @@
+"""The selector agent: SelectionRequests -> SelectionResponses, from the newest snapshot.
+
+Requests are answered in batches (whatever one fetch returned, up to 512), so the
+model runs once per batch. A watcher notices a new snapshot, loads it in a worker
+thread and swaps the serving policy between two batches: serving never pauses.
+A request that fails validation gets an error response (when its request_id can
+be read) and a dead letter. Offsets are committed after the responses are sent:
+after a crash, unanswered requests are answered again, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from genco.jsonl import parse_line, readable_request_id
+from learner.policy import ServingPolicy
+from state.snapshots import SnapshotError, SnapshotStore
+from stream.events import SelectionRequest
+from stream.kafka import Connection, Topics
+from stream.metrics import EVENTS_IN, MODEL_LOADED_AT, MODEL_VERSION, SELECTION_LATENCY, SELECTIONS
+from stream.runtime import dead_letter, lagging_partitions, send_all
+
+log = logging.getLogger("genco.selector")
+
+GROUP = "genco-selector"
+
+
+class SelectorAgent:
+    def __init__(self, connection: Connection, topics: Topics, snapshot_dir: Path, explore: float,
+                 max_batch: int = 512, poll_every_s: float = 0.5) -> None:
+        self.connection = connection
+        self.topics = topics
+        self.snapshots = SnapshotStore(snapshot_dir)
+        self.explore = explore
+        self.max_batch = max_batch
+        self.poll_every_s = poll_every_s
+        self.policy = ServingPolicy(None, explore=explore)
+
+    def _load(self, version: int) -> ServingPolicy:
+        snapshot = self.snapshots.load(version)
+        return ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore)
+
+    async def watch_snapshots(self, stop: asyncio.Event) -> None:
+        """Swap in each new snapshot as it appears (loading off the event loop)."""
+        while not stop.is_set():
+            version = self.snapshots.latest_version()
+            if version > self.policy.version:
+                try:
+                    policy = await asyncio.to_thread(self._load, version)
+                except SnapshotError as error:  # pruned or half-written meanwhile: try again next poll
+                    log.warning("snapshot v%d not loadable yet: %s", version, error)
+                else:
+                    policy.rng = self.policy.rng
+                    self.policy = policy
+                    MODEL_VERSION.set(policy.version)
+                    MODEL_LOADED_AT.set(time.time())
+                    log.info("serving snapshot v%d", policy.version)
+            await asyncio.sleep(self.poll_every_s)
+
+    def answer(self, records: list) -> list[tuple[str, bytes | None, bytes]]:
+        """Responses (and dead letters) for one batch of request records, in request order."""
+        requests, out = [], []
+        for tp, record in records:
+            try:
+                requests.append(parse_line(record.value or b"", SelectionRequest))
+            except ValueError as error:
+                out.append((self.topics.dead_letters, record.key,
+                            dead_letter(tp.topic, tp.partition, record.offset, str(error), record.value)))
+                request_id = readable_request_id(record.value or b"")
+                if request_id is not None:
+                    out.append((self.topics.responses, request_id.encode(),
+                                json.dumps({"request_id": request_id, "error": str(error)}).encode()))
+        for response in self.policy.respond(requests):
+            SELECTIONS.labels(response["policy"]).inc()
+            out.append((self.topics.responses, response["request_id"].encode(), json.dumps(response).encode()))
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        producer = self.connection.producer()
+        await producer.start()
+        consumer = self.connection.consumer(self.topics.requests, group=GROUP, max_poll_records=self.max_batch)
+        await consumer.start()
+        watcher = asyncio.create_task(self.watch_snapshots(stop))
+        log.info("answering %s on %s", self.topics.requests, self.topics.responses)
+        try:
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+                if not batches:
+                    await lagging_partitions(consumer, "selector")
+                    continue
+                started = time.monotonic()
+                records = [(tp, r) for tp, rs in batches.items() for r in rs]
+                EVENTS_IN.labels(self.topics.requests).inc(len(records))
+                await send_all(producer, self.answer(records))
+                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batches.items()})
+                elapsed = time.monotonic() - started
+                for _ in records:
+                    SELECTION_LATENCY.observe(elapsed)
+        finally:
+            watcher.cancel()
+            await consumer.stop()
+            await producer.stop()

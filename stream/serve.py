@@ -1,0 +1,140 @@
+"""``genco serve``: the embedded broker when none is configured, the topics, and one process per agent.
+
+Why processes: the learner's training steps and the selector's request loop must
+not share a GIL (training would stall selection), and the joiner gets a core's
+worth of Python to itself. The supervisor restarts an agent that dies, stops all
+of them on SIGTERM/SIGINT, and serves their merged Prometheus metrics. Agents die
+with the supervisor (PR_SET_PDEATHSIG), so a killed ``genco serve`` leaves no
+orphan holding the RocksDB locks that its restart needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from genco.config import Settings
+from stream.agent import LOG_FORMAT
+from stream.embedded import EmbeddedBroker, die_with_parent
+from stream.kafka import Connection, Topics
+
+log = logging.getLogger("genco.serve")
+
+AGENTS = ("joiner", "learner", "selector")
+
+
+class Supervisor:
+    """Runs the agent processes; restarts one that dies; stops them all on ``stop()``."""
+
+    def __init__(self, settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.agents = agents
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, float] = {}
+
+    def _spawn(self, name: str) -> None:
+        spec = json.dumps({"name": name, "broker": self.broker, "settings": asdict(self.settings)})
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "stream.agent"], preexec_fn=die_with_parent,
+                                                env={**os.environ, "GENCO_AGENT_SPEC": spec})
+
+    def start(self) -> None:
+        for name in self.agents:
+            self._spawn(name)
+
+    def check(self) -> None:
+        """Restart any agent that exited (at most once every 5 s each)."""
+        for name, process in self.processes.items():
+            if process.poll() is not None and time.monotonic() - self.restarts.get(name, 0.0) > 5.0:
+                log.error("agent %s exited with status %s; restarting it", name, process.returncode)
+                self.restarts[name] = time.monotonic()
+                self._spawn(name)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for name, process in self.processes.items():
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.error("agent %s did not stop in %.0f s; killing it", name, timeout_s)
+                process.kill()
+                process.wait()
+
+
+def prepare_metrics(state_dir: str) -> Path:
+    """A fresh multiprocess metrics directory, set in the environment the agents inherit."""
+    directory = Path(state_dir).resolve() / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
+def start_metrics_server(port: int) -> None:
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    if not port:
+        return
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    try:
+        start_http_server(port, registry=registry)
+        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+    except OSError as error:
+        log.warning("metrics endpoint not started: port %d: %s", port, error)
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings, broker: str | None) -> Iterator[str]:
+    """The configured broker's URL, or an embedded broker's for the duration of the block."""
+    url = broker or settings.broker
+    if url:
+        yield url
+        return
+    with EmbeddedBroker() as embedded:
+        print(f"genco: embedded broker at {embedded.url} (memory only)", flush=True)
+        yield embedded.url
+
+
+@contextlib.contextmanager
+def running_agents(settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS) -> Iterator[Supervisor]:
+    """Topics created, agents started; they are stopped cleanly when the block ends."""
+    Connection.from_settings(settings, broker).ensure_topics(Topics(settings.topic_prefix).all())
+    supervisor = Supervisor(settings, broker, agents)
+    supervisor.start()
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop()
+
+
+def serve(settings: Settings, broker: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    prepare_metrics(settings.state_dir)
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stopping.append(signum))
+    with broker_for(settings, broker) as url:
+        log.info("broker %s, topics %s*, state in %s", url, settings.topic_prefix, Path(settings.state_dir).resolve())
+        start_metrics_server(settings.metrics_port)
+        with running_agents(settings, url) as supervisor:
+            while not stopping:
+                time.sleep(0.2)
+                supervisor.check()
+            log.info("stopping (signal %d)", stopping[0])
+    log.info("stopped cleanly")
+    return 0

@@ -1,0 +1,170 @@
+"""The learner agent: bags in arrival order -> ``Learner.step`` per mini-batch -> snapshots.
+
+Effectively once: the ids of trained impressions and the bags offsets are written to
+RocksDB only together with a checkpoint (a snapshot carrying the optimiser state).
+After a crash the learner reloads that checkpoint, rewinds to those offsets and
+trains the bags after them again, so every impression counts in the model once;
+a bag whose impression_id was already trained is skipped (the joiner may repeat a
+bag after its own crash).
+
+Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning;
+checkpoints every ``checkpoint_every_s``. Version numbers only ever grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from river import metrics
+
+from genco.jsonl import parse_line
+from learner.trainer import Learner, preset
+from state.kv import Store, encode_time
+from state.snapshots import SnapshotStore
+from stream.events import Bag
+from stream.kafka import Connection, Topics
+from stream.metrics import (
+    DUPLICATES,
+    EVENTS_IN,
+    PROGRESSIVE_LOGLOSS,
+    SNAPSHOT_VERSION,
+    TRAINED_BAGS,
+    TRAINING_STEPS,
+)
+from stream.runtime import SeekToStoredOffsets, dead_letter, lagging_partitions, send_all
+
+log = logging.getLogger("genco.learner")
+
+GROUP = "genco-learner"
+_CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored offsets and trained ids belong to
+
+
+class TrainingAgent:
+    def __init__(self, connection: Connection, topics: Topics, state_dir: Path, window_s: float,
+                 batch_size: int = 1024, idle_flush_s: float = 0.3, max_wait_s: float = 1.5,
+                 snapshot_every_s: float = 4.0, checkpoint_every_s: float = 30.0) -> None:
+        self.connection = connection
+        self.topics = topics
+        self.store = Store(state_dir / "learner")
+        self.snapshots = SnapshotStore(state_dir / "snapshots")
+        self.horizon_s = max(2 * window_s, 3600.0)
+        self.batch_size = batch_size
+        self.idle_flush_s = idle_flush_s
+        self.max_wait_s = max_wait_s
+        self.snapshot_every_s = snapshot_every_s
+        self.checkpoint_every_s = checkpoint_every_s
+        self.learner = self._resume()
+        self.version = max(self.snapshots.latest_version(), self.learner_version)
+        self.loss = metrics.LogLoss()
+        # Trained since the last checkpoint: impression id -> bag ts; offsets reached.
+        self.unrecorded: dict[str, float] = {}
+        self.offsets: dict[tuple[str, int], int] = {}
+
+    def _resume(self) -> Learner:
+        recorded = self.store.get(_CHECKPOINT)
+        self.learner_version = int(recorded) if recorded else 0
+        if not self.learner_version:
+            return Learner(preset("default"))
+        snapshot = self.snapshots.load(self.learner_version, with_optimizer=True)
+        m = snapshot.manifest
+        log.info("resuming from checkpoint v%d (%d bags seen)", m.version, m.bags_seen)
+        return Learner.resume(snapshot.model, m.train_config, snapshot.optimizer_state, m.bags_seen, m.steps)
+
+    def trained(self, impression_id: str) -> bool:
+        return impression_id in self.unrecorded or self.store.get(b"t" + impression_id.encode()) is not None
+
+    def train(self, bags: list[Bag]) -> None:
+        """One optimiser step (run in a worker thread so the consumer keeps fetching)."""
+        result = self.learner.step(bags)
+        for bag, p in zip(bags, result.predicted.tolist(), strict=True):
+            self.loss.update(bag.clicked, p)
+
+    def publish(self, checkpoint: bool) -> None:
+        """Write the next snapshot; with ``checkpoint``, also record what it has trained on."""
+        self.version += 1
+        learner = self.learner
+        self.snapshots.save(learner.model, version=self.version, bags_seen=learner.bags_seen, steps=learner.steps,
+                            train_config=learner.preset.train.to_dict(),
+                            optimizer_state=learner.optimizer_state() if checkpoint else None)
+        SNAPSHOT_VERSION.set(self.version)
+        if not checkpoint:
+            return
+        tx = self.store.transaction()
+        for impression_id, ts in self.unrecorded.items():
+            key = impression_id.encode()
+            tx.put(b"t" + key, b"")
+            tx.put(b"x" + encode_time(ts + self.horizon_s) + key, b"")
+        newest = max(self.unrecorded.values(), default=0.0)
+        for index, _ in self.store.scan(b"x", encode_time(newest - self.horizon_s)):
+            tx.delete(index)
+            tx.delete(b"t" + index[9:])
+        for (topic, partition), offset in self.offsets.items():
+            tx.set_offset(topic, partition, offset)
+        tx.put(_CHECKPOINT, str(self.version).encode())
+        tx.commit()
+        self.unrecorded.clear()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        producer = self.connection.producer()
+        await producer.start()
+        consumer = self.connection.consumer(group=GROUP, max_poll_records=self.batch_size)
+        consumer.subscribe([self.topics.bags], listener=SeekToStoredOffsets(consumer, self.store))
+        await consumer.start()
+        log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
+                 self.snapshots.directory, self.version)
+        buffer: list[Bag] = []
+        first_wait = last_arrival = last_snapshot = last_checkpoint = time.monotonic()
+        learned_since_snapshot = False
+        try:
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
+                now = time.monotonic()
+                dead = []
+                for tp, records in batches.items():
+                    EVENTS_IN.labels(tp.topic).inc(len(records))
+                    for record in records:
+                        try:
+                            bag = parse_line(record.value or b"", Bag)
+                        except ValueError as error:
+                            dead.append((self.topics.dead_letters, record.key,
+                                         dead_letter(tp.topic, tp.partition, record.offset, str(error),
+                                                     record.value)))
+                            continue
+                        if self.trained(bag.impression_id):
+                            DUPLICATES.labels("trained_bag").inc()
+                            continue
+                        if not buffer:
+                            first_wait = now
+                        buffer.append(bag)
+                        self.unrecorded[bag.impression_id] = bag.ts
+                    self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+                    last_arrival = now
+                await send_all(producer, dead)
+                due = len(buffer) >= self.batch_size or (buffer and (now - last_arrival >= self.idle_flush_s
+                                                                     or now - first_wait >= self.max_wait_s))
+                if due:
+                    await asyncio.to_thread(self.train, buffer)
+                    TRAINING_STEPS.inc()
+                    TRAINED_BAGS.inc(len(buffer))
+                    PROGRESSIVE_LOGLOSS.set(self.loss.get())
+                    buffer = []
+                    learned_since_snapshot = True
+                now = time.monotonic()
+                if learned_since_snapshot and not buffer and now - last_snapshot >= self.snapshot_every_s:
+                    checkpoint = now - last_checkpoint >= self.checkpoint_every_s
+                    await asyncio.to_thread(self.publish, checkpoint)
+                    last_snapshot, learned_since_snapshot = now, False
+                    if checkpoint:
+                        last_checkpoint = now
+                await lagging_partitions(consumer, "learner")
+            if buffer:
+                self.train(buffer)
+            if self.unrecorded:
+                self.publish(checkpoint=True)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+            self.store.close()

@@ -1,0 +1,41 @@
+"""Event-time watermark over several partitions: how far event time has surely advanced.
+
+A partition that still has a backlog holds the watermark at the newest ``ts`` read
+from it, so reading one topic ahead of another (clicks far ahead of impressions,
+say) never closes a window early. When every partition is caught up, event time
+is taken to advance with the wall clock from the newest event seen, so windows
+close at low or no traffic too.
+"""
+
+from __future__ import annotations
+
+import math
+
+from aiokafka import TopicPartition
+
+
+class Watermark:
+    def __init__(self) -> None:
+        self.newest: dict[TopicPartition, float] = {}
+        self.max_ts = -math.inf
+        self.max_ts_wall = 0.0
+        self.value = -math.inf
+
+    def observe(self, tp: TopicPartition, ts: float, wall: float) -> None:
+        if ts > self.newest.get(tp, -math.inf):
+            self.newest[tp] = ts
+        if ts > self.max_ts:
+            self.max_ts, self.max_ts_wall = ts, wall
+
+    def advance(self, lagging: list[TopicPartition], wall: float) -> float:
+        """The new watermark, given the partitions that still have a backlog; never moves back."""
+        if lagging:
+            if any(tp not in self.newest for tp in lagging):
+                return self.value
+            candidate = min(self.newest[tp] for tp in lagging)
+        elif self.max_ts > -math.inf:
+            candidate = self.max_ts + max(wall - self.max_ts_wall, 0.0)
+        else:
+            return self.value
+        self.value = max(self.value, candidate)
+        return self.value
