@@ -105,8 +105,8 @@ class Join:
             self.counts.duplicate_clicks += 1
             return
         tx.put(b"c" + key, _pack_times([*times, click.ts]))
-        if not times:
-            tx.put(b"u" + encode_time(click.ts + self.window_s) + key, b"")
+        if not times:  # kept for the window, and at least as long as an impression it can label may come
+            tx.put(b"u" + encode_time(click.ts + max(self.window_s, EARLY_CLICK_S)) + key, b"")
 
     def sweep(self, tx: Transaction, watermark: float) -> None:
         """Close windows, drop orphan clicks and forget done marks that the watermark has passed."""

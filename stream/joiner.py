@@ -29,7 +29,6 @@ from stream.watermark import Watermark
 
 log = logging.getLogger("genco.joiner")
 
-GROUP = "genco-joiner"
 
 
 class Joiner:
@@ -41,6 +40,7 @@ class Joiner:
         self.join.counts.pending = sum(1 for _ in store.scan(b"i"))
         self.watermark = Watermark()
         self._reported = JoinCounts()
+        self.ready = asyncio.Event()  # set once partitions are assigned: from then on input is joined
 
     def apply(self, tx, tp: TopicPartition, record) -> None:
         """Validate one input message and hand it to the join (or to the dead-letter topic)."""
@@ -60,7 +60,7 @@ class Joiner:
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
         await producer.start()
-        consumer = self.connection.consumer(group=GROUP, max_poll_records=2000)
+        consumer = self.connection.consumer(group=self.topics.group("joiner"), max_poll_records=2000)
         try:
             leftovers = self.store.outbox()
             if leftovers:
@@ -74,6 +74,9 @@ class Joiner:
                      self.topics.bags, self.join.window_s)
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                if not self.ready.is_set() and consumer.assignment():
+                    log.info("assigned %d partitions", len(consumer.assignment()))
+                    self.ready.set()
                 tx = self.store.transaction()
                 for tp, records in batches.items():
                     EVENTS_IN.labels(tp.topic).inc(len(records))

@@ -60,6 +60,10 @@ class Topics:
     def dead_letters(self) -> str:
         return f"{self.prefix}dead-letters"
 
+    def group(self, agent: str) -> str:
+        """The consumer group of an agent: per prefix, so deployments sharing a cluster stay apart."""
+        return f"{self.prefix}{agent}"
+
     def all(self) -> list[str]:
         return [self.requests, self.responses, self.impressions, self.clicks, self.bags, self.dead_letters]
 
@@ -75,17 +79,21 @@ class Connection:
     def from_settings(cls, settings: Settings, broker: str | None = None) -> Connection:
         return cls(tuple(bootstrap_servers(broker or settings.broker)), tuple(sorted(settings.kafka_security.items())))
 
-    def producer(self, **options) -> AIOKafkaProducer:
-        return AIOKafkaProducer(bootstrap_servers=list(self.servers), linger_ms=2, max_batch_size=512 << 10,
+    def producer(self, linger_ms: int = 2, **options) -> AIOKafkaProducer:
+        return AIOKafkaProducer(bootstrap_servers=list(self.servers), linger_ms=linger_ms, max_batch_size=512 << 10,
                                 max_request_size=MAX_MESSAGE_BYTES, acks="all", **dict(self.security), **options)
 
-    def consumer(self, *topics: str, group: str, **options) -> AIOKafkaConsumer:
+    def consumer(self, *topics: str, group: str, max_wait_ms: int = 100, **options) -> AIOKafkaConsumer:
+        """A consumer that commits only when told to and starts from the earliest message.
+
+        ``max_wait_ms``: the embedded broker answers an empty fetch only at its max wait, so the wait
+        is latency for a latency-bound agent; but each fetch costs broker CPU, so only those go low.
+        """
         return AIOKafkaConsumer(*topics, bootstrap_servers=list(self.servers), group_id=group,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 fetch_max_bytes=16 << 20, max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-                                fetch_max_wait_ms=10,  # the embedded broker answers a fetch only at
-                                # its max wait, so a long wait is pure latency for requests
-                                rebalance_timeout_ms=3000, session_timeout_ms=10000, heartbeat_interval_ms=1000,
+                                fetch_max_wait_ms=max_wait_ms, rebalance_timeout_ms=3000,
+                                session_timeout_ms=10000, heartbeat_interval_ms=1000,
                                 **dict(self.security), **options)
 
     def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0) -> None:

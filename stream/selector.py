@@ -26,7 +26,6 @@ from stream.runtime import dead_letter, lagging_partitions, send_all
 
 log = logging.getLogger("genco.selector")
 
-GROUP = "genco-selector"
 
 
 class SelectorAgent:
@@ -39,6 +38,7 @@ class SelectorAgent:
         self.max_batch = max_batch
         self.poll_every_s = poll_every_s
         self.policy = ServingPolicy(None, explore=explore)
+        self.ready = asyncio.Event()  # set once partitions are assigned
 
     def _load(self, version: int) -> ServingPolicy:
         snapshot = self.snapshots.load(version)
@@ -80,15 +80,19 @@ class SelectorAgent:
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
-        producer = self.connection.producer()
+        producer = self.connection.producer(linger_ms=0)
         await producer.start()
-        consumer = self.connection.consumer(self.topics.requests, group=GROUP, max_poll_records=self.max_batch)
+        consumer = self.connection.consumer(self.topics.requests, group=self.topics.group("selector"),
+                                            max_wait_ms=10, max_poll_records=self.max_batch)
         await consumer.start()
         watcher = asyncio.create_task(self.watch_snapshots(stop))
         log.info("answering %s on %s", self.topics.requests, self.topics.responses)
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
+                if not self.ready.is_set() and consumer.assignment():
+                    log.info("assigned %d partitions", len(consumer.assignment()))
+                    self.ready.set()
                 if not batches:
                     await lagging_partitions(consumer, "selector")
                     continue

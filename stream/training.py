@@ -38,7 +38,6 @@ from stream.runtime import SeekToStoredOffsets, dead_letter, lagging_partitions,
 
 log = logging.getLogger("genco.learner")
 
-GROUP = "genco-learner"
 _CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored offsets and trained ids belong to
 
 
@@ -110,7 +109,7 @@ class TrainingAgent:
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
         await producer.start()
-        consumer = self.connection.consumer(group=GROUP, max_poll_records=self.batch_size)
+        consumer = self.connection.consumer(group=self.topics.group("learner"), max_poll_records=self.batch_size)
         consumer.subscribe([self.topics.bags], listener=SeekToStoredOffsets(consumer, self.store))
         await consumer.start()
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,38 @@ def small_world() -> tuple[World, list[Bag]]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:  # no client library, no socket, no engine: all mean "no Docker here"
+        return False
+
+
+@pytest.fixture(scope="session", params=["embedded", "testcontainers"])
+def broker(request) -> str:
+    """A real Kafka-protocol broker's kafka:// URL: the embedded Tansu always, Apache Kafka where Docker runs."""
+    if request.param == "embedded":
+        from stream.embedded import EmbeddedBroker
+
+        with EmbeddedBroker() as embedded:
+            yield embedded.url
+        return
+    if not _docker_available():
+        pytest.skip("no Docker engine here: the Apache Kafka (testcontainers) variant needs one")
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer("confluentinc/cp-kafka:7.6.0") as kafka:
+        yield "kafka://" + kafka.get_bootstrap_server()
+
+
+@pytest.fixture
+def topics(request):
+    """Topic names unique to the test, so tests sharing a broker never see each other's messages."""
+    from stream.kafka import Topics
+
+    return Topics(f"t{zlib.crc32(request.node.nodeid.encode()):08x}.")

@@ -1,0 +1,45 @@
+"""The join's decisions on a real RocksDB store, driven by an explicit watermark (no broker)."""
+
+from __future__ import annotations
+
+import json
+
+from state.kv import Store
+from stream.events import Click, Impression
+from stream.join import Join
+
+W = 10.0
+
+
+def imp(i: int, ts: float) -> Impression:
+    return Impression(impression_id=f"imp-{i}", ts=ts, ad_id="ad-1", candidates={"title": ["t1", "t2"]},
+                      shown={"title": "t1"})
+
+
+def step(store: Store, join: Join, events: list, watermark: float) -> list[dict]:
+    tx = store.transaction()
+    for event in events:
+        (join.impression if isinstance(event, Impression) else join.click)(tx, event)
+    join.sweep(tx, watermark)
+    return [json.loads(value) for _, (_, _, value) in tx.commit()]
+
+
+def test_orphan_clicks_are_counted_and_dropped_once_no_impression_can_claim_them(tmp_path):
+    store, join = Store(tmp_path), Join(W, "bags", grace_s=0.0)
+    assert step(store, join, [Click(impression_id="imp-1", ts=100.0)], watermark=100.0) == []
+    assert step(store, join, [], watermark=100.0 + 60 - 1) == [] and join.counts.orphan_clicks == 0
+    step(store, join, [], watermark=100.0 + 60 + 1)
+    assert join.counts.orphan_clicks == 1
+    assert step(store, join, [imp(1, 150.0)], watermark=161.0) == []  # the click is gone: no label from it
+    assert [b["clicked"] for b in step(store, join, [], watermark=150.0 + W + 1)] == [False]
+
+
+def test_done_marks_expire_after_the_horizon_and_state_is_left_empty(tmp_path):
+    store, join = Store(tmp_path), Join(W, "bags", grace_s=0.0)
+    bags = step(store, join, [imp(1, 100.0), Click(impression_id="imp-1", ts=101.0), imp(2, 100.0)], 100.0)
+    assert [(b["impression_id"], b["clicked"], b.get("click_ts")) for b in bags] == [("imp-1", True, 101.0)]
+    assert step(store, join, [imp(1, 100.0)], 100.0) == []  # repeated: ignored
+    assert [b["impression_id"] for b in step(store, join, [], 100.0 + W + 0.5)] == ["imp-2"]
+    step(store, join, [], 100.0 + join.horizon_s + 1)
+    keys = {k[:1] for k, _ in store.scan(b"")} - {b"o"}  # the outbox is the caller's to clear
+    assert keys == set(), keys

@@ -1,0 +1,146 @@
+"""The joiner on a real broker: exactly one bag per impression, with the contract's label."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from genco.config import Settings
+from state.kv import Store
+from stream.joiner import Joiner
+from stream.kafka import Connection
+from tests.kafka_helpers import produce, read_all
+
+WINDOW = 2.0
+
+
+def impression(i: int, ts: float, **extra) -> dict:
+    return {"impression_id": f"imp-{i}", "ts": ts, "ad_id": "ad-1",
+            "candidates": {"title": ["t1", "t2"], "image": ["i1", "i2", "i3"]},
+            "shown": {"title": "t2", "image": "i1"}, **extra}
+
+
+def click(i: int, ts: float) -> dict:
+    return {"impression_id": f"imp-{i}", "ts": ts}
+
+
+async def run_joiner(url: str, topics, store_dir, until_bags: int, produce_messages, settle_s: float = 3.0):
+    connection = Connection.from_settings(Settings(), url)
+    stop = asyncio.Event()
+    joiner = Joiner(connection, topics, WINDOW, Store(store_dir))
+    task = asyncio.create_task(joiner.run(stop))
+    try:
+        await asyncio.wait_for(joiner.ready.wait(), 60)
+        await produce_messages()
+        bags = await read_all(url, topics.bags, lambda m: len(m) >= until_bags, timeout_s=40, settle_s=settle_s)
+    finally:
+        stop.set()
+        await task
+        joiner.store.close()
+    return joiner, bags
+
+
+def test_join_labels_every_impression_once_whatever_the_order_and_partitioning(broker, topics, tmp_path):
+    # Impressions on 4 partitions, clicks on 1: the join must not rely on co-partitioning.
+    connection = Connection.from_settings(Settings(), broker)
+    connection.ensure_topics([topics.impressions], partitions=4)
+    connection.ensure_topics([topics.clicks, topics.bags, topics.dead_letters], partitions=1)
+    now = time.time()
+    expected = {
+        "imp-0": True,   # click after the impression, inside the window
+        "imp-1": True,   # click read before its impression
+        "imp-2": False,  # click after the window closed
+        "imp-3": False,  # no click
+        "imp-4": True,   # impression repeated, click repeated
+        "imp-5": True,   # click 30 s *before* the impression's ts (clock skew allowance is 60 s)
+        "imp-6": False,  # click 90 s before: outside the skew allowance
+    }
+
+    async def messages() -> None:
+        await produce(broker, [(topics.clicks, "imp-1", click(1, now + 0.5)),
+                               (topics.clicks, "imp-5", click(5, now - 30)),
+                               (topics.clicks, "imp-6", click(6, now - 90)),
+                               (topics.clicks, "imp-99", click(99, now))])  # orphan: never an impression
+        await produce(broker, [(topics.impressions, f"imp-{i}", impression(i, now)) for i in range(7)]
+                      + [(topics.impressions, "imp-4", impression(4, now)),
+                         (topics.impressions, "imp-bad", impression(7, now, shown={"title": "t9"}))])
+        await produce(broker, [(topics.clicks, "imp-0", click(0, now + 1.0)),
+                               (topics.clicks, "imp-4", click(4, now + 0.2)),
+                               (topics.clicks, "imp-4", click(4, now + 0.3)),
+                               (topics.clicks, "imp-2", click(2, now + WINDOW + 1.0))])
+
+    joiner, bags = asyncio.run(run_joiner(broker, topics, tmp_path / "joiner", len(expected), messages))
+    labels = {b["impression_id"]: b["clicked"] for b in bags}
+    assert len(bags) == len(expected), [b["impression_id"] for b in bags]
+    assert labels == expected
+    clicked = next(b for b in bags if b["impression_id"] == "imp-0")
+    assert clicked["click_ts"] == now + 1.0 and clicked["shown"] == {"title": "t2", "image": "i1"}
+    assert joiner.join.counts.duplicate_impressions == 1
+    dead = asyncio.run(read_all(broker, topics.dead_letters, lambda m: len(m) >= 1, timeout_s=10))
+    assert len(dead) == 1
+    assert dead[0]["topic"] == topics.impressions
+    assert "shown.title 't9' is not among candidates.title" in dead[0]["error"]
+    assert json.loads(dead[0]["raw"])["impression_id"] == "imp-7"
+
+
+def test_negative_bags_wait_for_the_window_and_positive_ones_do_not(broker, topics, tmp_path):
+    Connection.from_settings(Settings(), broker).ensure_topics(topics.all())
+    now = time.time()
+    sent = {}
+
+    async def messages() -> None:
+        sent["at"] = time.time()
+        await produce(broker, [(topics.impressions, "imp-0", impression(0, now)),
+                               (topics.impressions, "imp-1", impression(1, now)),
+                               (topics.clicks, "imp-0", click(0, now + 0.1))])
+
+    async def timed() -> list[float]:
+        arrival = {}
+
+        def until(messages: list[dict]) -> bool:
+            for m in messages:
+                arrival.setdefault(m["impression_id"], time.time() - sent["at"])
+            return len(messages) >= 2
+
+        await run_joiner_collect(until)
+        return arrival
+
+    async def run_joiner_collect(until):
+        connection = Connection.from_settings(Settings(), broker)
+        stop = asyncio.Event()
+        joiner = Joiner(connection, topics, WINDOW, Store(tmp_path / "j"))
+        task = asyncio.create_task(joiner.run(stop))
+        try:
+            await asyncio.wait_for(joiner.ready.wait(), 60)
+            await messages()
+            await read_all(broker, topics.bags, until, timeout_s=30)
+        finally:
+            stop.set()
+            await task
+            joiner.store.close()
+
+    arrival = asyncio.run(timed())
+    assert arrival["imp-0"] < WINDOW, "a clicked bag goes out as soon as the click joins"
+    assert WINDOW <= arrival["imp-1"] <= WINDOW + 5, "a negative waits for the window, and no longer than +5 s"
+
+
+def test_a_restarted_joiner_loses_nothing_and_repeats_no_label(broker, topics, tmp_path):
+    Connection.from_settings(Settings(), broker).ensure_topics(topics.all())
+    now = time.time()
+
+    async def first() -> None:
+        await produce(broker, [(topics.impressions, f"imp-{i}", impression(i, now)) for i in range(50)])
+
+    asyncio.run(run_joiner(broker, topics, tmp_path / "j", 0, first, settle_s=1.0))
+
+    async def second() -> None:  # clicks for half of them arrive while the joiner was down
+        await produce(broker, [(topics.clicks, f"imp-{i}", click(i, now + 0.5)) for i in range(0, 50, 2)]
+                      + [(topics.impressions, "imp-0", impression(0, now))])
+
+    _, bags = asyncio.run(run_joiner(broker, topics, tmp_path / "j", 50, second))
+    labels: dict[str, set[bool]] = {}
+    for bag in bags:
+        labels.setdefault(bag["impression_id"], set()).add(bag["clicked"])
+    assert len(labels) == 50
+    assert all(values == {int(i.split("-")[1]) % 2 == 0} for i, values in labels.items())
