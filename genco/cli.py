@@ -154,13 +154,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from genco.demo import run_demo
 
-    return run_demo(Settings(), bags=args.bags)
+    return run_demo(Settings(), rate=args.rate, seconds=args.seconds)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stream.serve import serve
 
     return serve(Settings(), broker=args.broker)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sim.adserver import AdServer
+    from sim.world import World, WorldConfig
+    from stream.kafka import Connection, Topics
+
+    settings = Settings()
+    connection = Connection.from_settings(settings, args.broker)
+    topics = Topics(settings.topic_prefix)
+    connection.ensure_topics(topics.all())
+    server = AdServer(World(WorldConfig(seed=args.seed, n_ads=args.ads)), connection, topics, rate=args.rate,
+                      requests=args.requests, window_s=min(settings.click_window_s, 30.0))
+    server.on_window = lambda row: print(json.dumps(row), flush=True)
+    report = asyncio.run(server.run())
+    print(json.dumps({"sent": report.sent, "answered": report.answered, "invalid": len(report.invalid),
+                      "p99_ms": round(report.latency_percentile(0.99), 1), "policies": report.policies}))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,8 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "else an embedded broker)")
     serve.set_defaults(run=cmd_serve)
 
-    demo = sub.add_parser("demo", help="learn on a simulated ad server and show the CTR gained")
-    demo.add_argument("--bags", type=int, default=200_000, help="simulated impressions")
+    simulate = sub.add_parser("simulate", help="a simulated ad server on a broker: requests, impressions, clicks")
+    simulate.add_argument("--broker", default=None, help="kafka://host:port (default: GENCO_BROKER)")
+    simulate.add_argument("--rate", type=float, default=200.0, help="selection requests per second")
+    simulate.add_argument("--requests", type=int, default=10**9, help="stop after this many requests")
+    simulate.add_argument("--ads", type=int, default=200)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.set_defaults(run=cmd_simulate)
+
+    demo = sub.add_parser("demo", help="embedded broker + every agent + a simulated ad server: watch it learn")
+    demo.add_argument("--rate", type=float, default=300.0, help="selection requests per second")
+    demo.add_argument("--seconds", type=float, default=60.0, help="how long the simulated traffic runs")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -1,40 +1,46 @@
-"""``genco demo``: watch GenCO learn on a simulated ad server with known true CTR.
+"""``genco demo``: the whole system live on the embedded broker, against a simulated ad server.
 
-The simulator serves uniformly at random (the unbiased log the paper trains
-on), GenCO learns from it chronologically in mini-batches, and after every
-chunk of traffic the learned policy's *true* CTR on fresh requests is measured
-beside the uniform policy, the smoothed click counter and the oracle.
+One command starts the embedded Kafka-protocol broker, every agent (joiner,
+learner, selector, each its own process) and the built-in ad server
+(``sim.adserver``), which sends selection requests, shows what genco chose,
+and clicks with the simulated world's *true* probability. Because that truth is
+known, the demo reports the true CTR of what genco served beside the uniform
+policy and the best possible (oracle), window by window, then a table and a plot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from genco.config import Settings
-from learner.baselines import Counter
-from learner.policy import Selector
-from learner.trainer import Learner
+from sim.adserver import AdServer, Report
 from sim.world import World, WorldConfig
-from state.snapshots import SnapshotStore
-from stream.events import Bag, SelectionRequest
+from stream.kafka import Connection, Topics
+from stream.serve import broker_for, running_agents
+
+DEMO_WINDOW_S = 2.0  # the simulated users click within seconds, so the demo closes windows fast
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(report: Report, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["bags"] for r in rows]
+    rows = [r for r in report.windows if r["uniform_ctr"] is not None]
+    x = [r["t"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, style in (("oracle", "oracle", "k--"), ("genco", "GenCO", "C0-o"),
-                              ("counter", "click counter", "C1-s"), ("uniform", "uniform", "C7:")):
-        ax.plot(x, [100 * r[key] for r in rows], style, label=label)
-    ax.set_xlabel("impressions learned from")
+    for key, label, style in (("oracle_ctr", "oracle", "k--"), ("genco_ctr", "GenCO (learned policy)", "C0-o"),
+                              ("uniform_ctr", "uniform", "C7:")):
+        ax.plot(x, [100 * r[key] if r[key] is not None else float("nan") for r in rows], style, label=label)
+    ax.set_xlabel("seconds of live traffic")
     ax.set_ylabel("true CTR of served combinations (%)")
-    ax.set_title("genco demo: learned policy vs uniform and oracle")
+    ax.set_title("genco demo: learning online from its own traffic")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -42,44 +48,46 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(settings: Settings, bags: int = 200_000, chunk: int = 20_000, eval_requests: int = 1000) -> int:
-    world = World(WorldConfig(seed=7, n_ads=200))
-    learner = Learner()
-    counter = Counter()
-    selector = Selector(learner.model)
-    rows: list[dict] = []
-    print(f"simulated ad server: {world.config.n_ads} ads, Table-1-shaped creative pools; "
-          f"learning from {bags} uniform-random impressions")
-    print(f"{'impressions':>12}{'genco CTR':>11}{'counter':>9}{'uniform':>9}{'oracle':>9}{'captured':>10}"
-          f"{'train bags/s':>14}")
-    seen = 0
-    while seen < bags:
-        log = [Bag.model_validate(b) for b in world.uniform_log(min(chunk, bags - seen), start=seen)]
-        started = time.perf_counter()
-        learner.learn(log)
-        rate = len(log) / (time.perf_counter() - started)
-        counter.learn(log)
-        seen += len(log)
-        requests = [world.request(f"eval-{seen}-{i}") for i in range(eval_requests)]
-        parsed = [SelectionRequest.model_validate(r) for r in requests]
-        genco = world.score(requests, selector.select(parsed))
-        counted = world.score(requests, counter.select(parsed))
-        rows.append({"bags": seen, "genco": genco["ctr"], "counter": counted["ctr"], "uniform": genco["uniform_ctr"],
-                     "oracle": genco["oracle_ctr"], "captured": genco["captured"]})
-        print(f"{seen:>12}{genco['ctr']:>11.4f}{counted['ctr']:>9.4f}{genco['uniform_ctr']:>9.4f}"
-              f"{genco['oracle_ctr']:>9.4f}{genco['captured']:>10.2f}{rate:>14.0f}", flush=True)
-    state = Path(settings.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    store = SnapshotStore(state / "demo-snapshots")
-    manifest = store.save(learner.model, version=store.latest_version() + 1, bags_seen=learner.bags_seen,
-                          steps=learner.steps, train_config=learner.preset.train.to_dict())
+def _fmt(x: float | None) -> str:
+    return f"{100 * x:6.2f}%" if x is not None else "     - "
+
+
+def run_demo(settings: Settings, rate: float = 300.0, seconds: float = 60.0) -> int:
+    state = Path(settings.state_dir) / "demo"
+    shutil.rmtree(state, ignore_errors=True)  # the embedded broker starts empty, so must the agents' state
+    settings = replace(settings, state_dir=str(state), click_window_s=DEMO_WINDOW_S, broker="")
+    topics = Topics(settings.topic_prefix)
+    with broker_for(settings, None) as url:
+        connection = Connection.from_settings(settings, url)
+        with running_agents(settings, url):
+            world = World(WorldConfig(seed=7, n_ads=200))
+            server = AdServer(world, connection, topics, rate=rate, requests=int(rate * seconds),
+                              window_s=DEMO_WINDOW_S, window_every_s=10.0)
+            print(f"simulated ad server: {world.config.n_ads} ads with Table-1-shaped creative pools, "
+                  f"{rate:.0f} requests/s for {seconds:.0f} s; clicks within {DEMO_WINDOW_S:.0f} s")
+            print("agents starting (the first requests get the uniform fallback until a snapshot exists)")
+            print(f"{'t (s)':>6}{'responses':>10}{'model':>7}{'GenCO':>9}{'uniform':>9}{'oracle':>9}")
+            server.on_window = lambda r: print(
+                f"{r['t']:>6.0f}{r['responses']:>10}{'v' + str(r['model_version']):>7}{_fmt(r['genco_ctr']):>9}"
+                f"{_fmt(r['uniform_ctr']):>9}{_fmt(r['oracle_ctr']):>9}", flush=True)
+            time.sleep(8)  # let the agents come up before the clock starts
+            started = time.monotonic()
+            report = asyncio.run(server.run())
+            elapsed = time.monotonic() - started
     plot = state / "demo.png"
-    _plot(rows, plot)
-    last = rows[-1]
+    _plot(report, plot)
+    tail = [r for r in report.windows[len(report.windows) * 3 // 4 :] if r["genco_ctr"] and r["uniform_ctr"]]
+    genco = sum(r["genco_ctr"] for r in tail) / max(len(tail), 1)
+    uniform = sum(r["uniform_ctr"] for r in tail) / max(len(tail), 1)
+    oracle = sum(r["oracle_ctr"] for r in tail) / max(len(tail), 1)
     print()
-    print(f"true CTR after {seen} impressions (mean of the last evaluation, {eval_requests} fresh requests):")
-    for name in ("uniform", "counter", "genco", "oracle"):
-        print(f"  {name:<8} {last[name]:.4f}  ({last[name] / last['uniform'] - 1:+.1%} vs uniform)")
-    print(f"GenCO captured {last['captured']:.0%} of the oracle's gain over uniform")
-    print(f"snapshot v{manifest.version}: {store.directory}    plot: {os.path.relpath(plot)}")
+    print(f"last quarter, true CTR:  GenCO {_fmt(genco)}   uniform {_fmt(uniform)}   oracle {_fmt(oracle)}")
+    if uniform:
+        print(f"GenCO vs uniform: {genco / uniform - 1:+.1%}; captured {(genco - uniform) / (oracle - uniform):.0%} "
+              "of the oracle's gain")
+    print(f"selection: {report.answered}/{report.sent} answered, {len(report.invalid)} invalid, "
+          f"{report.answered / elapsed:.0f} responses/s, request->response p50 "
+          f"{report.latency_percentile(0.5):.0f} ms, p99 {report.latency_percentile(0.99):.0f} ms")
+    print(f"served by: {report.policies}; newest model v{max(report.versions, default=0)}")
+    print(f"plot: {os.path.relpath(plot)}")
     return 0

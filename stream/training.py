@@ -159,6 +159,10 @@ class TrainingAgent:
                     if checkpoint:
                         last_checkpoint = now
                 await lagging_partitions(consumer, "learner")
+                if not batches:
+                    continue
+                if sum(map(len, batches.values())) < self.batch_size // 2:
+                    await asyncio.sleep(0.2)  # fewer, larger fetches: see stream.joiner.POLL_PAUSE_S
             if buffer:
                 self.train(buffer)
             if self.unrecorded:

@@ -1,0 +1,243 @@
+"""Streaming benchmarks on the embedded broker, each beside plain aiokafka on the same broker in the same run.
+
+    python benchmarks/streaming.py [--n 30000] [--json bench-out/streaming.json]
+
+- floor: plain aiokafka produce, consume + json.loads, and consume -> decode -> encode -> produce
+- joiner: impressions/s of one Joiner process draining a backlog (10% clicked)
+- selector: requests/s of one SelectorAgent draining a backlog, with a trained snapshot
+- freshness: closed loop at 300 requests/s; click -> first snapshot that trained on its bag (p50, p90)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from genco.config import Settings
+from learner.trainer import Learner
+from sim.adserver import AdServer
+from sim.world import World, WorldConfig
+from state.kv import Store
+from state.snapshots import SnapshotStore
+from stream.embedded import EmbeddedBroker
+from stream.events import Bag
+from stream.joiner import Joiner
+from stream.kafka import Connection, Topics
+from stream.selector import SelectorAgent
+from stream.serve import running_agents
+
+
+async def load(url: str, messages: list[tuple[str, bytes, bytes]]) -> float:
+    producer = AIOKafkaProducer(bootstrap_servers=url, linger_ms=5, max_batch_size=512 << 10)
+    await producer.start()
+    start = time.perf_counter()
+    for topic, key, value in messages:
+        await producer.send(topic, value, key=key)
+    await producer.flush()
+    elapsed = time.perf_counter() - start
+    await producer.stop()
+    return len(messages) / elapsed
+
+
+async def count_until(url: str, topic: str, n: int, timeout_s: float = 300) -> float:
+    """Seconds until ``n`` messages are on ``topic`` (polled from the start)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=url, group_id=None, fetch_max_wait_ms=100)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    seen, start = 0, time.perf_counter()
+    while seen < n and time.perf_counter() - start < timeout_s:
+        seen += sum(len(r) for r in (await consumer.getmany(timeout_ms=200)).values())
+    await consumer.stop()
+    return time.perf_counter() - start
+
+
+async def floor(url: str, topic: str, out: str, n: int) -> dict:
+    """Plain aiokafka on the same messages: consume + json.loads, and a pass-through re-producing each."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=url, group_id=None, auto_offset_reset="earliest",
+                                fetch_max_bytes=16 << 20)
+    await consumer.start()
+    seen, start = 0, time.perf_counter()
+    while seen < n:
+        for records in (await consumer.getmany(timeout_ms=500, max_records=2000)).values():
+            for r in records:
+                json.loads(r.value)
+            seen += len(records)
+    consume = n / (time.perf_counter() - start)
+    await consumer.seek_to_beginning()
+    producer = AIOKafkaProducer(bootstrap_servers=url, linger_ms=2, max_batch_size=512 << 10)
+    await producer.start()
+    seen, start = 0, time.perf_counter()
+    while seen < n:
+        futures = []
+        for records in (await consumer.getmany(timeout_ms=500, max_records=2000)).values():
+            for r in records:
+                futures.append(await producer.send(out, json.dumps(json.loads(r.value)).encode(), key=r.key))
+            seen += len(records)
+        await asyncio.gather(*futures)
+    through = n / (time.perf_counter() - start)
+    await consumer.stop()
+    await producer.stop()
+    return {"consume_json_per_s": round(consume), "pass_through_per_s": round(through)}
+
+
+def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
+    topics = Topics("bj.")
+    connection = Connection((url.removeprefix("kafka://"),))
+    connection.ensure_topics(topics.all())
+    now, rng, messages = time.time(), random.Random(0), []
+    for i, bag in enumerate(world.uniform_log(n)):
+        bag.update(ts=now + i * 0.002, impression_id=f"imp-{i}")
+        bag.pop("clicked"), bag.pop("click_ts", None)
+        messages.append((topics.impressions, f"imp-{i}".encode(), json.dumps(bag).encode()))
+        if rng.random() < 0.1:
+            messages.append((topics.clicks, f"imp-{i}".encode(),
+                             json.dumps({"impression_id": f"imp-{i}", "ts": now + i * 0.002 + 0.5}).encode()))
+    produce_rate = asyncio.run(load(url.removeprefix("kafka://"), messages))
+    raw = asyncio.run(floor(url.removeprefix("kafka://"), topics.impressions, "bj.floor-out", n))
+
+    async def run() -> float:
+        # A 1 s window: the backlog's event time spans n * 2 ms, so all but the last second close on their own.
+        joiner = Joiner(connection, topics, 1.0, Store(state / "joiner"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(joiner.run(stop))
+        await joiner.ready.wait()
+        elapsed = await count_until(url.removeprefix("kafka://"), topics.bags, n)
+        stop.set()
+        await task
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    rate = n / elapsed
+    return {"impressions": n, "producer_per_s": round(produce_rate), **raw, "joiner_impressions_per_s": round(rate),
+            "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
+
+
+def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
+    topics = Topics("bs.")
+    connection = Connection((url.removeprefix("kafka://"),))
+    connection.ensure_topics(topics.all())
+    learner = Learner()
+    learner.learn([Bag.model_validate(b) for b in world.uniform_log(20_000)])
+    SnapshotStore(state / "snapshots").save(learner.model, version=1, bags_seen=20_000, steps=20,
+                                            train_config=learner.preset.train.to_dict())
+    requests = [world.request(f"r-{i}") for i in range(n)]
+    asyncio.run(load(url.removeprefix("kafka://"),
+                     [(topics.requests, r["request_id"].encode(), json.dumps(r).encode()) for r in requests]))
+    raw = asyncio.run(floor(url.removeprefix("kafka://"), topics.requests, "bs.floor-out", n))
+
+    async def run() -> float:
+        agent = SelectorAgent(connection, topics, state / "snapshots", explore=0.05)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        while agent.policy.version != 1:
+            await asyncio.sleep(0.05)
+        elapsed = await count_until(url.removeprefix("kafka://"), topics.responses, n)
+        stop.set()
+        await task
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    rate = n / elapsed
+    return {"requests": n, **raw, "selector_requests_per_s": round(rate),
+            "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
+
+
+def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 40) -> dict:
+    topics = Topics("bf.")
+    settings = Settings(state_dir=str(state), click_window_s=2.0, metrics_port=0)
+    connection = Connection.from_settings(settings, url)
+    snapshots = SnapshotStore(state / "snapshots")
+    published: list[tuple[int, float]] = []  # (bags_seen, when it appeared)
+    done = threading.Event()
+
+    def watch() -> None:
+        last = 0
+        while not done.is_set():
+            version = snapshots.latest_version()
+            if version > last:
+                try:
+                    manifest = json.loads((snapshots.directory / f"v{version:08d}" / "manifest.json").read_text())
+                    published.append((manifest["bags_seen"], time.time()))
+                    last = version
+                except (OSError, ValueError):
+                    pass
+            time.sleep(0.05)
+
+    with running_agents(Settings(**{**settings.__dict__, "topic_prefix": topics.prefix}), url):
+        time.sleep(12)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        server = AdServer(World(WorldConfig(seed=2, n_ads=200)), connection, topics, rate=rate,
+                          requests=int(rate * seconds), window_s=2.0)
+        asyncio.run(server.run())
+        time.sleep(8)
+        done.set()
+
+    async def bag_order() -> list[dict]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=list(connection.servers), group_id=None)
+        await consumer.start()
+        tp = TopicPartition(topics.bags, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        bags = []
+        while len(bags) < end:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                bags.extend(json.loads(r.value) for r in records)
+        await consumer.stop()
+        return bags
+
+    bags = asyncio.run(bag_order())
+    delays = []
+    for index, bag in enumerate(bags):
+        if bag["clicked"]:
+            first = next((t for seen, t in published if seen >= index + 1), None)
+            if first is not None:
+                delays.append(first - bag["click_ts"])
+    delays.sort()
+    return {"clicked_bags": len(delays), "freshness_p50_s": round(delays[len(delays) // 2], 2),
+            "freshness_p90_s": round(delays[int(0.9 * len(delays))], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=30_000)
+    parser.add_argument("--only", nargs="*", default=["joiner", "selector", "freshness"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    world = World(WorldConfig(seed=1, n_ads=200))
+    results = {}
+    for name in args.only:
+        state = Path(tempfile.mkdtemp(prefix=f"genco-bench-{name}-"))
+        try:
+            with EmbeddedBroker() as broker:  # a fresh broker each: its cost grows with what it holds
+                if name == "joiner":
+                    results[name] = bench_joiner(broker.url, world, args.n, state)
+                elif name == "selector":
+                    results[name] = bench_selector(broker.url, world, args.n, state)
+                else:
+                    results[name] = bench_freshness(broker.url, state)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+        print(name, json.dumps(results[name]), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
