@@ -24,7 +24,7 @@ from stream.events import Click, Impression
 from stream.join import Join, JoinCounts
 from stream.kafka import Connection, Topics
 from stream.metrics import BAGS_OUT, DUPLICATES, EVENTS_IN, ORPHAN_CLICKS, PENDING_IMPRESSIONS, WATERMARK
-from stream.runtime import SeekToStoredOffsets, dead_letter, lagging_partitions, send_all
+from stream.runtime import SeekToStoredOffsets, dead_letter, deliver, lagging_partitions, mark_ready
 from stream.watermark import Watermark
 
 log = logging.getLogger("genco.joiner")
@@ -52,8 +52,7 @@ class Joiner:
         try:
             event = parse_line(record.value or b"", model)
         except ValueError as error:
-            tx.send(self.topics.dead_letters, record.key,
-                    dead_letter(tp.topic, tp.partition, record.offset, str(error), record.value))
+            tx.send(*dead_letter(self.topics.dead_letters, tp, record, str(error)))
             return
         self.watermark.observe(tp, event.ts, time.time())
         if model is Impression:
@@ -69,8 +68,7 @@ class Joiner:
             leftovers = self.store.outbox()
             if leftovers:
                 log.info("re-sending %d messages decided before the last stop", len(leftovers))
-                await send_all(producer, [m for _, m in leftovers])
-                self.store.sent([k for k, _ in leftovers])
+                await deliver(producer, self.store, leftovers)
             consumer.subscribe([self.topics.impressions, self.topics.clicks],
                                listener=SeekToStoredOffsets(consumer, self.store))
             await consumer.start()
@@ -78,9 +76,7 @@ class Joiner:
                      self.topics.bags, self.join.window_s)
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-                if not self.ready.is_set() and consumer.assignment():
-                    log.info("assigned %d partitions", len(consumer.assignment()))
-                    self.ready.set()
+                mark_ready(consumer, self.ready, log)
                 tx = self.store.transaction()
                 for tp, records in batches.items():
                     EVENTS_IN.labels(tp.topic).inc(len(records))
@@ -90,9 +86,7 @@ class Joiner:
                 lagging = await lagging_partitions(consumer, "joiner")
                 watermark = self.watermark.advance(lagging, time.time())
                 self.join.sweep(tx, watermark)
-                messages = tx.commit()
-                await send_all(producer, [m for _, m in messages])
-                self.store.sent([k for k, _ in messages])
+                await deliver(producer, self.store, tx.commit())
                 self._publish_counts(watermark)
                 if sum(map(len, batches.values())) < 500:
                     await asyncio.sleep(POLL_PAUSE_S)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from kafka.errors import KafkaError
 
 from state.kv import Store
@@ -15,6 +15,8 @@ from stream.metrics import CONSUMER_LAG, DEAD_LETTERS
 log = logging.getLogger("genco.runtime")
 
 MAX_RAW_CHARS = 64 << 10
+
+Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
 
 class SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -39,8 +41,7 @@ class SeekToStoredOffsets(ConsumerRebalanceListener):
                 self.consumer.seek(tp, offset)
 
 
-async def send_all(producer: AIOKafkaProducer, messages: list[tuple[str, bytes | None, bytes]],
-                   stop: asyncio.Event | None = None) -> None:
+async def send_all(producer: AIOKafkaProducer, messages: list[Message]) -> None:
     """Send and wait for every acknowledgement, retrying with backoff while the broker is unreachable."""
     delay = 0.5
     while messages:
@@ -54,12 +55,25 @@ async def send_all(producer: AIOKafkaProducer, messages: list[tuple[str, bytes |
             delay = min(delay * 2, 10.0)
 
 
-def dead_letter(topic: str, partition: int | None, offset: int | None, error: str, raw: bytes | None) -> bytes:
-    """The contract's DeadLetter: where the bad message was, what is wrong, its first 64 KiB."""
-    DEAD_LETTERS.labels(topic, error.split(":", 1)[0].split(" ", 1)[0][:64]).inc()
-    text = (raw or b"")[:MAX_RAW_CHARS].decode("utf-8", errors="backslashreplace")[:MAX_RAW_CHARS]
-    return json.dumps({"topic": topic, "partition": partition, "offset": offset, "error": error,
-                       "raw": text}).encode()
+async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[bytes, Message]]) -> None:
+    """Send committed outbox messages, then strike them off the store."""
+    await send_all(producer, [message for _, message in outbox])
+    store.sent([key for key, _ in outbox])
+
+
+def mark_ready(consumer: AIOKafkaConsumer, ready: asyncio.Event, agent_log: logging.Logger) -> None:
+    """Set ``ready`` (and say so) the first time the consumer has partitions assigned."""
+    if not ready.is_set() and consumer.assignment():
+        agent_log.info("assigned %d partitions", len(consumer.assignment()))
+        ready.set()
+
+
+def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, error: str) -> Message:
+    """The contract's DeadLetter for a bad input record, keyed like it: where it was, what is wrong, 64 KiB of it."""
+    DEAD_LETTERS.labels(tp.topic, error.split(":", 1)[0].split(" ", 1)[0][:64]).inc()
+    text = (record.value or b"")[:MAX_RAW_CHARS].decode("utf-8", errors="backslashreplace")[:MAX_RAW_CHARS]
+    value = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset, "error": error, "raw": text}
+    return dead_letters, record.key, json.dumps(value).encode()
 
 
 async def lagging_partitions(consumer: AIOKafkaConsumer, agent: str) -> list[TopicPartition]:

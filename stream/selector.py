@@ -22,7 +22,7 @@ from state.snapshots import SnapshotError, SnapshotStore
 from stream.events import SelectionRequest
 from stream.kafka import Connection, Topics
 from stream.metrics import EVENTS_IN, MODEL_LOADED_AT, MODEL_VERSION, SELECTION_LATENCY, SELECTIONS
-from stream.runtime import dead_letter, lagging_partitions, send_all
+from stream.runtime import Message, dead_letter, lagging_partitions, mark_ready, send_all
 
 log = logging.getLogger("genco.selector")
 
@@ -61,15 +61,14 @@ class SelectorAgent:
                     log.info("serving snapshot v%d", policy.version)
             await asyncio.sleep(self.poll_every_s)
 
-    def answer(self, records: list) -> list[tuple[str, bytes | None, bytes]]:
+    def answer(self, records: list) -> list[Message]:
         """Responses (and dead letters) for one batch of request records, in request order."""
         requests, out = [], []
         for tp, record in records:
             try:
                 requests.append(parse_line(record.value or b"", SelectionRequest))
             except ValueError as error:
-                out.append((self.topics.dead_letters, record.key,
-                            dead_letter(tp.topic, tp.partition, record.offset, str(error), record.value)))
+                out.append(dead_letter(self.topics.dead_letters, tp, record, str(error)))
                 request_id = readable_request_id(record.value or b"")
                 if request_id is not None:
                     out.append((self.topics.responses, request_id.encode(),
@@ -90,9 +89,7 @@ class SelectorAgent:
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
-                if not self.ready.is_set() and consumer.assignment():
-                    log.info("assigned %d partitions", len(consumer.assignment()))
-                    self.ready.set()
+                mark_ready(consumer, self.ready, log)
                 if not batches:
                     await lagging_partitions(consumer, "selector")
                     continue

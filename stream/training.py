@@ -128,9 +128,7 @@ class TrainingAgent:
                         try:
                             bag = parse_line(record.value or b"", Bag)
                         except ValueError as error:
-                            dead.append((self.topics.dead_letters, record.key,
-                                         dead_letter(tp.topic, tp.partition, record.offset, str(error),
-                                                     record.value)))
+                            dead.append(dead_letter(self.topics.dead_letters, tp, record, str(error)))
                             continue
                         if self.trained(bag.impression_id):
                             DUPLICATES.labels("trained_bag").inc()
