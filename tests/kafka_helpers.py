@@ -32,7 +32,7 @@ async def read_all(url: str, topic: str, until, timeout_s: float = 30.0, settle_
         deadline = time.monotonic() + timeout_s
         while not partitions and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-            await consumer.force_metadata_update() if hasattr(consumer, "force_metadata_update") else None
+            await consumer.topics()  # refreshes the metadata
             partitions = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)

@@ -25,7 +25,12 @@ def click(i: int, ts: float) -> dict:
     return {"impression_id": f"imp-{i}", "ts": ts}
 
 
-async def run_joiner(url: str, topics, store_dir, until_bags: int, produce_messages, settle_s: float = 3.0):
+def at_least(n: int):
+    return lambda bags: len(bags) >= n
+
+
+async def run_joiner(url: str, topics, store_dir, until, produce_messages, settle_s: float = 3.0):
+    """Run a joiner, produce, and return it with the bags on the topic once ``until(bags)`` holds (+ settle_s)."""
     connection = Connection.from_settings(Settings(), url)
     stop = asyncio.Event()
     joiner = Joiner(connection, topics, WINDOW, Store(store_dir))
@@ -33,7 +38,7 @@ async def run_joiner(url: str, topics, store_dir, until_bags: int, produce_messa
     try:
         await asyncio.wait_for(joiner.ready.wait(), 60)
         await produce_messages()
-        bags = await read_all(url, topics.bags, lambda m: len(m) >= until_bags, timeout_s=40, settle_s=settle_s)
+        bags = await read_all(url, topics.bags, until, timeout_s=40, settle_s=settle_s)
     finally:
         stop.set()
         await task
@@ -70,7 +75,7 @@ def test_join_labels_every_impression_once_whatever_the_order_and_partitioning(b
                                (topics.clicks, "imp-4", click(4, now + 0.3)),
                                (topics.clicks, "imp-2", click(2, now + WINDOW + 1.0))])
 
-    joiner, bags = asyncio.run(run_joiner(broker, topics, tmp_path / "joiner", len(expected), messages))
+    joiner, bags = asyncio.run(run_joiner(broker, topics, tmp_path / "joiner", at_least(len(expected)), messages))
     labels = {b["impression_id"]: b["clicked"] for b in bags}
     assert len(bags) == len(expected), [b["impression_id"] for b in bags]
     assert labels == expected
@@ -95,32 +100,14 @@ def test_negative_bags_wait_for_the_window_and_positive_ones_do_not(broker, topi
                                (topics.impressions, "imp-1", impression(1, now)),
                                (topics.clicks, "imp-0", click(0, now + 0.1))])
 
-    async def timed() -> list[float]:
-        arrival = {}
+    arrival: dict[str, float] = {}
 
-        def until(messages: list[dict]) -> bool:
-            for m in messages:
-                arrival.setdefault(m["impression_id"], time.time() - sent["at"])
-            return len(messages) >= 2
+    def until(bags: list[dict]) -> bool:
+        for bag in bags:
+            arrival.setdefault(bag["impression_id"], time.time() - sent["at"])
+        return len(bags) >= 2
 
-        await run_joiner_collect(until)
-        return arrival
-
-    async def run_joiner_collect(until):
-        connection = Connection.from_settings(Settings(), broker)
-        stop = asyncio.Event()
-        joiner = Joiner(connection, topics, WINDOW, Store(tmp_path / "j"))
-        task = asyncio.create_task(joiner.run(stop))
-        try:
-            await asyncio.wait_for(joiner.ready.wait(), 60)
-            await messages()
-            await read_all(broker, topics.bags, until, timeout_s=30)
-        finally:
-            stop.set()
-            await task
-            joiner.store.close()
-
-    arrival = asyncio.run(timed())
+    asyncio.run(run_joiner(broker, topics, tmp_path / "j", until, messages, settle_s=0.0))
     assert arrival["imp-0"] < WINDOW, "a clicked bag goes out as soon as the click joins"
     assert WINDOW <= arrival["imp-1"] <= WINDOW + 5, "a negative waits for the window, and no longer than +5 s"
 
@@ -132,13 +119,13 @@ def test_a_restarted_joiner_loses_nothing_and_repeats_no_label(broker, topics, t
     async def first() -> None:
         await produce(broker, [(topics.impressions, f"imp-{i}", impression(i, now)) for i in range(50)])
 
-    asyncio.run(run_joiner(broker, topics, tmp_path / "j", 0, first, settle_s=1.0))
+    asyncio.run(run_joiner(broker, topics, tmp_path / "j", at_least(0), first, settle_s=1.0))
 
     async def second() -> None:  # clicks for half of them arrive while the joiner was down
         await produce(broker, [(topics.clicks, f"imp-{i}", click(i, now + 0.5)) for i in range(0, 50, 2)]
                       + [(topics.impressions, "imp-0", impression(0, now))])
 
-    _, bags = asyncio.run(run_joiner(broker, topics, tmp_path / "j", 50, second))
+    _, bags = asyncio.run(run_joiner(broker, topics, tmp_path / "j", at_least(50), second))
     labels: dict[str, set[bool]] = {}
     for bag in bags:
         labels.setdefault(bag["impression_id"], set()).add(bag["clicked"])
