@@ -36,8 +36,8 @@ from stream.selector import SelectorAgent
 from stream.serve import running_agents
 
 
-async def load(url: str, messages: list[tuple[str, bytes, bytes]]) -> float:
-    producer = AIOKafkaProducer(bootstrap_servers=url, linger_ms=5, max_batch_size=512 << 10)
+async def load(servers: list[str], messages: list[tuple[str, bytes, bytes]]) -> float:
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=5, max_batch_size=512 << 10)
     await producer.start()
     start = time.perf_counter()
     for topic, key, value in messages:
@@ -48,9 +48,9 @@ async def load(url: str, messages: list[tuple[str, bytes, bytes]]) -> float:
     return len(messages) / elapsed
 
 
-async def count_until(url: str, topic: str, n: int, timeout_s: float = 300) -> float:
+async def count_until(servers: list[str], topic: str, n: int, timeout_s: float = 300) -> float:
     """Seconds until ``n`` messages are on ``topic`` (polled from the start)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=url, group_id=None, fetch_max_wait_ms=100)
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None, fetch_max_wait_ms=100)
     await consumer.start()
     tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or {0}]
     consumer.assign(tps)
@@ -62,9 +62,21 @@ async def count_until(url: str, topic: str, n: int, timeout_s: float = 300) -> f
     return time.perf_counter() - start
 
 
-async def floor(url: str, topic: str, out: str, n: int) -> dict:
+async def drain(agent, is_ready, servers: list[str], topic: str, n: int) -> float:
+    """Seconds a running agent takes to put ``n`` messages on ``topic``, timed once ``is_ready()`` holds."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    while not is_ready():
+        await asyncio.sleep(0.05)
+    elapsed = await count_until(servers, topic, n)
+    stop.set()
+    await task
+    return elapsed
+
+
+async def floor(servers: list[str], topic: str, out: str, n: int) -> dict:
     """Plain aiokafka on the same messages: consume + json.loads, and a pass-through re-producing each."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=url, group_id=None, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=servers, group_id=None, auto_offset_reset="earliest",
                                 fetch_max_bytes=16 << 20)
     await consumer.start()
     seen, start = 0, time.perf_counter()
@@ -75,7 +87,7 @@ async def floor(url: str, topic: str, out: str, n: int) -> dict:
             seen += len(records)
     consume = n / (time.perf_counter() - start)
     await consumer.seek_to_beginning()
-    producer = AIOKafkaProducer(bootstrap_servers=url, linger_ms=2, max_batch_size=512 << 10)
+    producer = AIOKafkaProducer(bootstrap_servers=servers, linger_ms=2, max_batch_size=512 << 10)
     await producer.start()
     seen, start = 0, time.perf_counter()
     while seen < n:
@@ -93,7 +105,8 @@ async def floor(url: str, topic: str, out: str, n: int) -> dict:
 
 def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
     topics = Topics("bj.")
-    connection = Connection((url.removeprefix("kafka://"),))
+    connection = Connection.from_settings(Settings(), url)
+    servers = list(connection.servers)
     connection.ensure_topics(topics.all())
     now, rng, messages = time.time(), random.Random(0), []
     for i, bag in enumerate(world.uniform_log(n)):
@@ -103,21 +116,11 @@ def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
         if rng.random() < 0.1:
             messages.append((topics.clicks, f"imp-{i}".encode(),
                              json.dumps({"impression_id": f"imp-{i}", "ts": now + i * 0.002 + 0.5}).encode()))
-    produce_rate = asyncio.run(load(url.removeprefix("kafka://"), messages))
-    raw = asyncio.run(floor(url.removeprefix("kafka://"), topics.impressions, "bj.floor-out", n))
-
-    async def run() -> float:
-        # A 1 s window: the backlog's event time spans n * 2 ms, so all but the last second close on their own.
-        joiner = Joiner(connection, topics, 1.0, Store(state / "joiner"))
-        stop = asyncio.Event()
-        task = asyncio.create_task(joiner.run(stop))
-        await joiner.ready.wait()
-        elapsed = await count_until(url.removeprefix("kafka://"), topics.bags, n)
-        stop.set()
-        await task
-        return elapsed
-
-    elapsed = asyncio.run(run())
+    produce_rate = asyncio.run(load(servers, messages))
+    raw = asyncio.run(floor(servers, topics.impressions, "bj.floor-out", n))
+    # A 1 s window: the backlog's event time spans n * 2 ms, so all but the last second close on their own.
+    joiner = Joiner(connection, topics, 1.0, Store(state / "joiner"))
+    elapsed = asyncio.run(drain(joiner, joiner.ready.is_set, servers, topics.bags, n))
     rate = n / elapsed
     return {"impressions": n, "producer_per_s": round(produce_rate), **raw, "joiner_impressions_per_s": round(rate),
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
@@ -125,29 +128,19 @@ def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
 
 def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
     topics = Topics("bs.")
-    connection = Connection((url.removeprefix("kafka://"),))
+    connection = Connection.from_settings(Settings(), url)
+    servers = list(connection.servers)
     connection.ensure_topics(topics.all())
     learner = Learner()
     learner.learn([Bag.model_validate(b) for b in world.uniform_log(20_000)])
     SnapshotStore(state / "snapshots").save(learner.model, version=1, bags_seen=20_000, steps=20,
                                             train_config=learner.preset.train.to_dict())
     requests = [world.request(f"r-{i}") for i in range(n)]
-    asyncio.run(load(url.removeprefix("kafka://"),
-                     [(topics.requests, r["request_id"].encode(), json.dumps(r).encode()) for r in requests]))
-    raw = asyncio.run(floor(url.removeprefix("kafka://"), topics.requests, "bs.floor-out", n))
-
-    async def run() -> float:
-        agent = SelectorAgent(connection, topics, state / "snapshots", explore=0.05)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        while agent.policy.version != 1:
-            await asyncio.sleep(0.05)
-        elapsed = await count_until(url.removeprefix("kafka://"), topics.responses, n)
-        stop.set()
-        await task
-        return elapsed
-
-    elapsed = asyncio.run(run())
+    asyncio.run(load(servers, [(topics.requests, r["request_id"].encode(), json.dumps(r).encode())
+                               for r in requests]))
+    raw = asyncio.run(floor(servers, topics.requests, "bs.floor-out", n))
+    agent = SelectorAgent(connection, topics, state / "snapshots", explore=0.05)
+    elapsed = asyncio.run(drain(agent, lambda: agent.policy.version == 1, servers, topics.responses, n))
     rate = n / elapsed
     return {"requests": n, **raw, "selector_requests_per_s": round(rate),
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
@@ -155,7 +148,7 @@ def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
 
 def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 40) -> dict:
     topics = Topics("bf.")
-    settings = Settings(state_dir=str(state), click_window_s=2.0, metrics_port=0)
+    settings = Settings(state_dir=str(state), click_window_s=2.0, metrics_port=0, topic_prefix=topics.prefix)
     connection = Connection.from_settings(settings, url)
     snapshots = SnapshotStore(state / "snapshots")
     published: list[tuple[int, float]] = []  # (bags_seen, when it appeared)
@@ -174,7 +167,7 @@ def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 4
                     pass
             time.sleep(0.05)
 
-    with running_agents(Settings(**{**settings.__dict__, "topic_prefix": topics.prefix}), url):
+    with running_agents(settings, url):
         time.sleep(12)
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
