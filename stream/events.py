@@ -15,6 +15,7 @@ MAX_ID_CHARS = 256
 MAX_CANDIDATES = 1000
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+Timestamp = Annotated[float, Field(allow_inf_nan=False)]  # a NaN or infinite ts would never close a window
 
 
 class _Message(BaseModel):
@@ -56,7 +57,7 @@ class SelectionRequest(_Message):
     request_id: Id
     ad_id: Id
     candidates: Candidates
-    ts: float | None = None
+    ts: Timestamp | None = None
     user: User | None = None
     query: Query | None = None
 
@@ -78,7 +79,7 @@ class SelectionResponse(_Message):
 
 class Impression(_Message):
     impression_id: Id
-    ts: float
+    ts: Timestamp
     ad_id: Id
     candidates: Candidates
     shown: dict[Id, Id] = Field(min_length=1)
@@ -97,14 +98,14 @@ class Impression(_Message):
 
 class Click(_Message):
     impression_id: Id
-    ts: float
+    ts: Timestamp
 
 
 class Bag(Impression):
     """An impression with its click label: one line of BAGS.jsonl, one value on the bags topic."""
 
     clicked: bool
-    click_ts: float | None = None
+    click_ts: Timestamp | None = None
 
 
 class DeadLetter(_Message):

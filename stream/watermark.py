@@ -5,6 +5,10 @@ from it, so reading one topic ahead of another (clicks far ahead of impressions,
 say) never closes a window early. When every partition is caught up, event time
 is taken to advance with the wall clock from the newest event seen, so windows
 close at low or no traffic too.
+
+Event time never runs ahead of the joiner's own clock: an event stamped in the
+future (a producer's clock off by a minute, or a garbage ts of year 3000) counts
+as "now", so it cannot close every pending window at once and label them all 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Watermark:
         self.value = -math.inf
 
     def observe(self, tp: TopicPartition, ts: float, wall: float) -> None:
+        ts = min(ts, wall)
         if ts > self.newest.get(tp, -math.inf):
             self.newest[tp] = ts
         if ts > self.max_ts:

@@ -43,6 +43,8 @@ def test_contract_examples_parse_and_unknown_fields_are_ignored():
         ({"candidates": {"title": [f"t{i}" for i in range(1001)]}, "shown": {"title": "t1"}}, "candidates.title"),
         ({"ad_id": "a" * 257}, "ad_id"),
         ({"ts": "yesterday"}, "ts"),
+        ({"ts": float("nan")}, "ts: Input should be a finite number"),
+        ({"ts": float("inf")}, "ts: Input should be a finite number"),
         ({"user": {"age": "old"}}, "user.age"),
     ],
 )

@@ -1,12 +1,15 @@
-"""The join's decisions on a real RocksDB store, driven by an explicit watermark (no broker)."""
+"""The join's decisions on a real RocksDB store, driven by an explicit watermark (no broker); the watermark."""
 
 from __future__ import annotations
 
 import json
 
+from aiokafka import TopicPartition
+
 from state.kv import Store
 from stream.events import Click, Impression
 from stream.join import Join
+from stream.watermark import Watermark
 
 W = 10.0
 
@@ -43,3 +46,11 @@ def test_done_marks_expire_after_the_horizon_and_state_is_left_empty(tmp_path):
     step(store, join, [], 100.0 + join.horizon_s + 1)
     keys = {k[:1] for k, _ in store.scan(b"")} - {b"o"}  # the outbox is the caller's to clear
     assert keys == set(), keys
+
+
+def test_an_event_stamped_in_the_future_cannot_run_the_watermark_ahead_of_the_clock():
+    watermark, tp, now = Watermark(), TopicPartition("impressions", 0), 1_000.0
+    watermark.observe(tp, now - 5, wall=now)
+    watermark.observe(tp, 1e12, wall=now)  # a producer's clock off by centuries
+    assert watermark.advance([], wall=now + 1) == now + 1, "event time follows the clock, not the bad ts"
+    assert watermark.advance([tp], wall=now + 2) == now + 1, "a lagging partition holds it at its newest event"
