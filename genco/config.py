@@ -35,5 +35,6 @@ class Settings:
     click_window_s: float = field(default_factory=lambda: _float("GENCO_CLICK_WINDOW_S", 1800.0))
     state_dir: str = field(default_factory=lambda: os.environ.get("GENCO_STATE_DIR", "./state-data"))
     explore: float = field(default_factory=lambda: _float("GENCO_EXPLORE", 0.05))
+    checkpoint_every_s: float = field(default_factory=lambda: _float("GENCO_CHECKPOINT_EVERY_S", 30.0))
     metrics_port: int = field(default_factory=lambda: int(_float("GENCO_METRICS_PORT", 9464)))
     kafka_security: dict[str, str] = field(default_factory=_security, repr=False)

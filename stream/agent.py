@@ -33,7 +33,8 @@ def build_agent(name: str, connection: Connection, settings: Settings):
     if name == "learner":
         from stream.training import TrainingAgent
 
-        return TrainingAgent(connection, topics, state, settings.click_window_s)
+        return TrainingAgent(connection, topics, state, settings.click_window_s,
+                             checkpoint_every_s=settings.checkpoint_every_s)
     if name == "selector":
         from stream.selector import SelectorAgent
 

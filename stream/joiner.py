@@ -24,7 +24,7 @@ from stream.events import Click, Impression
 from stream.join import Join, JoinCounts
 from stream.kafka import Connection, Topics
 from stream.metrics import BAGS_OUT, DUPLICATES, EVENTS_IN, ORPHAN_CLICKS, PENDING_IMPRESSIONS, WATERMARK
-from stream.runtime import SeekToStoredOffsets, dead_letter, deliver, lagging_partitions, mark_ready
+from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, deliver, mark_ready
 from stream.watermark import Watermark
 
 log = logging.getLogger("genco.joiner")
@@ -72,6 +72,7 @@ class Joiner:
             consumer.subscribe([self.topics.impressions, self.topics.clicks],
                                listener=SeekToStoredOffsets(consumer, self.store))
             await consumer.start()
+            watch = FetchWatch("joiner", log)
             log.info("joining %s + %s -> %s (window %.0f s)", self.topics.impressions, self.topics.clicks,
                      self.topics.bags, self.join.window_s)
             while not stop.is_set():
@@ -83,7 +84,7 @@ class Joiner:
                     for record in records:
                         self.apply(tx, tp, record)
                     tx.set_offset(tp.topic, tp.partition, records[-1].offset + 1)
-                lagging = await lagging_partitions(consumer, "joiner")
+                lagging = await watch.lagging(consumer)
                 watermark = self.watermark.advance(lagging, time.time())
                 self.join.sweep(tx, watermark)
                 await deliver(producer, self.store, tx.commit())

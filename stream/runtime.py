@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from kafka.errors import KafkaError
+from aiokafka.errors import KafkaError
 
 from state.kv import Store
 from stream.metrics import CONSUMER_LAG, DEAD_LETTERS
@@ -15,6 +16,8 @@ from stream.metrics import CONSUMER_LAG, DEAD_LETTERS
 log = logging.getLogger("genco.runtime")
 
 MAX_RAW_CHARS = 64 << 10
+STALE_FETCH_S = 2.0  # no fetch answered for this long: the partition's end is unknown
+OUTAGE_LOG_S = 5.0  # ... for this long: say the broker is not answering
 
 Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
@@ -55,6 +58,19 @@ async def send_all(producer: AIOKafkaProducer, messages: list[Message]) -> None:
             delay = min(delay * 2, 10.0)
 
 
+async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Commit consumed offsets; a commit refused because the group rebalanced meanwhile is logged, not fatal.
+
+    aiokafka already retries commits while the coordinator is unreachable. A refused one
+    only means those messages are consumed again by whoever owns the partition now:
+    at-least-once, never lost.
+    """
+    try:
+        await consumer.commit(offsets)
+    except KafkaError as error:
+        log.warning("offsets not committed (%s): those messages will be consumed again", error)
+
+
 async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[bytes, Message]]) -> None:
     """Send committed outbox messages, then strike them off the store."""
     await send_all(producer, [message for _, message in outbox])
@@ -76,19 +92,51 @@ def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, e
     return dead_letters, record.key, json.dumps(value).encode()
 
 
-async def lagging_partitions(consumer: AIOKafkaConsumer, agent: str) -> list[TopicPartition]:
-    """The assigned partitions with unread messages (publishing lag per topic on the way)."""
-    lag_by_topic: dict[str, int] = {}
-    lagging = []
-    for tp in consumer.assignment():
-        highwater = consumer.highwater(tp)
-        if highwater is None:  # nothing fetched yet: unknown, so assume a backlog
-            lagging.append(tp)
-            continue
-        lag = max(highwater - await consumer.position(tp), 0)
-        lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + lag
-        if lag:
-            lagging.append(tp)
-    for topic, lag in lag_by_topic.items():
-        CONSUMER_LAG.labels(agent, topic).set(lag)
-    return lagging
+class FetchWatch:
+    """One agent's view of its input: which partitions may hold unread messages; whether the broker went quiet.
+
+    A partition counts as lagging while its end is unknown: before its first fetch, and
+    when no fetch has answered for ``STALE_FETCH_S`` (the broker is unreachable or slow),
+    since messages may be piling up unseen there. The joiner's watermark relies on this
+    not to take an outage for quiet traffic and close windows whose clicks are held up.
+    An outage is logged once when it starts and once when it ends; aiokafka keeps
+    retrying meanwhile, and consumption resumes where it stopped.
+    """
+
+    def __init__(self, agent: str, agent_log: logging.Logger) -> None:
+        self.agent = agent
+        self.log = agent_log
+        self.quiet_since: float | None = None
+
+    async def lagging(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """The lagging partitions (publishing lag per topic on the way)."""
+        lag_by_topic: dict[str, int] = {}
+        lagging = []
+        now = time.time()
+        last_answer = 0.0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            fetched_ms = consumer.last_poll_timestamp(tp)
+            last_answer = max(last_answer, (fetched_ms or 0) / 1000)
+            if highwater is None or fetched_ms is None or now - fetched_ms / 1000 > STALE_FETCH_S:
+                lagging.append(tp)
+                continue
+            lag = max(highwater - await consumer.position(tp), 0)
+            lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + lag
+            if lag:
+                lagging.append(tp)
+        for topic, lag in lag_by_topic.items():
+            CONSUMER_LAG.labels(self.agent, topic).set(lag)
+        self._report_outage(last_answer, now)
+        return lagging
+
+    def _report_outage(self, last_answer: float, now: float) -> None:
+        if not last_answer:
+            return
+        if now - last_answer > OUTAGE_LOG_S and self.quiet_since is None:
+            self.quiet_since = last_answer
+            self.log.warning("no fetch answered by the broker for %.0f s: waiting for it, retrying "
+                             "(nothing is lost: consumption resumes where it stopped)", now - last_answer)
+        elif now - last_answer <= STALE_FETCH_S and self.quiet_since is not None:
+            self.log.warning("broker answering again after %.0f s", now - self.quiet_since)
+            self.quiet_since = None

@@ -22,10 +22,9 @@ from state.snapshots import SnapshotError, SnapshotStore
 from stream.events import SelectionRequest
 from stream.kafka import Connection, Topics
 from stream.metrics import EVENTS_IN, MODEL_LOADED_AT, MODEL_VERSION, SELECTION_LATENCY, SELECTIONS
-from stream.runtime import Message, dead_letter, lagging_partitions, mark_ready, send_all
+from stream.runtime import FetchWatch, Message, commit, dead_letter, mark_ready, send_all
 
 log = logging.getLogger("genco.selector")
-
 
 
 class SelectorAgent:
@@ -44,21 +43,26 @@ class SelectorAgent:
         snapshot = self.snapshots.load(version)
         return ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore)
 
+    async def swap_to_newest(self) -> None:
+        """Serve the newest snapshot if it is newer than the one served (loading off the event loop)."""
+        version = self.snapshots.latest_version()
+        if version <= self.policy.version:
+            return
+        try:
+            policy = await asyncio.to_thread(self._load, version)
+        except SnapshotError as error:  # pruned or half-written meanwhile: try again next poll
+            log.warning("snapshot v%d not loadable yet: %s", version, error)
+            return
+        policy.rng = self.policy.rng
+        self.policy = policy
+        MODEL_VERSION.set(policy.version)
+        MODEL_LOADED_AT.set(time.time())
+        log.info("serving snapshot v%d", policy.version)
+
     async def watch_snapshots(self, stop: asyncio.Event) -> None:
-        """Swap in each new snapshot as it appears (loading off the event loop)."""
+        """Swap in each new snapshot as it appears."""
         while not stop.is_set():
-            version = self.snapshots.latest_version()
-            if version > self.policy.version:
-                try:
-                    policy = await asyncio.to_thread(self._load, version)
-                except SnapshotError as error:  # pruned or half-written meanwhile: try again next poll
-                    log.warning("snapshot v%d not loadable yet: %s", version, error)
-                else:
-                    policy.rng = self.policy.rng
-                    self.policy = policy
-                    MODEL_VERSION.set(policy.version)
-                    MODEL_LOADED_AT.set(time.time())
-                    log.info("serving snapshot v%d", policy.version)
+            await self.swap_to_newest()
             await asyncio.sleep(self.poll_every_s)
 
     def answer(self, records: list) -> list[Message]:
@@ -84,6 +88,8 @@ class SelectorAgent:
         consumer = self.connection.consumer(self.topics.requests, group=self.topics.group("selector"),
                                             max_wait_ms=10, max_poll_records=self.max_batch)
         await consumer.start()
+        watch = FetchWatch("selector", log)
+        await self.swap_to_newest()  # after a restart, never answer with an older model than before it
         watcher = asyncio.create_task(self.watch_snapshots(stop))
         log.info("answering %s on %s", self.topics.requests, self.topics.responses)
         try:
@@ -91,13 +97,13 @@ class SelectorAgent:
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
                 mark_ready(consumer, self.ready, log)
                 if not batches:
-                    await lagging_partitions(consumer, "selector")
+                    await watch.lagging(consumer)
                     continue
                 started = time.monotonic()
                 records = [(tp, r) for tp, rs in batches.items() for r in rs]
                 EVENTS_IN.labels(self.topics.requests).inc(len(records))
                 await send_all(producer, self.answer(records))
-                await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batches.items()})
+                await commit(consumer, {tp: rs[-1].offset + 1 for tp, rs in batches.items()})
                 elapsed = time.monotonic() - started
                 for _ in records:
                     SELECTION_LATENCY.observe(elapsed)

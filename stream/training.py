@@ -34,7 +34,7 @@ from stream.metrics import (
     TRAINED_BAGS,
     TRAINING_STEPS,
 )
-from stream.runtime import SeekToStoredOffsets, dead_letter, lagging_partitions, send_all
+from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
 
 log = logging.getLogger("genco.learner")
 
@@ -112,6 +112,7 @@ class TrainingAgent:
         consumer = self.connection.consumer(group=self.topics.group("learner"), max_poll_records=self.batch_size)
         consumer.subscribe([self.topics.bags], listener=SeekToStoredOffsets(consumer, self.store))
         await consumer.start()
+        watch = FetchWatch("learner", log)
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
                  self.snapshots.directory, self.version)
         buffer: list[Bag] = []
@@ -156,7 +157,7 @@ class TrainingAgent:
                     last_snapshot, learned_since_snapshot = now, False
                     if checkpoint:
                         last_checkpoint = now
-                await lagging_partitions(consumer, "learner")
+                await watch.lagging(consumer)
                 if not batches:
                     continue
                 if sum(map(len, batches.values())) < self.batch_size // 2:
