@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from sim.garbage import corrupt
 from sim.world import World
 from stream.kafka import Connection, Topics
 
@@ -54,6 +55,9 @@ class Report:
     labels: dict[str, bool] = field(default_factory=dict)  # impression_id -> clicked (the truth bags must match)
     versions: list[int] = field(default_factory=list)  # model_version of each response, in arrival order
     windows: list[dict] = field(default_factory=list)
+    garbage: dict[str, int] = field(default_factory=dict)  # broken messages sent, by topic
+    errors_due: set[str] = field(default_factory=set)  # broken requests whose request_id is readable
+    errors_answered: set[str] = field(default_factory=set)  # ... that got their error response
 
     def latency_percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -80,7 +84,8 @@ def check_response(response: dict, request: dict) -> str | None:
 
 class AdServer:
     def __init__(self, world: World, connection: Connection, topics: Topics, rate: float, requests: int,
-                 window_s: float, window_every_s: float = 10.0, truth_sample: float = 0.1, seed: int = 0) -> None:
+                 window_s: float, window_every_s: float = 10.0, truth_sample: float = 0.1, seed: int = 0,
+                 garbage: float = 0.0) -> None:
         self.world = world
         self.connection = connection
         self.topics = topics
@@ -90,6 +95,8 @@ class AdServer:
         self.window_every_s = window_every_s
         self.truth_sample = truth_sample
         self.rng = random.Random(seed)
+        self.garbage = garbage  # share of messages followed by a broken copy on the same topic
+        self.garbage_rng = random.Random(seed + 1)  # its own stream: the good traffic stays as without garbage
         self.report = Report()
         self.outstanding: dict[str, tuple[float, dict]] = {}
         self.clicks: list[tuple[float, bytes, bytes]] = []
@@ -136,6 +143,7 @@ class AdServer:
                 request["ts"] = time.time()
                 self.outstanding[request_id] = (time.monotonic(), request)
                 await producer.send(self.topics.requests, json.dumps(request).encode(), key=request_id.encode())
+                await self._maybe_garbage(producer, "request", request)
                 self.report.sent += 1
             await self._send_due_clicks(producer)
             await asyncio.sleep(0.005)
@@ -145,7 +153,19 @@ class AdServer:
         while self.clicks and self.clicks[0][0] <= now:
             _, key, value = heapq.heappop(self.clicks)
             await producer.send(self.topics.clicks, value, key=key)
+            await self._maybe_garbage(producer, "click", json.loads(value))
             self.report.clicks += 1
+
+    async def _maybe_garbage(self, producer, kind: str, message: dict) -> None:
+        if not self.garbage or self.garbage_rng.random() >= self.garbage:
+            return
+        topic = {"request": self.topics.requests, "impression": self.topics.impressions,
+                 "click": self.topics.clicks}[kind]
+        bad = corrupt(kind, message, self.garbage_rng)
+        await producer.send(topic, bad.raw)
+        self.report.garbage[topic] = self.report.garbage.get(topic, 0) + 1
+        if bad.request_id is not None:
+            self.report.errors_due.add(bad.request_id)
 
     async def _read(self, consumer, producer) -> None:
         while True:
@@ -161,6 +181,12 @@ class AdServer:
             request_id = response["request_id"]
         except (ValueError, KeyError, TypeError):
             self.report.invalid.append(f"unparseable response {raw[:200]!r}")
+            return
+        if request_id in self.report.errors_due:
+            if "error" in response:
+                self.report.errors_answered.add(request_id)
+            else:
+                self.report.invalid.append(f"{request_id}: a broken request was answered")
             return
         entry = self.outstanding.pop(request_id, None)
         if entry is None:
@@ -183,6 +209,7 @@ class AdServer:
         impression = {**request, "impression_id": impression_id, "ts": ts, "shown": shown,
                       "policy": response["policy"], "propensity": response["propensity"]}
         await producer.send(self.topics.impressions, json.dumps(impression).encode(), key=impression_id.encode())
+        await self._maybe_garbage(producer, "impression", impression)
         report.impressions += 1
         clicked = self.rng.random() < p
         report.labels[impression_id] = clicked

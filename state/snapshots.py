@@ -109,15 +109,20 @@ class SnapshotStore:
         self._prune(version)
         return manifest
 
-    def load(self, version: int | None = None, with_optimizer: bool = False) -> Snapshot:
+    def manifest(self, version: int | None = None) -> Manifest:
+        """A snapshot's manifest (the newest's by default), without loading its weights."""
         version = version or self.latest_version()
         if not version:
             raise SnapshotError(f"no snapshot in {self.directory}")
         folder = self.directory / _name(version)
         try:
-            manifest = Manifest(**json.loads((folder / "manifest.json").read_text()))
+            return Manifest(**json.loads((folder / "manifest.json").read_text()))
         except (OSError, ValueError, TypeError) as error:
             raise SnapshotError(f"{folder}: unreadable manifest ({error})") from error
+
+    def load(self, version: int | None = None, with_optimizer: bool = False) -> Snapshot:
+        manifest = self.manifest(version)
+        folder = self.directory / _name(manifest.version)
         weights = folder / "model.safetensors"
         if not weights.exists() or _sha256(weights) != manifest.sha256:
             raise SnapshotError(f"{weights}: missing or checksum mismatch")

@@ -1,12 +1,10 @@
-"""``genco serve`` on a real broker: the closed loop learns, selection hot-swaps snapshots, SIGTERM is clean."""
+"""``genco serve`` on a real broker: the closed loop (with garbage mixed in) learns, selection hot-swaps
+snapshots, SIGTERM is clean."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 
 from genco.config import Settings
@@ -18,42 +16,41 @@ from stream.events import Bag
 from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
-
-WINDOW = 2.0
-
-
-def start_serve(broker: str, topics, state_dir) -> subprocess.Popen:
-    env = {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix, "GENCO_STATE_DIR": str(state_dir),
-           "GENCO_CLICK_WINDOW_S": str(WINDOW), "GENCO_METRICS_PORT": "0"}
-    return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+from tests.serve_helpers import WINDOW, serve_log, start_serve
 
 
-def test_closed_loop_answers_everything_joins_everything_and_learns(broker, topics, tmp_path):
+def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker, topics, tmp_path):
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
     serve = start_serve(broker, topics, tmp_path)
     try:
         world = World(WorldConfig(seed=5, n_ads=60))
         server = AdServer(world, connection, topics, rate=250, requests=12_000, window_s=WINDOW,
-                          window_every_s=12, truth_sample=0.3)
+                          window_every_s=12, truth_sample=0.3, garbage=0.05)
         time.sleep(12)  # agents start (imports, group joins); requests sent earlier would wait, not be lost
         report = asyncio.run(server.run())
         bags = asyncio.run(read_all(broker, topics.bags, lambda m: len(m) >= len(report.labels), timeout_s=30,
                                     settle_s=1))
+        garbage = sum(report.garbage.values())
+        dead = asyncio.run(read_all(broker, topics.dead_letters, lambda m: len(m) >= garbage, timeout_s=30,
+                                    settle_s=1))
     finally:
         serve.send_signal(signal.SIGTERM)
-        output, _ = serve.communicate(timeout=60)
+        serve.wait(60)
     assert report.sent == report.answered == 12_000, report.invalid[:5]
     assert report.invalid == []
     labels = {}
     for bag in bags:
         assert labels.setdefault(bag["impression_id"], bag["clicked"]) == bag["clicked"], "a bag changed label"
     assert labels == report.labels, "every impression exactly one bag, with the label the clicks imply"
+    assert set(report.garbage) == {topics.requests, topics.impressions, topics.clicks} and garbage > 1000
+    assert report.errors_answered == report.errors_due, "a broken request with a readable id gets an error"
+    assert len(dead) == garbage and all(d["error"] and d["raw"] for d in dead), "each broken message: one letter"
     assert report.versions[-1] >= 3, "the learner keeps publishing and the selector keeps swapping"
     last = report.windows[-1] if report.windows[-1]["responses"] > 1000 else report.windows[-2]
     assert last["genco_ctr"] > 1.1 * last["uniform_ctr"], report.windows
-    assert serve.returncode == 0 and "stopped cleanly" in output, output[-2000:]
+    log = serve_log(tmp_path)
+    assert serve.returncode == 0 and "stopped cleanly" in log and "exited with status" not in log, log[-2000:]
 
 
 def test_selector_serves_fallback_then_hot_swaps_to_the_newest_snapshot(broker, topics, tmp_path, small_world):

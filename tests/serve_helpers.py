@@ -1,0 +1,35 @@
+"""Running the real ``genco serve`` as a subprocess in integration tests, its log in a file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from state.snapshots import SnapshotError, SnapshotStore
+
+WINDOW = 2.0
+
+
+def start_serve(broker: str, topics, state_dir: Path) -> subprocess.Popen:
+    """``genco serve`` on ``broker``: 2 s click window, checkpoints every 5 s, no metrics port; log in serve.log."""
+    env = {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix, "GENCO_STATE_DIR": str(state_dir),
+           "GENCO_CLICK_WINDOW_S": str(WINDOW), "GENCO_METRICS_PORT": "0",
+           "GENCO_CHECKPOINT_EVERY_S": "5"}
+    with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents
+        return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def serve_log(state_dir: Path) -> str:
+    return (Path(state_dir) / "serve.log").read_text()
+
+
+def bags_seen(state_dir: Path) -> int:
+    """How many bags the newest snapshot's model has trained on (0 before any)."""
+    store = SnapshotStore(Path(state_dir) / "snapshots")
+    try:
+        return store.manifest().bags_seen
+    except SnapshotError:  # none yet, or pruned between reading LATEST and the manifest
+        return 0
