@@ -69,9 +69,9 @@ def corrupt(kind: str, message: dict, rng: random.Random, fault: str | None = No
         bad["candidates"][first] = bad["candidates"][first] * 2
     elif fault == "shown_not_a_candidate":
         bad["shown"][first] = "not-a-candidate"
-    elif fault == "big_value":
+    elif fault == "big_value":  # 5 MB that is invalid too (a big valid message is not garbage)
         bad["padding"] = "x" * BIG_VALUE_BYTES
-        bad["candidates"] = {}
+        del bad["ts" if kind == "click" else "candidates"]
     else:
         raise ValueError(f"unknown fault {fault!r}")
     return Garbage(fault, json.dumps(bad).encode(), bad[id_field] if readable else None)

@@ -1,4 +1,4 @@
-"""Faults against the real ``genco serve``: SIGKILL and restart, a frozen broker. Nothing may be lost.
+"""Faults on a real broker: SIGKILL of ``genco serve`` and restart, a frozen broker, 5 MB values. Nothing lost.
 
 Each test runs the simulated ad server's closed loop through the contract and checks:
 every request answered, every impression exactly one label (the one its clicks imply),
@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import time
 
 from genco.config import Settings
 from sim.adserver import AdServer, Report
+from sim.garbage import corrupt
 from sim.world import World, WorldConfig
+from state.kv import Store
 from state.snapshots import SnapshotStore
 from stream.embedded import EmbeddedBroker
+from stream.joiner import Joiner
 from stream.kafka import Connection
-from tests.kafka_helpers import read_all
+from stream.runtime import MAX_RAW_CHARS
+from stream.selector import SelectorAgent
+from tests.kafka_helpers import produce, read_all
 from tests.serve_helpers import WINDOW, bags_seen, serve_log, start_serve
 
 
@@ -114,3 +120,39 @@ def test_a_frozen_broker_is_waited_out_without_restarts_or_loss(topics, tmp_path
         assert "exited with status" not in log, "agents waited for the broker instead of dying: " + log[-3000:]
         assert "no fetch answered by the broker" in log and "broker answering again" in log, "outage logged plainly"
         assert serve.returncode == 0, log[-3000:]
+
+
+def test_5_mb_values_on_every_input_topic_become_truncated_dead_letters_and_traffic_flows_on(broker, topics, tmp_path):
+    connection = Connection.from_settings(Settings(), broker)
+    connection.ensure_topics(topics.all())
+    world = World(WorldConfig(seed=2, n_ads=5))
+    good = world.uniform_log(1)[0]
+    impression = {k: v for k, v in good.items() if k not in ("clicked", "click_ts")}
+    request = world.request("r-good")
+    big = {"request": corrupt("request", request, random.Random(0), "big_value"),
+           "impression": corrupt("impression", impression, random.Random(0), "big_value"),
+           "click": corrupt("click", {"impression_id": "imp-x", "ts": 1.0}, random.Random(0), "big_value")}
+    joiner = Joiner(connection, topics, WINDOW, Store(tmp_path / "joiner"))
+    selector = SelectorAgent(connection, topics, tmp_path / "snapshots", explore=0.0)
+
+    async def scenario() -> tuple[list[dict], list[dict], list[dict]]:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(agent.run(stop)) for agent in (joiner, selector)]
+        await asyncio.wait_for(asyncio.gather(joiner.ready.wait(), selector.ready.wait()), 60)
+        await produce(broker, [(topics.requests, None, big["request"].raw), (topics.requests, "r-good", request),
+                               (topics.impressions, None, big["impression"].raw),
+                               (topics.impressions, impression["impression_id"], impression),
+                               (topics.clicks, None, big["click"].raw)])
+        dead = await read_all(broker, topics.dead_letters, lambda m: len(m) >= 3, timeout_s=30)
+        responses = await read_all(broker, topics.responses, lambda m: len(m) >= 2, timeout_s=30)
+        bags = await read_all(broker, topics.bags, lambda m: len(m) >= 1, timeout_s=30)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return dead, responses, bags
+
+    dead, responses, bags = asyncio.run(scenario())
+    assert sorted(d["topic"] for d in dead) == sorted([topics.requests, topics.impressions, topics.clicks])
+    assert all(len(d["raw"]) == MAX_RAW_CHARS for d in dead), "the original bytes, truncated at 64 KiB"
+    assert sorted(d["error"] for d in dead) == ["candidates: Field required"] * 2 + ["ts: Field required"]
+    assert {r["request_id"]: "error" in r for r in responses} == {big["request"].request_id: True, "r-good": False}
+    assert [b["impression_id"] for b in bags] == [impression["impression_id"]]
