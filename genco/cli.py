@@ -163,6 +163,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(Settings(), broker=args.broker)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from genco.status import collect, render
+
+    settings = Settings()
+    url = args.metrics_url or f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    status = collect(url, settings.state_dir)
+    _emit(status, args.json, render(status))
+    return 0 if status["running"] else 1
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -214,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--broker", default=None, help="kafka://host:port[,host:port] (default: GENCO_BROKER, "
                        "else an embedded broker)")
     serve.set_defaults(run=cmd_serve)
+
+    status = sub.add_parser("status", help="a running genco serve's lag, pending bags, dead letters, duplicates "
+                            "and model version (from its metrics endpoint and the state dir)")
+    status.add_argument("--metrics-url", default=None,
+                        help="default: http://127.0.0.1:$GENCO_METRICS_PORT/metrics")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_status)
 
     simulate = sub.add_parser("simulate", help="a simulated ad server on a broker: requests, impressions, clicks")
     simulate.add_argument("--broker", default=None, help="kafka://host:port (default: GENCO_BROKER)")

@@ -12,11 +12,16 @@ from state.snapshots import SnapshotError, SnapshotStore
 WINDOW = 2.0
 
 
-def start_serve(broker: str, topics, state_dir: Path) -> subprocess.Popen:
-    """``genco serve`` on ``broker``: 2 s click window, checkpoints every 5 s, no metrics port; log in serve.log."""
-    env = {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix, "GENCO_STATE_DIR": str(state_dir),
-           "GENCO_CLICK_WINDOW_S": str(WINDOW), "GENCO_METRICS_PORT": "0",
-           "GENCO_CHECKPOINT_EVERY_S": "5"}
+def serve_env(broker: str, topics, state_dir: Path, metrics_port: int = 0) -> dict[str, str]:
+    """The environment of a test's ``genco serve``: 2 s click window, checkpoints every 5 s."""
+    return {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix,
+            "GENCO_STATE_DIR": str(state_dir), "GENCO_CLICK_WINDOW_S": str(WINDOW),
+            "GENCO_METRICS_PORT": str(metrics_port), "GENCO_CHECKPOINT_EVERY_S": "5"}
+
+
+def start_serve(broker: str, topics, state_dir: Path, metrics_port: int = 0) -> subprocess.Popen:
+    """``genco serve`` on ``broker`` (see ``serve_env``), its log in state_dir/serve.log."""
+    env = serve_env(broker, topics, state_dir, metrics_port)
     with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents
         return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -4,7 +4,10 @@ snapshots, SIGTERM is clean."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 import time
 
 from genco.config import Settings
@@ -12,17 +15,19 @@ from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
+from stream.embedded import free_port
 from stream.events import Bag
 from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
-from tests.serve_helpers import WINDOW, serve_log, start_serve
+from tests.serve_helpers import WINDOW, serve_env, serve_log, start_serve
 
 
 def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker, topics, tmp_path):
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
-    serve = start_serve(broker, topics, tmp_path)
+    metrics_port = free_port()
+    serve = start_serve(broker, topics, tmp_path, metrics_port)
     try:
         world = World(WorldConfig(seed=5, n_ads=60))
         server = AdServer(world, connection, topics, rate=250, requests=12_000, window_s=WINDOW,
@@ -34,6 +39,8 @@ def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker
         garbage = sum(report.garbage.values())
         dead = asyncio.run(read_all(broker, topics.dead_letters, lambda m: len(m) >= garbage, timeout_s=30,
                                     settle_s=1))
+        status = genco_status(broker, topics, tmp_path, metrics_port,
+                              until=lambda s: s.get("trained_bags", 0) >= len(report.labels))
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(60)
@@ -47,10 +54,25 @@ def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker
     assert report.errors_answered == report.errors_due, "a broken request with a readable id gets an error"
     assert len(dead) == garbage and all(d["error"] and d["raw"] for d in dead), "each broken message: one letter"
     assert report.versions[-1] >= 3, "the learner keeps publishing and the selector keeps swapping"
+    assert status["trained_bags"] == len(report.labels), "the learner trained on each impression once"
+    assert status["serving_model_version"] >= report.versions[-1] and status["pending_impressions"] == 0
+    assert sum(status["dead_letters"].values()) == garbage and sum(status["bags_out"].values()) == len(labels)
     last = report.windows[-1] if report.windows[-1]["responses"] > 1000 else report.windows[-2]
     assert last["genco_ctr"] > 1.1 * last["uniform_ctr"], report.windows
     log = serve_log(tmp_path)
     assert serve.returncode == 0 and "stopped cleanly" in log and "exited with status" not in log, log[-2000:]
+
+
+def genco_status(broker: str, topics, state_dir, metrics_port: int, until, timeout_s: float = 30) -> dict:
+    """``genco status --json`` of the running serve, once ``until(status)`` holds (or at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = subprocess.run([sys.executable, "-m", "genco.cli", "status", "--json"], capture_output=True, text=True,
+                              env=serve_env(broker, topics, state_dir, metrics_port), timeout=60)
+        status = json.loads(done.stdout.splitlines()[-1])
+        if until(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
 
 
 def test_selector_serves_fallback_then_hot_swaps_to_the_newest_snapshot(broker, topics, tmp_path, small_world):
