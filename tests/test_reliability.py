@@ -17,6 +17,7 @@ import time
 from genco.config import Settings
 from sim.adserver import AdServer, Report
 from sim.garbage import corrupt
+from sim.harness import WINDOW, bags_seen, serve_log, start_serve
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
@@ -26,7 +27,6 @@ from stream.kafka import Connection
 from stream.runtime import MAX_RAW_CHARS
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
-from tests.serve_helpers import WINDOW, bags_seen, serve_log, start_serve
 
 
 def run_closed_loop(broker: str, topics, rate: float, requests: int, fault) -> Report:

@@ -13,6 +13,7 @@ import time
 from genco.config import Settings
 from learner.trainer import Learner
 from sim.adserver import AdServer
+from sim.harness import WINDOW, serve_env, serve_log, start_serve
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
 from stream.embedded import free_port
@@ -20,7 +21,6 @@ from stream.events import Bag
 from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
-from tests.serve_helpers import WINDOW, serve_env, serve_log, start_serve
 
 
 def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker, topics, tmp_path):

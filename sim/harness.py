@@ -1,4 +1,4 @@
-"""Running the real ``genco serve`` as a subprocess in integration tests, its log in a file."""
+"""The real ``genco serve`` as a subprocess, its log in a file: what reliability tests and benchmarks kill."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import sys
 from pathlib import Path
 
 from state.snapshots import SnapshotError, SnapshotStore
+from stream.kafka import Topics
 
 WINDOW = 2.0
 
 
-def serve_env(broker: str, topics, state_dir: Path, metrics_port: int = 0) -> dict[str, str]:
-    """The environment of a test's ``genco serve``: 2 s click window, checkpoints every 5 s."""
+def serve_env(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0) -> dict[str, str]:
+    """The environment of a closed loop's ``genco serve``: a WINDOW-second click window, checkpoints every 5 s."""
     return {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix,
             "GENCO_STATE_DIR": str(state_dir), "GENCO_CLICK_WINDOW_S": str(WINDOW),
             "GENCO_METRICS_PORT": str(metrics_port), "GENCO_CHECKPOINT_EVERY_S": "5"}
 
 
-def start_serve(broker: str, topics, state_dir: Path, metrics_port: int = 0) -> subprocess.Popen:
+def start_serve(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0) -> subprocess.Popen:
     """``genco serve`` on ``broker`` (see ``serve_env``), its log in state_dir/serve.log."""
     env = serve_env(broker, topics, state_dir, metrics_port)
     with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents

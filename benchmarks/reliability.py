@@ -1,0 +1,141 @@
+"""Faults against the real ``genco serve`` in the closed loop, each on a fresh embedded broker.
+
+    python benchmarks/reliability.py [--rate 250] [--seconds 60] [--json bench-out/reliability.json]
+
+Scenarios: clean (twice, different seeds: the noise), 5% garbage on every input topic,
+SIGKILL of ``genco serve`` halfway and restart after 2 s, the broker frozen (SIGSTOP)
+for 15 s halfway. For each: requests lost or answered invalidly, impressions without a
+bag or with a wrong label, whether the model trained on each impression exactly once,
+whether model_version ever went back, latency, and the share of the oracle's CTR lift
+over uniform that the learned policy captured in the last quarter of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from genco.config import Settings
+from sim.adserver import AdServer, Report
+from sim.harness import WINDOW, bags_seen, serve_log, start_serve
+from sim.world import World, WorldConfig
+from stream.embedded import EmbeddedBroker
+from stream.kafka import Connection, Topics
+
+TOPICS = Topics("rel.")
+
+
+async def read_bags(connection: Connection) -> list[dict]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=list(connection.servers), group_id=None)
+    await consumer.start()
+    tp = TopicPartition(TOPICS.bags, 0)
+    consumer.assign([tp])
+    await consumer.seek_to_beginning(tp)
+    end = (await consumer.end_offsets([tp]))[tp]
+    bags: list[dict] = []
+    while len(bags) < end:
+        for records in (await consumer.getmany(timeout_ms=500)).values():
+            bags.extend(json.loads(r.value) for r in records)
+    await consumer.stop()
+    return bags
+
+
+def captured(report: Report) -> float | None:
+    """(learned - uniform) / (oracle - uniform) true CTR over the last quarter of the windows."""
+    rows = [r for r in report.windows if r["genco_ctr"] is not None and r["uniform_ctr"] is not None]
+    rows = rows[-max(len(rows) // 4, 1):]
+    n = sum(r["responses"] for r in rows)
+    if not n:
+        return None
+    learned, uniform, oracle = (sum(r[k] * r["responses"] for r in rows) / n
+                                for k in ("genco_ctr", "uniform_ctr", "oracle_ctr"))
+    return round((learned - uniform) / (oracle - uniform), 3)
+
+
+def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float = 0.0) -> dict:
+    with tempfile.TemporaryDirectory() as state, EmbeddedBroker() as broker:
+        state_dir = Path(state)
+        connection = Connection.from_settings(Settings(), broker.url)
+        connection.ensure_topics([TOPICS.requests, TOPICS.impressions, TOPICS.clicks], partitions=4)
+        serves = [start_serve(broker.url, TOPICS, state_dir)]
+        server = AdServer(World(WorldConfig(seed=seed, n_ads=200)), connection, TOPICS, rate=rate,
+                          requests=int(rate * seconds), window_s=WINDOW, window_every_s=seconds / 12,
+                          truth_sample=0.3, seed=seed, garbage=garbage)
+
+        async def fault() -> None:
+            await asyncio.sleep(seconds / 2)
+            if name == "sigkill":
+                serves[0].kill()
+                serves[0].wait()
+                await asyncio.sleep(2)
+                serves.append(start_serve(broker.url, TOPICS, state_dir))
+            elif name == "frozen_broker":
+                os.kill(broker.process.pid, signal.SIGSTOP)
+                await asyncio.sleep(15)
+                os.kill(broker.process.pid, signal.SIGCONT)
+
+        async def run() -> Report:
+            damage = asyncio.create_task(fault())
+            report = await server.run(drain_s=90)
+            await damage
+            return report
+
+        time.sleep(12)
+        report = asyncio.run(run())
+        deadline = time.monotonic() + 60
+        while bags_seen(state_dir) < len(report.labels) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        bags = asyncio.run(read_bags(connection))
+        serves[-1].send_signal(signal.SIGTERM)
+        serves[-1].wait(60)
+        labels: dict[str, set[bool]] = {}
+        for bag in bags:
+            labels.setdefault(bag["impression_id"], set()).add(bag["clicked"])
+        log = serve_log(state_dir)
+        return {
+            "scenario": name, "seed": seed, "requests": report.sent, "lost": report.sent - report.answered,
+            "invalid": len(report.invalid), "garbage_sent": sum(report.garbage.values()),
+            "error_responses_missing": len(report.errors_due - report.errors_answered),
+            "impressions": len(report.labels),
+            "without_bag": sum(1 for i in report.labels if i not in labels),
+            "wrong_label": sum(1 for i, clicked in report.labels.items() if labels.get(i, {clicked}) != {clicked}),
+            "repeated_bags": len(bags) - len(labels),
+            "trained_bags_minus_impressions": bags_seen(state_dir) - len(report.labels),
+            "version_went_back": report.versions != sorted(report.versions),
+            "agent_restarts": log.count("exited with status"),
+            "p50_ms": round(report.latency_percentile(0.5), 1), "p99_ms": round(report.latency_percentile(0.99), 1),
+            "captured_last_quarter": captured(report),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=250.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    plan = [("clean", 1, 0.0), ("clean", 2, 0.0), ("garbage", 1, 0.05), ("sigkill", 1, 0.0),
+            ("frozen_broker", 1, 0.0)]
+    results = []
+    for name, seed, garbage in plan:
+        if args.only and name not in args.only:
+            continue
+        result = scenario(name, seed, args.rate, args.seconds, garbage)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
