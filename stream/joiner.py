@@ -85,7 +85,7 @@ class Joiner:
                         self.apply(tx, tp, record)
                     tx.set_offset(tp.topic, tp.partition, records[-1].offset + 1)
                 lagging = await watch.lagging(consumer)
-                watermark = self.watermark.advance(lagging, time.time())
+                watermark = self.watermark.advance(lagging, watch.confirmed_at)
                 self.join.sweep(tx, watermark)
                 await deliver(producer, self.store, tx.commit())
                 self._publish_counts(watermark)

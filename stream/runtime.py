@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -97,8 +98,10 @@ class FetchWatch:
 
     A partition counts as lagging while its end is unknown: before its first fetch, and
     when no fetch has answered for ``STALE_FETCH_S`` (the broker is unreachable or slow),
-    since messages may be piling up unseen there. The joiner's watermark relies on this
-    not to take an outage for quiet traffic and close windows whose clicks are held up.
+    since messages may be piling up unseen there. ``confirmed_at`` is when the broker last
+    answered a fetch for every partition: the joiner's watermark advances with it, not
+    with the wall clock, so an outage is never taken for quiet traffic (which would close
+    windows whose clicks are held up).
     An outage is logged once when it starts and once when it ends; aiokafka keeps
     retrying meanwhile, and consumption resumes where it stopped.
     """
@@ -107,17 +110,20 @@ class FetchWatch:
         self.agent = agent
         self.log = agent_log
         self.quiet_since: float | None = None
+        # When the broker last confirmed the end of *every* assigned partition (0: not yet).
+        self.confirmed_at = 0.0
 
     async def lagging(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         """The lagging partitions (publishing lag per topic on the way)."""
         lag_by_topic: dict[str, int] = {}
         lagging = []
         now = time.time()
-        last_answer = 0.0
+        last_answer, first_answer = 0.0, math.inf
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             fetched_ms = consumer.last_poll_timestamp(tp)
             last_answer = max(last_answer, (fetched_ms or 0) / 1000)
+            first_answer = min(first_answer, (fetched_ms or 0) / 1000)
             if highwater is None or fetched_ms is None or now - fetched_ms / 1000 > STALE_FETCH_S:
                 lagging.append(tp)
                 continue
@@ -127,6 +133,7 @@ class FetchWatch:
                 lagging.append(tp)
         for topic, lag in lag_by_topic.items():
             CONSUMER_LAG.labels(self.agent, topic).set(lag)
+        self.confirmed_at = first_answer if first_answer < math.inf else 0.0
         self._report_outage(last_answer, now)
         return lagging
 

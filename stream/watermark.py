@@ -3,8 +3,10 @@
 A partition that still has a backlog holds the watermark at the newest ``ts`` read
 from it, so reading one topic ahead of another (clicks far ahead of impressions,
 say) never closes a window early. When every partition is caught up, event time
-is taken to advance with the wall clock from the newest event seen, so windows
-close at low or no traffic too.
+is taken to advance with the clock from the newest event seen, up to when the
+broker last confirmed that no partition held anything newer (not simply "now":
+a broker that stops answering must stop the watermark), so windows close at low
+or no traffic too.
 
 Event time never runs ahead of the joiner's own clock: an event stamped in the
 future (a producer's clock off by a minute, or a garbage ts of year 3000) counts
@@ -32,14 +34,15 @@ class Watermark:
         if ts > self.max_ts:
             self.max_ts, self.max_ts_wall = ts, wall
 
-    def advance(self, lagging: list[TopicPartition], wall: float) -> float:
-        """The new watermark, given the partitions that still have a backlog; never moves back."""
+    def advance(self, lagging: list[TopicPartition], confirmed: float) -> float:
+        """The new watermark, given the partitions that still have a backlog and when the broker last
+        confirmed the end of every partition; never moves back."""
         if lagging:
             if any(tp not in self.newest for tp in lagging):
                 return self.value
             candidate = min(self.newest[tp] for tp in lagging)
         elif self.max_ts > -math.inf:
-            candidate = self.max_ts + max(wall - self.max_ts_wall, 0.0)
+            candidate = self.max_ts + max(confirmed - self.max_ts_wall, 0.0)
         else:
             return self.value
         self.value = max(self.value, candidate)

@@ -52,5 +52,12 @@ def test_an_event_stamped_in_the_future_cannot_run_the_watermark_ahead_of_the_cl
     watermark, tp, now = Watermark(), TopicPartition("impressions", 0), 1_000.0
     watermark.observe(tp, now - 5, wall=now)
     watermark.observe(tp, 1e12, wall=now)  # a producer's clock off by centuries
-    assert watermark.advance([], wall=now + 1) == now + 1, "event time follows the clock, not the bad ts"
-    assert watermark.advance([tp], wall=now + 2) == now + 1, "a lagging partition holds it at its newest event"
+    assert watermark.advance([], confirmed=now + 1) == now + 1, "event time follows the clock, not the bad ts"
+    assert watermark.advance([tp], confirmed=now + 2) == now + 1, "a lagging partition holds it at its newest event"
+
+
+def test_the_watermark_stops_where_the_broker_last_confirmed_every_partition_was_caught_up():
+    watermark, tp, now = Watermark(), TopicPartition("clicks", 0), 1_000.0
+    watermark.observe(tp, now, wall=now)
+    assert watermark.advance([], confirmed=now + 3) == now + 3
+    assert watermark.advance([], confirmed=now + 3) == now + 3, "no answer since: a click may be held up, wait"
