@@ -2,7 +2,7 @@
 
     python benchmarks/reliability.py [--rate 250] [--seconds 60] [--json bench-out/reliability.json]
 
-Scenarios: clean (twice, different seeds: the noise), 5% garbage on every input topic,
+Scenarios: clean (three seeds: the noise), 5% garbage (two seeds) on every input topic,
 SIGKILL of ``genco serve`` halfway and restart after 2 s, the broker frozen (SIGSTOP)
 for 15 s halfway. For each: requests lost or answered invalidly, impressions without a
 bag or with a wrong label, whether the model trained on each impression exactly once,
@@ -21,31 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from genco.config import Settings
 from sim.adserver import AdServer, Report
-from sim.harness import WINDOW, bags_seen, serve_log, start_serve
+from sim.harness import WINDOW, bags_seen, read_topic, serve_log, start_serve
 from sim.world import World, WorldConfig
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
 
 TOPICS = Topics("rel.")
-
-
-async def read_bags(connection: Connection) -> list[dict]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=list(connection.servers), group_id=None)
-    await consumer.start()
-    tp = TopicPartition(TOPICS.bags, 0)
-    consumer.assign([tp])
-    await consumer.seek_to_beginning(tp)
-    end = (await consumer.end_offsets([tp]))[tp]
-    bags: list[dict] = []
-    while len(bags) < end:
-        for records in (await consumer.getmany(timeout_ms=500)).values():
-            bags.extend(json.loads(r.value) for r in records)
-    await consumer.stop()
-    return bags
 
 
 def captured(report: Report) -> float | None:
@@ -93,7 +76,7 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
         deadline = time.monotonic() + 60
         while bags_seen(state_dir) < len(report.labels) and time.monotonic() < deadline:
             time.sleep(0.5)
-        bags = asyncio.run(read_bags(connection))
+        bags = asyncio.run(read_topic(connection, TOPICS.bags))
         serves[-1].send_signal(signal.SIGTERM)
         serves[-1].wait(60)
         labels: dict[str, set[bool]] = {}
@@ -123,8 +106,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    plan = [("clean", 1, 0.0), ("clean", 2, 0.0), ("garbage", 1, 0.05), ("sigkill", 1, 0.0),
-            ("frozen_broker", 1, 0.0)]
+    plan = [("clean", 1, 0.0), ("clean", 2, 0.0), ("clean", 3, 0.0), ("garbage", 1, 0.05), ("garbage", 2, 0.05),
+            ("sigkill", 1, 0.0), ("frozen_broker", 1, 0.0)]
     results = []
     for name, seed, garbage in plan:
         if args.only and name not in args.only:

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from genco.config import Settings
 from learner.trainer import Learner
 from sim.adserver import AdServer
+from sim.harness import read_topic
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
@@ -177,21 +178,7 @@ def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 4
         time.sleep(8)
         done.set()
 
-    async def bag_order() -> list[dict]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=list(connection.servers), group_id=None)
-        await consumer.start()
-        tp = TopicPartition(topics.bags, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        bags = []
-        while len(bags) < end:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                bags.extend(json.loads(r.value) for r in records)
-        await consumer.stop()
-        return bags
-
-    bags = asyncio.run(bag_order())
+    bags = asyncio.run(read_topic(connection, topics.bags))
     delays = []
     for index, bag in enumerate(bags):
         if bag["clicked"]:

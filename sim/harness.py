@@ -1,14 +1,20 @@
-"""The real ``genco serve`` as a subprocess, its log in a file: what reliability tests and benchmarks kill."""
+"""The real ``genco serve`` as a subprocess, its log in a file: what reliability tests and benchmarks kill.
+
+Plus reading back what it wrote (a whole single-partition topic), for benchmarks.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from state.snapshots import SnapshotError, SnapshotStore
-from stream.kafka import Topics
+from stream.kafka import Connection, Topics
 
 WINDOW = 2.0
 
@@ -39,3 +45,21 @@ def bags_seen(state_dir: Path) -> int:
         return store.manifest().bags_seen
     except SnapshotError:  # none yet, or pruned between reading LATEST and the manifest
         return 0
+
+
+async def read_topic(connection: Connection, topic: str) -> list[dict]:
+    """Every JSON message on partition 0 of ``topic``, up to its end now, in order."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=list(connection.servers), group_id=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        messages: list[dict] = []
+        while len(messages) < end:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                messages.extend(json.loads(r.value) for r in records)
+        return messages
+    finally:
+        await consumer.stop()

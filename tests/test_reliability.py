@@ -110,7 +110,7 @@ def test_a_frozen_broker_is_waited_out_without_restarts_or_loss(topics, tmp_path
 
         time.sleep(12)
         try:
-            report = run_closed_loop(broker.url, topics, rate=100, requests=4000, fault=freeze)
+            report = run_closed_loop(broker.url, topics, rate=200, requests=7000, fault=freeze)
             assert_nothing_lost(broker.url, topics, report, tmp_path)
         finally:
             os.kill(broker.process.pid, signal.SIGCONT)
