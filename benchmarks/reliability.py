@@ -33,14 +33,8 @@ TOPICS = Topics("rel.")
 
 def captured(report: Report) -> float | None:
     """(learned - uniform) / (oracle - uniform) true CTR over the last quarter of the windows."""
-    rows = [r for r in report.windows if r["genco_ctr"] is not None and r["uniform_ctr"] is not None]
-    rows = rows[-max(len(rows) // 4, 1):]
-    n = sum(r["responses"] for r in rows)
-    if not n:
-        return None
-    learned, uniform, oracle = (sum(r[k] * r["responses"] for r in rows) / n
-                                for k in ("genco_ctr", "uniform_ctr", "oracle_ctr"))
-    return round((learned - uniform) / (oracle - uniform), 3)
+    ctr = report.last_quarter()
+    return round((ctr["genco"] - ctr["uniform"]) / (ctr["oracle"] - ctr["uniform"]), 3) if ctr else None
 
 
 def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float = 0.0) -> dict:

@@ -76,10 +76,8 @@ def run_demo(settings: Settings, rate: float = 300.0, seconds: float = 60.0) -> 
             elapsed = time.monotonic() - started
     plot = state / "demo.png"
     _plot(report, plot)
-    tail = [r for r in report.windows[len(report.windows) * 3 // 4 :] if r["genco_ctr"] and r["uniform_ctr"]]
-    genco = sum(r["genco_ctr"] for r in tail) / max(len(tail), 1)
-    uniform = sum(r["uniform_ctr"] for r in tail) / max(len(tail), 1)
-    oracle = sum(r["oracle_ctr"] for r in tail) / max(len(tail), 1)
+    ctr = report.last_quarter() or {"genco": 0.0, "uniform": 0.0, "oracle": 0.0}
+    genco, uniform, oracle = ctr["genco"], ctr["uniform"], ctr["oracle"]
     print()
     print(f"last quarter, true CTR:  GenCO {_fmt(genco)}   uniform {_fmt(uniform)}   oracle {_fmt(oracle)}")
     if uniform:

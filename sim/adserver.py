@@ -59,6 +59,16 @@ class Report:
     errors_due: set[str] = field(default_factory=set)  # broken requests whose request_id is readable
     errors_answered: set[str] = field(default_factory=set)  # ... that got their error response
 
+    def last_quarter(self) -> dict[str, float] | None:
+        """True CTR of the learned, uniform and oracle policies over the last quarter of the windows,
+        weighted by responses (the run's final window is often a short tail)."""
+        rows = [r for r in self.windows if r["genco_ctr"] is not None and r["uniform_ctr"] is not None]
+        rows = rows[-max(len(rows) // 4, 1):]
+        n = sum(r["responses"] for r in rows)
+        if not n:
+            return None
+        return {k: sum(r[f"{k}_ctr"] * r["responses"] for r in rows) / n for k in ("genco", "uniform", "oracle")}
+
     def latency_percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
         return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")

@@ -1,0 +1,17 @@
+"""The simulated ad server's scoring, which demo and benchmarks report from."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.adserver import Report
+
+
+def window(responses: int, genco: float) -> dict:
+    return {"responses": responses, "genco_ctr": genco, "uniform_ctr": 0.07, "oracle_ctr": 0.2}
+
+
+def test_last_quarter_weights_windows_by_responses_so_a_short_tail_does_not_drag_it():
+    report = Report(windows=[window(3000, 0.05)] * 6 + [window(3000, 0.095), window(20, 0.01)])
+    assert report.last_quarter()["genco"] == pytest.approx((3000 * 0.095 + 20 * 0.01) / 3020)
+    assert Report().last_quarter() is None
