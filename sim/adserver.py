@@ -154,8 +154,9 @@ class AdServer:
                 request = self.world.request(request_id)
                 request["ts"] = time.time()
                 self.outstanding[request_id] = (time.monotonic(), request)
-                await producer.send(self.topics.requests, json.dumps(request).encode(), key=request_id.encode())
-                await self._maybe_garbage(producer, "request", request)
+                value = json.dumps(request).encode()
+                await producer.send(self.topics.requests, value, key=request_id.encode())
+                await self._maybe_garbage(producer, "request", value)
                 self.report.sent += 1
             await self._send_due_clicks(producer)
             await asyncio.sleep(0.005)
@@ -165,15 +166,16 @@ class AdServer:
         while self.clicks and self.clicks[0][0] <= now:
             _, key, value = heapq.heappop(self.clicks)
             await producer.send(self.topics.clicks, value, key=key)
-            await self._maybe_garbage(producer, "click", json.loads(value))
+            await self._maybe_garbage(producer, "click", value)
             self.report.clicks += 1
 
-    async def _maybe_garbage(self, producer, kind: str, message: dict) -> None:
+    async def _maybe_garbage(self, producer, kind: str, value: bytes) -> None:
+        """With probability ``garbage``, follow the good message ``value`` with a broken copy of it."""
         if not self.garbage or self.garbage_rng.random() >= self.garbage:
             return
         topic = {"request": self.topics.requests, "impression": self.topics.impressions,
                  "click": self.topics.clicks}[kind]
-        bad = corrupt(kind, message, self.garbage_rng)
+        bad = corrupt(kind, json.loads(value), self.garbage_rng)
         await producer.send(topic, bad.raw)
         self.report.garbage[topic] = self.report.garbage.get(topic, 0) + 1
         if bad.request_id is not None:
@@ -220,8 +222,9 @@ class AdServer:
         impression_id = f"imp-{request_id}"
         impression = {**request, "impression_id": impression_id, "ts": ts, "shown": shown,
                       "policy": response["policy"], "propensity": response["propensity"]}
-        await producer.send(self.topics.impressions, json.dumps(impression).encode(), key=impression_id.encode())
-        await self._maybe_garbage(producer, "impression", impression)
+        value = json.dumps(impression).encode()
+        await producer.send(self.topics.impressions, value, key=impression_id.encode())
+        await self._maybe_garbage(producer, "impression", value)
         report.impressions += 1
         clicked = self.rng.random() < p
         report.labels[impression_id] = clicked

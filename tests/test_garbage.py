@@ -9,6 +9,7 @@ real RocksDB store; the broker is left out so hypothesis can try hundreds of cas
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import tempfile
@@ -136,7 +137,8 @@ def snapshot_dir(small_world, tmp_path_factory) -> Path:
 def answer(snapshot_dir: Path, messages: list[tuple[str, bytes]]) -> tuple[list[dict], list[dict], list[dict]]:
     """(responses, error responses, dead letters) of a selector serving the snapshot, 10% explore, fixed seed."""
     agent = SelectorAgent(UNUSED, TOPICS, snapshot_dir, explore=0.1)
-    agent.policy = agent._load(3)
+    asyncio.run(agent.swap_to_newest())
+    assert agent.policy.version == 3
     agent.policy.rng = random.Random(0)
     out = [json.loads(value) for topic, _, value in agent.answer([record(t, i, raw) for i, (t, raw)
                                                                    in enumerate(messages)])]
