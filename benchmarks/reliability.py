@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import tempfile
 import time
 from pathlib import Path
 
 from genco.config import Settings
 from sim.adserver import AdServer, Report
-from sim.harness import WINDOW, bags_seen, read_topic, serve_log, start_serve
+from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, read_topic, serve_log, start_serve, stop_serve
 from sim.world import World, WorldConfig
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
@@ -48,16 +46,10 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
                           truth_sample=0.3, seed=seed, garbage=garbage)
 
         async def fault() -> None:
-            await asyncio.sleep(seconds / 2)
             if name == "sigkill":
-                serves[0].kill()
-                serves[0].wait()
-                await asyncio.sleep(2)
-                serves.append(start_serve(broker.url, TOPICS, state_dir))
+                await kill_and_restart(serves, broker.url, TOPICS, state_dir, after_s=seconds / 2)
             elif name == "frozen_broker":
-                os.kill(broker.process.pid, signal.SIGSTOP)
-                await asyncio.sleep(15)
-                os.kill(broker.process.pid, signal.SIGCONT)
+                await freeze(broker, after_s=seconds / 2, for_s=15)
 
         async def run() -> Report:
             damage = asyncio.create_task(fault())
@@ -71,8 +63,7 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
         while bags_seen(state_dir) < len(report.labels) and time.monotonic() < deadline:
             time.sleep(0.5)
         bags = asyncio.run(read_topic(connection, TOPICS.bags))
-        serves[-1].send_signal(signal.SIGTERM)
-        serves[-1].wait(60)
+        stop_serve(serves[-1])
         labels: dict[str, set[bool]] = {}
         for bag in bags:
             labels.setdefault(bag["impression_id"], set()).add(bag["clicked"])

@@ -1,12 +1,15 @@
 """The real ``genco serve`` as a subprocess, its log in a file: what reliability tests and benchmarks kill.
 
-Plus reading back what it wrote (a whole single-partition topic), for benchmarks.
+Also the faults they inflict (SIGKILL and restart, a frozen broker) and reading back
+what it wrote (a whole single-partition topic).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from state.snapshots import SnapshotError, SnapshotStore
+from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
 
 WINDOW = 2.0
@@ -32,6 +36,35 @@ def start_serve(broker: str, topics: Topics, state_dir: Path, metrics_port: int 
     with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents
         return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
+
+
+def stop_serve(serve: subprocess.Popen) -> None:
+    """SIGTERM, and wait for the clean stop."""
+    serve.send_signal(signal.SIGTERM)
+    serve.wait(60)
+
+
+async def kill_and_restart(serves: list[subprocess.Popen], broker: str, topics: Topics, state_dir: Path,
+                           after_s: float, down_s: float = 2.0, on_down=None) -> None:
+    """After ``after_s``, SIGKILL the newest serve in ``serves`` (no handler runs; its agents die with it,
+    PR_SET_PDEATHSIG), call ``on_down()``, and after ``down_s`` append a restarted one on the same state."""
+    await asyncio.sleep(after_s)
+    serves[-1].kill()
+    serves[-1].wait()
+    if on_down:
+        on_down()
+    await asyncio.sleep(down_s)
+    serves.append(start_serve(broker, topics, state_dir))
+
+
+async def freeze(broker: EmbeddedBroker, after_s: float, for_s: float = 15.0) -> None:
+    """After ``after_s``, stop the broker process dead (SIGSTOP) for ``for_s``: unreachable, data kept."""
+    await asyncio.sleep(after_s)
+    os.kill(broker.process.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(for_s)
+    finally:
+        os.kill(broker.process.pid, signal.SIGCONT)
 
 
 def serve_log(state_dir: Path) -> str:

@@ -8,16 +8,13 @@ the model trained on each impression once, model_version never going back.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import time
 
 from genco.config import Settings
 from sim.adserver import AdServer, Report
 from sim.garbage import corrupt
-from sim.harness import WINDOW, bags_seen, serve_log, start_serve
+from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, serve_log, start_serve, stop_serve
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
@@ -59,40 +56,29 @@ def assert_nothing_lost(broker: str, topics, report: Report, state_dir) -> None:
         time.sleep(0.5)
 
 
-def stop(serve: subprocess.Popen) -> None:
-    serve.send_signal(signal.SIGTERM)
-    serve.wait(60)
-
-
 def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_once(broker, topics, tmp_path):
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
     serves = [start_serve(broker, topics, tmp_path)]
-    versions_before_kill: list[int] = []
+    served_before_kill: list[int] = []
 
-    async def kill_and_restart() -> None:
-        await asyncio.sleep(20)  # halfway through sending
-        serves[0].kill()  # SIGKILL: no handler runs; the agents die with it (PR_SET_PDEATHSIG)
-        serves[0].wait()
-        versions_before_kill.extend(report_versions())
-        await asyncio.sleep(2)
-        serves.append(start_serve(broker, topics, tmp_path))
-
-    def report_versions() -> list[int]:
-        return [int(line.rsplit("v", 1)[1]) for line in serve_log(tmp_path).splitlines()
-                if "serving snapshot v" in line]
+    def note_served_versions() -> None:
+        served_before_kill.extend(int(line.rsplit("v", 1)[1]) for line in serve_log(tmp_path).splitlines()
+                                  if "serving snapshot v" in line)
 
     time.sleep(12)  # agents start; requests sent earlier would wait, not be lost
     try:
-        report = run_closed_loop(broker, topics, rate=200, requests=8000, fault=kill_and_restart)
+        report = run_closed_loop(broker, topics, rate=200, requests=8000,  # kill halfway through sending
+                                 fault=lambda: kill_and_restart(serves, broker, topics, tmp_path, after_s=20,
+                                                                on_down=note_served_versions))
         assert_nothing_lost(broker, topics, report, tmp_path)
     finally:
-        stop(serves[-1])
+        stop_serve(serves[-1])
     log = serve_log(tmp_path)
     assert bags_seen(tmp_path) == len(report.labels), "the model trained on every impression exactly once"
     assert "resuming from checkpoint" in log, "the restarted learner continued from its checkpoint, not from 0"
     newest = SnapshotStore(tmp_path / "snapshots").latest_version()
-    assert versions_before_kill and newest > max(versions_before_kill), "versions continue after the restart"
+    assert served_before_kill and newest > max(served_before_kill), "versions continue after the restart"
     assert "exited with status" not in log, log[-3000:]
 
 
@@ -101,20 +87,13 @@ def test_a_frozen_broker_is_waited_out_without_restarts_or_loss(topics, tmp_path
         connection = Connection.from_settings(Settings(), broker.url)
         connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
         serve = start_serve(broker.url, topics, tmp_path)
-
-        async def freeze() -> None:
-            await asyncio.sleep(12)
-            os.kill(broker.process.pid, signal.SIGSTOP)
-            await asyncio.sleep(15)
-            os.kill(broker.process.pid, signal.SIGCONT)
-
         time.sleep(12)
         try:
-            report = run_closed_loop(broker.url, topics, rate=200, requests=7000, fault=freeze)
+            report = run_closed_loop(broker.url, topics, rate=200, requests=7000,
+                                     fault=lambda: freeze(broker, after_s=12, for_s=15))
             assert_nothing_lost(broker.url, topics, report, tmp_path)
         finally:
-            os.kill(broker.process.pid, signal.SIGCONT)
-            stop(serve)
+            stop_serve(serve)
         log = serve_log(tmp_path)
         assert bags_seen(tmp_path) == len(report.labels), "the model trained on every impression exactly once"
         assert "exited with status" not in log, "agents waited for the broker instead of dying: " + log[-3000:]
