@@ -17,8 +17,7 @@ from stream.metrics import CONSUMER_LAG, DEAD_LETTERS
 log = logging.getLogger("genco.runtime")
 
 MAX_RAW_CHARS = 64 << 10
-STALE_FETCH_S = 2.0  # no fetch answered for this long: the partition's end is unknown
-OUTAGE_LOG_S = 5.0  # ... for this long: say the broker is not answering
+OUTAGE_LOG_S = 5.0  # no fetch answered for this long: say the broker is not answering
 
 Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
@@ -96,12 +95,11 @@ def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, e
 class FetchWatch:
     """One agent's view of its input: which partitions may hold unread messages; whether the broker went quiet.
 
-    A partition counts as lagging while its end is unknown: before its first fetch, and
-    when no fetch has answered for ``STALE_FETCH_S`` (the broker is unreachable or slow),
-    since messages may be piling up unseen there. ``confirmed_at`` is when the broker last
-    answered a fetch for every partition: the joiner's watermark advances with it, not
-    with the wall clock, so an outage is never taken for quiet traffic (which would close
-    windows whose clicks are held up).
+    A partition counts as lagging while its end is unknown (before its first fetch) or
+    its position is behind it. ``confirmed_at`` is when the broker last answered a fetch
+    for every partition: the joiner's watermark advances with it, not with the wall
+    clock, so an outage is never taken for quiet traffic (which would close windows
+    whose clicks are held up).
     An outage is logged once when it starts and once when it ends; aiokafka keeps
     retrying meanwhile, and consumption resumes where it stopped.
     """
@@ -124,7 +122,7 @@ class FetchWatch:
             fetched_ms = consumer.last_poll_timestamp(tp)
             last_answer = max(last_answer, (fetched_ms or 0) / 1000)
             first_answer = min(first_answer, (fetched_ms or 0) / 1000)
-            if highwater is None or fetched_ms is None or now - fetched_ms / 1000 > STALE_FETCH_S:
+            if highwater is None:
                 lagging.append(tp)
                 continue
             lag = max(highwater - await consumer.position(tp), 0)
@@ -144,6 +142,6 @@ class FetchWatch:
             self.quiet_since = last_answer
             self.log.warning("no fetch answered by the broker for %.0f s: waiting for it, retrying "
                              "(nothing is lost: consumption resumes where it stopped)", now - last_answer)
-        elif now - last_answer <= STALE_FETCH_S and self.quiet_since is not None:
+        elif now - last_answer <= OUTAGE_LOG_S and self.quiet_since is not None:
             self.log.warning("broker answering again after %.0f s", now - self.quiet_since)
             self.quiet_since = None
