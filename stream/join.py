@@ -47,9 +47,8 @@ def bag_json(impression_json: bytes, click_ts: float | None) -> bytes:
 class Join:
     """The join's decisions; the caller owns the transaction and sends what it queues."""
 
-    def __init__(self, window_s: float, bags_topic: str, grace_s: float = 1.0) -> None:
+    def __init__(self, window_s: float, bags_topic: str) -> None:
         self.window_s = window_s
-        self.grace_s = grace_s
         self.horizon_s = max(2 * window_s, 3600.0)
         self.bags_topic = bags_topic
         self.counts = JoinCounts()
@@ -110,7 +109,7 @@ class Join:
 
     def sweep(self, tx: Transaction, watermark: float) -> None:
         """Close windows, drop orphan clicks and forget done marks that the watermark has passed."""
-        limit = encode_time(watermark - self.grace_s)
+        limit = encode_time(watermark)
         for index, _ in tx.store.scan(b"t", limit):
             key = index[9:]
             tx.delete(index)
