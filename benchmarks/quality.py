@@ -43,13 +43,13 @@ class GenCOPolicy:
 
     def __init__(self, name: str, **overrides) -> None:
         self.learner = Learner(preset(name, **overrides))
-        self.selector = Selector(self.learner.model)
 
     def learn(self, bags: list) -> None:
         self.learner.learn(bags)
 
     def select(self, requests: list) -> list[dict[str, str]]:
-        return [s for i in range(0, len(requests), 1024) for s in self.selector.select(requests[i : i + 1024])]
+        selector = Selector(self.learner.model)  # a frozen copy of the model as trained so far
+        return [s for i in range(0, len(requests), 1024) for s in selector.select(requests[i : i + 1024])]
 
 
 POLICIES: dict[str, Callable[[], object]] = {

@@ -90,9 +90,15 @@ class Batch:
     def size(self) -> int:
         return self.context.shape[0]
 
-    def pool_grid(self, element_values: torch.Tensor) -> torch.Tensor:
-        """(G, Nmax) view of per-element values, one row per pool, -inf on padding."""
-        grid = element_values.new_full((len(self.group_size), int(self.group_size.max())), float("-inf"))
+    def pool_grid(self, element_values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """(G, Nmax) view of per-element values, one row per pool, -inf on padding; torch for training,
+        numpy for serving."""
+        shape = (len(self.group_size), int(self.group_size.max()))
+        if isinstance(element_values, np.ndarray):
+            grid = np.full(shape, -np.inf, dtype=element_values.dtype)
+            grid[self.element_group.numpy(), self.element_pos.numpy()] = element_values
+            return grid
+        grid = element_values.new_full(shape, float("-inf"))
         grid[self.element_group, self.element_pos] = element_values
         return grid
 

@@ -16,63 +16,63 @@ import math
 import random
 import time
 
-import torch
+import numpy as np
 
 from learner.features import Batch, Featurizer
 from learner.model import GenCO
+from learner.serving import ServingModel
 
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
-def hashed_uniform(key: torch.Tensor) -> torch.Tensor:
-    """Deterministic U(0,1) per int64 key (splitmix64 finaliser)."""
-    x = key * _GOLDEN
+def hashed_uniform(key: np.ndarray) -> np.ndarray:
+    """Deterministic U(0,1) per int64 key (splitmix64 finaliser; int64 products wrap, as intended)."""
+    x = key.astype(np.int64) * _GOLDEN
     x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
     x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
     x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return (((x >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)
+    return (((x >> 11) & ((1 << 53) - 1)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
-def sample_combinations(batch: Batch, element_logit: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, temperature: float = 1.0) -> np.ndarray:
     """(k, G) positions: row 0 the greedy combination, rows 1.. Gumbel-max samples of each pool's softmax.
 
     Noise is drawn for real elements only (not the padded pool grid) and keyed by the request's
     seed, the sample and the element's position in the request.
     """
-    scores = batch.pool_grid(element_logit)
-    greedy = scores.argmax(1).unsqueeze(0)
+    grid = batch.pool_grid(element_logit)
+    greedy = grid.argmax(1)[None]
     if k <= 1:
         return greedy
-    request = batch.group_request[batch.element_group]
-    key = (batch.seed[request] * 1_000_003 + batch.element_slot).unsqueeze(0) + torch.arange(1, k).view(-1, 1) * 65_537
-    noisy = element_logit / temperature - torch.log(-torch.log(hashed_uniform(key))).float()  # (k-1, L)
-    dense = noisy.new_full((k - 1, *scores.shape), float("-inf"))
-    dense[:, batch.element_group, batch.element_pos] = noisy
-    return torch.cat([greedy, dense.argmax(2)])
+    element_group = batch.element_group.numpy()
+    request = batch.group_request.numpy()[element_group]
+    element_key = batch.seed.numpy()[request] * 1_000_003 + batch.element_slot.numpy()
+    key = element_key[None] + np.arange(1, k)[:, None] * 65_537
+    noisy = element_logit / np.float32(temperature) - np.log(-np.log(hashed_uniform(key))).astype(np.float32)
+    dense = np.full((k - 1, *grid.shape), -np.inf, dtype=np.float32)
+    dense[:, element_group, batch.element_pos.numpy()] = noisy
+    return np.concatenate([greedy, dense.argmax(2)])
 
 
-@torch.inference_mode()
-def choose(model: GenCO, batch: Batch, k: int = 16, temperature: float = 1.0) -> torch.Tensor:
+def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 1.0) -> np.ndarray:
     """Chosen position inside each pool (G,): the combination the combination head scores highest."""
-    if model.training:  # BatchNorm must use its running statistics when serving
-        model.eval()
     enc = model.encode(batch)
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
-    first = torch.cumsum(batch.group_size, 0) - batch.group_size
-    combo_score = model.combination_logit(batch, enc, first + candidates)  # (k, B)
-    best = combo_score.argmax(0)[batch.group_request]
-    return candidates[best, torch.arange(candidates.shape[1])]
+    sizes = batch.group_size.numpy()
+    combo_score = model.combination_logit(batch, enc, np.cumsum(sizes) - sizes + candidates)  # (k, B)
+    best = combo_score.argmax(0)[batch.group_request.numpy()]
+    return candidates[best, np.arange(candidates.shape[1])]
 
 
 class Selector:
-    """Picks combinations for contract SelectionRequests with a trained model."""
+    """Picks combinations for contract SelectionRequests with the model as it was when the Selector was made."""
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0) -> None:
-        self.model = model
+        self.model = ServingModel(model)
         self.k = k
         self.temperature = temperature
         self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)

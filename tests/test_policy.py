@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from learner.features import Featurizer
 from learner.policy import Selector, ServingPolicy, choose, hashed_uniform, sample_combinations
-from learner.trainer import Learner
+from learner.serving import ServingModel
+from learner.trainer import Learner, preset
 from stream.events import SelectionRequest
 
 
@@ -33,25 +35,45 @@ def test_a_request_gets_the_same_answer_alone_or_in_any_batch(trained):
 
 def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
     model, requests = trained
-    batch = Featurizer(model.config.sizes).batch(requests)
-    greedy, chosen = choose(model, batch, k=1), choose(model, batch, k=16)
-    with torch.no_grad():
-        enc = model.encode(batch)
-        candidates = sample_combinations(batch, enc.element_logit, k=16)
-        first = torch.cumsum(batch.group_size, 0) - batch.group_size
-        scores = model.combination_logit(batch, enc, torch.stack([first + greedy, first + chosen]))
-    assert torch.equal(candidates[0], greedy)
-    differs = (candidates[1:] != greedy).any(0).float().mean()  # pools where a sample strays from greedy
+    serving, batch = ServingModel(model), Featurizer(model.config.sizes).batch(requests)
+    greedy, chosen = choose(serving, batch, k=1), choose(serving, batch, k=16)
+    enc = serving.encode(batch)
+    candidates = sample_combinations(batch, enc.element_logit, k=16)
+    first = (torch.cumsum(batch.group_size, 0) - batch.group_size).numpy()
+    scores = serving.combination_logit(batch, enc, np.stack([first + greedy, first + chosen]))
+    assert np.array_equal(candidates[0], greedy)
+    differs = (candidates[1:] != greedy).any(0).mean()  # pools where a sample strays from greedy
     assert differs > 0.5
-    assert torch.all(scores[1] >= scores[0] - 1e-6)
+    assert np.all(scores[1] >= scores[0] - 1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mil": False, "attention": False, "prior": False}])
+def test_the_numpy_serving_copy_scores_like_the_torch_model_it_was_taken_from(small_world, overrides):
+    world, bags = small_world
+    torch.manual_seed(0)
+    learner = Learner(preset("default", **overrides))
+    learner.learn(bags[:4096])  # trained, so BatchNorm statistics and priors are not at their defaults
+    model = learner.model.eval()
+    requests = [SelectionRequest.model_validate(world.request(f"t-{i}")) for i in range(200)]
+    batch = Featurizer(model.config.sizes).batch(requests)
+    serving = ServingModel(model)
+    picks = sample_combinations(batch, serving.encode(batch).element_logit, k=16)
+    first = (torch.cumsum(batch.group_size, 0) - batch.group_size).numpy()
+    with torch.inference_mode():
+        enc = model.encode(batch)
+        expected = model.combination_logit(batch, enc, torch.from_numpy(first + picks)).numpy()
+    ours = serving.encode(batch)
+    np.testing.assert_allclose(ours.element_logit, enc.element_logit.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(serving.combination_logit(batch, ours, first + picks), expected, rtol=1e-4, atol=1e-4)
+    assert np.ptp(expected) > 0.1, "a model whose scores do not vary would make this check empty"
 
 
 def test_hashed_uniform_is_uniform_and_deterministic():
-    u = hashed_uniform(torch.arange(200_000))
-    assert torch.equal(u, hashed_uniform(torch.arange(200_000)))
-    assert float(u.min()) > 0 and float(u.max()) < 1
-    assert abs(float(u.mean()) - 0.5) < 0.005
-    assert torch.histc(u.float(), bins=10, min=0, max=1).sub(20_000).abs().max() < 600
+    u = hashed_uniform(np.arange(200_000))
+    assert np.array_equal(u, hashed_uniform(np.arange(200_000)))
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.005
+    assert np.abs(np.histogram(u, bins=10, range=(0, 1))[0] - 20_000).max() < 600
 
 
 def test_exploration_slice_has_the_configured_share_and_exact_propensities(trained):
