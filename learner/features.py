@@ -85,6 +85,7 @@ class Batch:
     candidate_ids: list[list[str]]  # (G) the ids behind each pool, to turn picks back into ids
     group_names: list[str]  # (G) component name of each pool
     request_groups: list[range]  # (B) the pools of each request
+    arrays: dict[str, np.ndarray]  # the tensors above as the numpy arrays they share memory with (serving)
 
     @property
     def size(self) -> int:
@@ -93,12 +94,12 @@ class Batch:
     def pool_grid(self, element_values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """(G, Nmax) view of per-element values, one row per pool, -inf on padding; torch for training,
         numpy for serving."""
-        shape = (len(self.group_size), int(self.group_size.max()))
         if isinstance(element_values, np.ndarray):
-            grid = np.full(shape, -np.inf, dtype=element_values.dtype)
-            grid[self.element_group.numpy(), self.element_pos.numpy()] = element_values
+            sizes = self.arrays["group_size"]
+            grid = np.full((len(sizes), int(sizes.max())), -np.inf, dtype=element_values.dtype)
+            grid[self.arrays["element_group"], self.arrays["element_pos"]] = element_values
             return grid
-        grid = element_values.new_full(shape, float("-inf"))
+        grid = element_values.new_full((len(self.group_size), int(self.group_size.max())), float("-inf"))
         grid[self.element_group, self.element_pos] = element_values
         return grid
 
@@ -184,23 +185,26 @@ class Featurizer:
         np.add.at(stats, (group_request, np.asarray(group_stat, dtype=np.int64)), sizes)
         shown = np.asarray(shown_pos, dtype=np.int64)
         clicked = [1.0 if r.clicked else 0.0 for r in records] if labelled else [0.0] * n
-        t = torch.from_numpy
+        arrays = {
+            "context": np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS)),
+            "segments": np.asarray(segments, dtype=np.int64),
+            "segment_offsets": np.asarray(segment_offsets, dtype=np.int64),
+            "pool_stats": np.log1p(stats),
+            "element": np.asarray(element, dtype=np.int64),
+            "element_group": element_group,
+            "element_pos": np.arange(len(element)) - group_start[element_group],
+            "element_slot": np.arange(len(element)) - first_element[element_request],
+            "group_request": group_request,
+            "group_slot": np.arange(len(sizes)) - first_group[group_request],
+            "group_component": np.asarray(group_component, dtype=np.int64),
+            "group_size": sizes,
+            "shown": np.where(shown >= 0, group_start + shown, -1),
+            "clicked": np.asarray(clicked, dtype=np.float32),
+            "seed": np.asarray(seeds, dtype=np.int64),
+        }
         return Batch(
-            context=t(np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))),
-            segments=t(np.asarray(segments, dtype=np.int64)),
-            segment_offsets=t(np.asarray(segment_offsets, dtype=np.int64)),
-            pool_stats=torch.log1p(t(stats)),
-            element=t(np.asarray(element, dtype=np.int64)),
-            element_group=t(element_group),
-            element_pos=t(np.arange(len(element)) - group_start[element_group]),
-            element_slot=t(np.arange(len(element)) - first_element[element_request]),
-            group_request=t(group_request),
-            group_slot=t(np.arange(len(sizes)) - first_group[group_request]),
-            group_component=t(np.asarray(group_component, dtype=np.int64)),
-            group_size=t(sizes),
-            shown=t(np.where(shown >= 0, group_start + shown, -1)),
-            clicked=t(np.asarray(clicked, dtype=np.float32)),
-            seed=t(np.asarray(seeds, dtype=np.int64)),
+            **{name: torch.from_numpy(array) for name, array in arrays.items()},
+            arrays=arrays,
             candidate_ids=candidate_ids,
             group_names=group_names,
             request_groups=[range(int(a), int(a + m)) for a, m in zip(first_group, per_request, strict=True)],

@@ -46,13 +46,13 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
     greedy = grid.argmax(1)[None]
     if k <= 1:
         return greedy
-    element_group = batch.element_group.numpy()
-    request = batch.group_request.numpy()[element_group]
-    element_key = batch.seed.numpy()[request] * 1_000_003 + batch.element_slot.numpy()
+    element_group = batch.arrays["element_group"]
+    request = batch.arrays["group_request"][element_group]
+    element_key = batch.arrays["seed"][request] * 1_000_003 + batch.arrays["element_slot"]
     key = element_key[None] + np.arange(1, k)[:, None] * 65_537
     noisy = element_logit / np.float32(temperature) - np.log(-np.log(hashed_uniform(key))).astype(np.float32)
     dense = np.full((k - 1, *grid.shape), -np.inf, dtype=np.float32)
-    dense[:, element_group, batch.element_pos.numpy()] = noisy
+    dense[:, element_group, batch.arrays["element_pos"]] = noisy
     return np.concatenate([greedy, dense.argmax(2)])
 
 
@@ -62,9 +62,9 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
-    sizes = batch.group_size.numpy()
+    sizes = batch.arrays["group_size"]
     combo_score = model.combination_logit(batch, enc, np.cumsum(sizes) - sizes + candidates)  # (k, B)
-    best = combo_score.argmax(0)[batch.group_request.numpy()]
+    best = combo_score.argmax(0)[batch.arrays["group_request"]]
     return candidates[best, np.arange(candidates.shape[1])]
 
 

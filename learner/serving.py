@@ -120,21 +120,21 @@ class ServingModel:
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
         n, d = batch.size, c.dim
-        context = batch.context.numpy()
-        group_request = batch.group_request.numpy()
-        element_group = batch.element_group.numpy()
+        context = batch.arrays["context"]
+        group_request = batch.arrays["group_request"]
+        element_group = batch.arrays["element_group"]
         element_request = group_request[element_group]
-        segments = batch.segments.numpy()
+        segments = batch.arrays["segments"]
         seg = np.zeros((n, d), dtype=np.float32)
         if len(segments):
-            counts = np.diff(np.append(batch.segment_offsets.numpy(), len(segments)))
+            counts = np.diff(np.append(batch.arrays["segment_offsets"], len(segments)))
             np.add.at(seg, np.repeat(np.arange(n), counts), self.context_table[segments])
             seg /= np.maximum(counts, 1)[:, None]
         ctx = self.context_table[context].reshape(n, -1)
-        h = _mlp(self.encoder, np.concatenate([ctx, seg, batch.pool_stats.numpy()], 1))
+        h = _mlp(self.encoder, np.concatenate([ctx, seg, batch.arrays["pool_stats"]], 1))
 
-        emb = self.element_table[batch.element.numpy()]
-        comp = self.component_table[batch.group_component.numpy()[element_group]]
+        emb = self.element_table[batch.arrays["element"]]
+        comp = self.component_table[batch.arrays["group_component"][element_group]]
         if c.attention:
             z = self._cross_component_attention(batch, emb, element_request)
         else:
@@ -145,7 +145,7 @@ class ServingModel:
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
         base = _logit(self.base_rate)
-        element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.element.numpy()], relative=True)
+        element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.arrays["element"]], relative=True)
         request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[context[:, 3]], relative=False)
         return Encoded(h, phi_h, features, logit + element_prior + base, element_prior, request_prior)
 
@@ -156,36 +156,43 @@ class ServingModel:
         return _logit(rate) - _logit(base)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray, element_request: np.ndarray) -> np.ndarray:
-        """Each element attends to itself and every candidate of the other components of its request."""
-        hidden = self.config.attention_hidden
-        n = batch.size
-        element_slot, element_group = batch.element_slot.numpy(), batch.element_group.numpy()
-        sizes = np.bincount(element_request, minlength=n)
-        order = np.argsort(sizes, kind="stable")
+        """Each element attends to itself and every candidate of the other components of its request.
+
+        Large batches are attended in chunks of requests sorted by size, so padding stays near the
+        chunk's own largest request; a small batch is one block (sorting would cost more than it saves).
+        """
+        n, slot, group = batch.size, batch.arrays["element_slot"], batch.arrays["element_group"]
+        qkv = emb @ self.qkv
+        if n <= ATTENTION_CHUNK:
+            return self._attend(qkv, element_request, slot, group, n)
+        order = np.argsort(np.bincount(element_request, minlength=n), kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(n)
-        qkv = emb @ self.qkv
-        z = np.empty((len(emb), hidden), dtype=np.float32)
         element_rank = rank[element_request]
+        z = np.empty((len(emb), self.config.attention_hidden), dtype=np.float32)
         for start in range(0, n, ATTENTION_CHUNK):
             members = np.flatnonzero((element_rank >= start) & (element_rank < start + ATTENTION_CHUNK))
-            row, slot = element_rank[members] - start, element_slot[members]
-            rows, width = min(ATTENTION_CHUNK, n - start), int(sizes[order[min(start + ATTENTION_CHUNK, n) - 1]])
-            group = np.full((rows, width), -1, dtype=np.int64)
-            group[row, slot] = element_group[members]
-            dense = np.zeros((rows, width, 3 * hidden), dtype=np.float32)
-            dense[row, slot] = qkv[members]
-            q, k, v = dense[..., :hidden], dense[..., hidden : 2 * hidden], dense[..., 2 * hidden :]
-            allowed = (group[:, None, :] != group[:, :, None]) & (group >= 0)[:, None, :]
-            allowed |= np.eye(width, dtype=bool)
-            scores = (q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hidden))
-            z[members] = (_softmax_masked(scores, allowed, 2) @ v)[row, slot]
+            z[members] = self._attend(qkv[members], element_rank[members] - start, slot[members], group[members],
+                                      min(ATTENTION_CHUNK, n - start))
         return z
+
+    def _attend(self, qkv: np.ndarray, row: np.ndarray, slot: np.ndarray, group_of: np.ndarray, rows: int):
+        """Attention inside each row (one request per row, its elements at their slots); one output per element."""
+        hidden, width = self.config.attention_hidden, int(slot.max()) + 1
+        group = np.full((rows, width), -1, dtype=np.int64)
+        group[row, slot] = group_of
+        dense = np.zeros((rows, width, 3 * hidden), dtype=np.float32)
+        dense[row, slot] = qkv
+        q, k, v = dense[..., :hidden], dense[..., hidden : 2 * hidden], dense[..., 2 * hidden :]
+        allowed = (group[:, None, :] != group[:, :, None]) & (group >= 0)[:, None, :]
+        allowed |= np.eye(width, dtype=bool)
+        scores = (q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hidden))
+        return (_softmax_masked(scores, allowed, 2) @ v)[row, slot]
 
     def combination_logit(self, batch: Batch, enc: Encoded, picks: np.ndarray) -> np.ndarray:
         """s for K combinations per request. picks: (K, G) element index per pool."""
         k, n = picks.shape[0], batch.size
-        group_request, group_slot = batch.group_request.numpy(), batch.group_slot.numpy()
+        group_request, group_slot = batch.arrays["group_request"], batch.arrays["group_slot"]
         width = int(group_slot.max()) + 1
         dense = np.full((k, n, width), -1, dtype=np.int64)
         dense[:, group_request, group_slot] = picks
