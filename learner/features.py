@@ -89,7 +89,7 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return self.context.shape[0]
+        return len(self.request_groups)
 
     def pool_grid(self, element_values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """(G, Nmax) view of per-element values, one row per pool, -inf on padding; torch for training,

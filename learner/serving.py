@@ -115,6 +115,7 @@ class ServingModel:
             self.ad_counts = _array(model.ad_counts)
             total = _array(model.total_counts)
             self.base_rate = np.float32((total[1] + 1.0) / (total[0] + 20.0))
+            self.base_logit = _logit(self.base_rate)
             self.prior_weight = _array(model.prior_weight)
 
     def encode(self, batch: Batch) -> Encoded:
@@ -144,7 +145,7 @@ class ServingModel:
         logit = self.phi(features @ self.phi.f_weight, phi_h[element_request])[:, 0]
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
-        base = _logit(self.base_rate)
+        base = self.base_logit
         element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.arrays["element"]], relative=True)
         request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[context[:, 3]], relative=False)
         return Encoded(h, phi_h, features, logit + element_prior + base, element_prior, request_prior)
@@ -153,7 +154,7 @@ class ServingModel:
         base, m = self.base_rate, np.float32(self.config.prior_strength)
         excess = counts[:, 1] if relative else counts[:, 1] - counts[:, 0] * base
         rate = np.clip(base + excess / (counts[:, 0] + m), np.float32(1e-4), np.float32(1 - 1e-4))
-        return _logit(rate) - _logit(base)
+        return _logit(rate) - self.base_logit
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray, element_request: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request.
