@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from genco.threads import use_one_thread
 from learner.baselines import DCO, Counter, MLPBaseline, Uniform
 from learner.policy import Selector
 from learner.trainer import Learner, preset
@@ -127,7 +128,7 @@ def main() -> None:
                 for path in args.summarise for r in json.loads(Path(path).read_text())}
         print(summarise(list(rows.values())))
         return
-    torch.set_num_threads(1)
+    use_one_thread()
     rows = []
     for world in args.worlds:
         for size in args.sizes:

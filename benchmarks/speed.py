@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from genco.jsonl import BadLines
+from genco.threads import use_one_thread
 from learner.offline import bag_batches
 from learner.policy import Selector
 from learner.trainer import Learner
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--bags", type=int, default=100_000)
     parser.add_argument("--out", default="bench-out/speed.json")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    use_one_thread()
     work = Path(tempfile.mkdtemp(prefix="genco-speed-"))
     world = World(WorldConfig(seed=0, n_ads=200))
     log = world.uniform_log(args.bags)

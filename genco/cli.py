@@ -248,11 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
+    from genco.threads import use_one_thread
 
-    # One intra-op thread: with two OpenMP threads on a busy 2-core machine (a parser process,
-    # another agent) every barrier waits for a descheduled thread; the demo measured 18x slower.
-    torch.set_num_threads(1)
+    use_one_thread()
     args = build_parser().parse_args(argv)
     return args.run(args)
 

@@ -45,10 +45,8 @@ class Supervisor:
 
     def _spawn(self, name: str) -> None:
         spec = json.dumps({"name": name, "broker": self.broker, "settings": asdict(self.settings)})
-        # One BLAS thread per agent, as torch gets one: numpy's OpenBLAS would start one per core.
-        env = {"OPENBLAS_NUM_THREADS": "1", **os.environ, "GENCO_AGENT_SPEC": spec}
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "stream.agent"], preexec_fn=die_with_parent,
-                                                env=env)
+                                                env={**os.environ, "GENCO_AGENT_SPEC": spec})
 
     def start(self) -> None:
         for name in self.agents:
