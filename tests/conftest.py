@@ -7,12 +7,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
 
+from genco.threads import use_one_thread
 from sim.world import World, WorldConfig
 from stream.events import Bag
 
-torch.set_num_threads(1)
+use_one_thread()
 
 
 def make_log(seed: int, n_ads: int, bags: int) -> tuple[World, list[dict]]:
