@@ -60,14 +60,18 @@ class Report:
     errors_answered: set[str] = field(default_factory=set)  # ... that got their error response
 
     def last_quarter(self) -> dict[str, float] | None:
-        """True CTR of the learned, uniform and oracle policies over the last quarter of the windows,
-        weighted by responses (the run's final window is often a short tail)."""
+        """True CTR of the learned, uniform and oracle policies over the last quarter of the responses: the
+        newest windows that together hold a quarter of them, weighted by responses (the run's final window
+        is often a short tail, and a quarter of six windows is one)."""
         rows = [r for r in self.windows if r["genco_ctr"] is not None and r["uniform_ctr"] is not None]
-        rows = rows[-max(len(rows) // 4, 1):]
-        n = sum(r["responses"] for r in rows)
+        quarter = sum(r["responses"] for r in rows) / 4
+        picked: list[dict] = []
+        while rows and sum(r["responses"] for r in picked) < quarter:
+            picked.append(rows.pop())
+        n = sum(r["responses"] for r in picked)
         if not n:
             return None
-        return {k: sum(r[f"{k}_ctr"] * r["responses"] for r in rows) / n for k in ("genco", "uniform", "oracle")}
+        return {k: sum(r[f"{k}_ctr"] * r["responses"] for r in picked) / n for k in ("genco", "uniform", "oracle")}
 
     def latency_percentile(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
