@@ -110,13 +110,13 @@ class ServingModel:
         self.phi = SplitMLP.freeze(model.phi, c.encoder[-1])
         self.mil_weight = SplitMLP.freeze(model.mil_weight, c.encoder[-1])
         self.qkv = np.concatenate([_array(m.weight).T for m in (model.query, model.key, model.value)], 1)
-        if c.prior:
-            self.element_counts = _array(model.element_counts)
-            self.ad_counts = _array(model.ad_counts)
+        if c.prior:  # the counts are frozen too, so every row's prior is computed once, here
             total = _array(model.total_counts)
             self.base_rate = np.float32((total[1] + 1.0) / (total[0] + 20.0))
             self.base_logit = _logit(self.base_rate)
-            self.prior_weight = _array(model.prior_weight)
+            weight = _array(model.prior_weight)
+            self.element_prior = weight[0] * self._prior(_array(model.element_counts), relative=True)
+            self.request_prior = self.base_logit + weight[1] * self._prior(_array(model.ad_counts), relative=False)
 
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
@@ -145,10 +145,9 @@ class ServingModel:
         logit = self.phi(features @ self.phi.f_weight, phi_h[element_request])[:, 0]
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
-        base = self.base_logit
-        element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.arrays["element"]], relative=True)
-        request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[context[:, 3]], relative=False)
-        return Encoded(h, phi_h, features, logit + element_prior + base, element_prior, request_prior)
+        element_prior = self.element_prior[batch.arrays["element"]]
+        request_prior = self.request_prior[context[:, 3]]
+        return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior)
 
     def _prior(self, counts: np.ndarray, relative: bool) -> np.ndarray:
         base, m = self.base_rate, np.float32(self.config.prior_strength)
