@@ -21,7 +21,17 @@ from pathlib import Path
 
 from genco.config import Settings
 from sim.adserver import AdServer, Report
-from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, read_topic, serve_log, start_serve, stop_serve
+from sim.harness import (
+    WINDOW,
+    bags_seen,
+    freeze,
+    kill_and_restart,
+    read_topic,
+    serve_log,
+    start_serve,
+    stop_serve,
+    wait_ready,
+)
 from sim.world import World, WorldConfig
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
@@ -57,7 +67,7 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
             await damage
             return report
 
-        time.sleep(12)
+        wait_ready(state_dir)
         report = asyncio.run(run())
         deadline = time.monotonic() + 60
         while bags_seen(state_dir) < len(report.labels) and time.monotonic() < deadline:

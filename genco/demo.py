@@ -21,7 +21,7 @@ from genco.config import Settings
 from sim.adserver import AdServer, Report
 from sim.world import World, WorldConfig
 from stream.kafka import Connection, Topics
-from stream.serve import broker_for, running_agents
+from stream.serve import broker_for, prepare_metrics, running_agents, wait_until_ready
 
 DEMO_WINDOW_S = 2.0  # the simulated users click within seconds, so the demo closes windows fast
 
@@ -57,6 +57,7 @@ def run_demo(settings: Settings, rate: float = 300.0, seconds: float = 60.0) -> 
     shutil.rmtree(state, ignore_errors=True)  # the embedded broker starts empty, so must the agents' state
     settings = replace(settings, state_dir=str(state), click_window_s=DEMO_WINDOW_S, broker="")
     topics = Topics(settings.topic_prefix)
+    metrics = prepare_metrics(str(state))  # the agents report readiness there
     with broker_for(settings, None) as url:
         connection = Connection.from_settings(settings, url)
         with running_agents(settings, url):
@@ -70,7 +71,8 @@ def run_demo(settings: Settings, rate: float = 300.0, seconds: float = 60.0) -> 
             server.on_window = lambda r: print(
                 f"{r['t']:>6.0f}{r['responses']:>10}{'v' + str(r['model_version']):>7}{_fmt(r['genco_ctr']):>9}"
                 f"{_fmt(r['uniform_ctr']):>9}{_fmt(r['oracle_ctr']):>9}", flush=True)
-            time.sleep(8)  # let the agents come up before the clock starts
+            if not wait_until_ready(metrics):  # the clock starts once every agent has its partitions
+                print("warning: not every agent was ready after 90 s; starting traffic anyway")
             started = time.monotonic()
             report = asyncio.run(server.run())
             elapsed = time.monotonic() - started

@@ -49,6 +49,7 @@ def collect(metrics_url: str, state_dir: str | Path, now: float | None = None) -
     loaded_at = total("genco_model_loaded_timestamp_seconds")
     status.update({
         "running": True,
+        "agents_ready": sorted(ls["agent"] for ls, v in samples.get("genco_agent_ready", []) if v),
         "serving_model_version": int(total("genco_model_version")),
         "serving_model_loaded_s_ago": round(now - loaded_at, 1) if loaded_at else None,
         "consumer_lag": by("genco_consumer_lag", "agent", "topic"),
@@ -80,6 +81,7 @@ def render(status: dict) -> list[str]:
         lines.append(f"newest snapshot      v{s['version']}, {s['bags_seen']} bags seen, {s['age_s']:.0f} s old")
     if not status["running"]:
         return [*lines, status["error"]]
+    lines.append(f"agents ready         {', '.join(status['agents_ready']) or 'none yet'}")
     age = status["serving_model_loaded_s_ago"]
     lines.append(f"serving model        v{status['serving_model_version']}"
                  + (f" (loaded {age:.0f} s ago)" if age is not None else " (uniform fallback: no snapshot yet)"))

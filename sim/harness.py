@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from state.snapshots import SnapshotError, SnapshotStore
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
+from stream.serve import wait_until_ready
 
 WINDOW = 2.0
 
@@ -69,6 +70,12 @@ async def freeze(broker: EmbeddedBroker, after_s: float, for_s: float = 15.0) ->
 
 def serve_log(state_dir: Path) -> str:
     return (Path(state_dir) / "serve.log").read_text()
+
+
+def wait_ready(state_dir: Path, timeout_s: float = 90.0) -> None:
+    """Until every agent of the ``genco serve`` started on ``state_dir`` has its partitions."""
+    if not wait_until_ready(Path(state_dir) / "metrics", timeout_s=timeout_s):
+        raise TimeoutError(f"genco serve not ready after {timeout_s:.0f} s:\n{serve_log(state_dir)[-3000:]}")
 
 
 def bags_seen(state_dir: Path) -> int:

@@ -77,7 +77,7 @@ class Joiner:
                      self.topics.bags, self.join.window_s)
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-                mark_ready(consumer, self.ready, log)
+                mark_ready("joiner", consumer, self.ready, log)
                 tx = self.store.transaction()
                 for tp, records in batches.items():
                     EVENTS_IN.labels(tp.topic).inc(len(records))

@@ -29,5 +29,7 @@ SELECTION_LATENCY = Histogram("genco_selection_latency_seconds", "Request consum
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0))
 CONSUMER_LAG = Gauge("genco_consumer_lag", "Messages not yet consumed, by agent and topic", ["agent", "topic"],
                      multiprocess_mode="livesum")
+AGENT_READY = Gauge("genco_agent_ready", "1 once the agent has its input partitions assigned", ["agent"],
+                    multiprocess_mode="max")
 PROGRESSIVE_LOGLOSS = Gauge("genco_progressive_logloss", "Log loss of each bag scored before training on it",
                             multiprocess_mode="livemax")

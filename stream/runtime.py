@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 
 from state.kv import Store
-from stream.metrics import CONSUMER_LAG, DEAD_LETTERS
+from stream.metrics import AGENT_READY, CONSUMER_LAG, DEAD_LETTERS
 
 log = logging.getLogger("genco.runtime")
 
@@ -77,10 +77,11 @@ async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[b
     store.sent([key for key, _ in outbox])
 
 
-def mark_ready(consumer: AIOKafkaConsumer, ready: asyncio.Event, agent_log: logging.Logger) -> None:
-    """Set ``ready`` (and say so) the first time the consumer has partitions assigned."""
+def mark_ready(agent: str, consumer: AIOKafkaConsumer, ready: asyncio.Event, agent_log: logging.Logger) -> None:
+    """Set ``ready`` (and say so, in the log and the metrics) the first time the consumer has partitions."""
     if not ready.is_set() and consumer.assignment():
         agent_log.info("assigned %d partitions", len(consumer.assignment()))
+        AGENT_READY.labels(agent).set(1)
         ready.set()
 
 

@@ -95,7 +95,7 @@ class SelectorAgent:
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
-                mark_ready(consumer, self.ready, log)
+                mark_ready("selector", consumer, self.ready, log)
                 if not batches:
                     await watch.lagging(consumer)
                     continue

@@ -97,6 +97,28 @@ def start_metrics_server(port: int) -> None:
         log.warning("metrics endpoint not started: port %d: %s", port, error)
 
 
+def ready_agents(metrics_dir: Path) -> set[str]:
+    """The agents that have their input partitions, from the metrics they write to ``metrics_dir``."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    if not metrics_dir.is_dir():  # genco serve has not created it yet
+        return set()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
+    return {sample.labels["agent"] for metric in registry.collect() if metric.name == "genco_agent_ready"
+            for sample in metric.samples if sample.value >= 1}
+
+
+def wait_until_ready(metrics_dir: Path, agents: tuple[str, ...] = AGENTS, timeout_s: float = 90.0) -> bool:
+    """Block until every agent has its partitions (imports and group joins take seconds); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not set(agents) <= ready_agents(metrics_dir):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @contextlib.contextmanager
 def broker_for(settings: Settings, broker: str | None) -> Iterator[str]:
     """The configured broker's URL, or an embedded broker's for the duration of the block."""

@@ -34,7 +34,7 @@ from stream.metrics import (
     TRAINED_BAGS,
     TRAINING_STEPS,
 )
-from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
+from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, mark_ready, send_all
 
 log = logging.getLogger("genco.learner")
 
@@ -61,6 +61,7 @@ class TrainingAgent:
         # Trained since the last checkpoint: impression id -> bag ts; offsets reached.
         self.unrecorded: dict[str, float] = {}
         self.offsets: dict[tuple[str, int], int] = {}
+        self.ready = asyncio.Event()  # set once partitions are assigned
 
     def _resume(self) -> Learner:
         recorded = self.store.get(_CHECKPOINT)
@@ -121,6 +122,7 @@ class TrainingAgent:
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
+                mark_ready("learner", consumer, self.ready, log)
                 now = time.monotonic()
                 dead = []
                 for tp, records in batches.items():

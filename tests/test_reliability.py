@@ -14,7 +14,7 @@ import time
 from genco.config import Settings
 from sim.adserver import AdServer, Report
 from sim.garbage import corrupt
-from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, serve_log, start_serve, stop_serve
+from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, serve_log, start_serve, stop_serve, wait_ready
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
@@ -66,7 +66,7 @@ def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_on
         served_before_kill.extend(int(line.rsplit("v", 1)[1]) for line in serve_log(tmp_path).splitlines()
                                   if "serving snapshot v" in line)
 
-    time.sleep(12)  # agents start; requests sent earlier would wait, not be lost
+    wait_ready(tmp_path)  # requests sent earlier would wait, not be lost
     try:
         report = run_closed_loop(broker, topics, rate=200, requests=8000,  # kill halfway through sending
                                  fault=lambda: kill_and_restart(serves, broker, topics, tmp_path, after_s=20,
@@ -87,7 +87,7 @@ def test_a_frozen_broker_is_waited_out_without_restarts_or_loss(topics, tmp_path
         connection = Connection.from_settings(Settings(), broker.url)
         connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
         serve = start_serve(broker.url, topics, tmp_path)
-        time.sleep(12)
+        wait_ready(tmp_path)
         try:
             report = run_closed_loop(broker.url, topics, rate=200, requests=7000,
                                      fault=lambda: freeze(broker, after_s=12, for_s=15))

@@ -13,7 +13,7 @@ import time
 from genco.config import Settings
 from learner.trainer import Learner
 from sim.adserver import AdServer
-from sim.harness import WINDOW, serve_env, serve_log, start_serve
+from sim.harness import WINDOW, serve_env, serve_log, start_serve, wait_ready
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
 from stream.embedded import free_port
@@ -32,7 +32,7 @@ def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker
         world = World(WorldConfig(seed=5, n_ads=60))
         server = AdServer(world, connection, topics, rate=250, requests=12_000, window_s=WINDOW,
                           window_every_s=12, truth_sample=0.3, garbage=0.05)
-        time.sleep(12)  # agents start (imports, group joins); requests sent earlier would wait, not be lost
+        wait_ready(tmp_path)  # imports and group joins take seconds; requests sent earlier would wait, not be lost
         report = asyncio.run(server.run())
         bags = asyncio.run(read_all(broker, topics.bags, lambda m: len(m) >= len(report.labels), timeout_s=30,
                                     settle_s=1))
@@ -54,6 +54,7 @@ def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker
     assert report.errors_answered == report.errors_due, "a broken request with a readable id gets an error"
     assert len(dead) == garbage and all(d["error"] and d["raw"] for d in dead), "each broken message: one letter"
     assert report.versions[-1] >= 3, "the learner keeps publishing and the selector keeps swapping"
+    assert status["agents_ready"] == ["joiner", "learner", "selector"]
     assert status["trained_bags"] == len(report.labels), "the learner trained on each impression once"
     assert status["serving_model_version"] >= report.versions[-1] and status["pending_impressions"] == 0
     assert sum(status["dead_letters"].values()) == garbage and sum(status["bags_out"].values()) == len(labels)
