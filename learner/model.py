@@ -138,6 +138,14 @@ class GenCO(nn.Module):
         request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], relative=False)
         return Encoded(h, features, logit + element_prior + base, element_prior, request_prior)
 
+    @torch.no_grad()
+    def prior_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The priors ``encode`` adds, for every row at once: each element row's, each context row's as a
+        request's ad (meaningful for ad rows), and the running mean CTR's log-odds. Serving freezes them."""
+        base = torch.logit(self._base_rate())
+        return (self.prior_weight[0] * self._prior(self.element_counts, relative=True),
+                base + self.prior_weight[1] * self._prior(self.ad_counts, relative=False), base)
+
     def _base_rate(self) -> torch.Tensor:
         return (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)
 

@@ -2,8 +2,8 @@
 
 Why a copy: one request through the torch model is ~300 tiny tensor ops at ~7 µs
 of dispatch each (~2 ms); the same arithmetic in numpy costs ~1 µs an op. Training
-stays in torch; ``ServingModel.from_model`` freezes a trained model's weights
-(BatchNorm folded into the layer before it), and a test checks that both score
+stays in torch; ``ServingModel(model)`` freezes a trained model's weights and
+priors (BatchNorm folded into the layer before it), and a test checks that both score
 every element and combination alike.
 """
 
@@ -30,7 +30,7 @@ def _freeze_mlp(sequential: nn.Sequential) -> list[Layer]:
     layers: list[Layer] = []
     for module in sequential:
         if isinstance(module, nn.Linear):
-            layers.append((_array(module.weight).T.copy(), _array(module.bias), False))
+            layers.append((_array(module.weight.T), _array(module.bias), False))
         elif isinstance(module, nn.BatchNorm1d):
             weight, bias, _ = layers[-1]
             scale = _array(module.weight) / np.sqrt(_array(module.running_var) + module.eps)
@@ -76,10 +76,6 @@ def _mlp(layers: list[Layer], x: np.ndarray) -> np.ndarray:
     return x.reshape(*shape, x.shape[-1])
 
 
-def _logit(p: np.ndarray | np.float32) -> np.ndarray:
-    return np.log(p / (1 - p))
-
-
 def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int) -> np.ndarray:
     scores = np.where(allowed, scores, -np.inf)
     scores = np.exp(scores - scores.max(axis, keepdims=True))
@@ -111,12 +107,9 @@ class ServingModel:
         self.mil_weight = SplitMLP.freeze(model.mil_weight, c.encoder[-1])
         self.qkv = np.concatenate([_array(m.weight).T for m in (model.query, model.key, model.value)], 1)
         if c.prior:  # the counts are frozen too, so every row's prior is computed once, here
-            total = _array(model.total_counts)
-            self.base_rate = np.float32((total[1] + 1.0) / (total[0] + 20.0))
-            self.base_logit = _logit(self.base_rate)
-            weight = _array(model.prior_weight)
-            self.element_prior = weight[0] * self._prior(_array(model.element_counts), relative=True)
-            self.request_prior = self.base_logit + weight[1] * self._prior(_array(model.ad_counts), relative=False)
+            element_prior, request_prior, base_logit = model.prior_tables()
+            self.element_prior, self.request_prior = _array(element_prior), _array(request_prior)
+            self.base_logit = np.float32(base_logit.item())
 
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
@@ -148,12 +141,6 @@ class ServingModel:
         element_prior = self.element_prior[batch.arrays["element"]]
         request_prior = self.request_prior[context[:, 3]]
         return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior)
-
-    def _prior(self, counts: np.ndarray, relative: bool) -> np.ndarray:
-        base, m = self.base_rate, np.float32(self.config.prior_strength)
-        excess = counts[:, 1] if relative else counts[:, 1] - counts[:, 0] * base
-        rate = np.clip(base + excess / (counts[:, 0] + m), np.float32(1e-4), np.float32(1 - 1e-4))
-        return _logit(rate) - self.base_logit
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray, element_request: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request.
