@@ -24,7 +24,7 @@ from stream.events import Click, Impression
 from stream.join import Join, JoinCounts
 from stream.kafka import Connection, Topics
 from stream.metrics import BAGS_OUT, DUPLICATES, EVENTS_IN, ORPHAN_CLICKS, PENDING_IMPRESSIONS, WATERMARK
-from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, deliver, mark_ready
+from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, deliver
 from stream.watermark import Watermark
 
 log = logging.getLogger("genco.joiner")
@@ -77,7 +77,7 @@ class Joiner:
                      self.topics.bags, self.join.window_s)
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-                mark_ready("joiner", consumer, self.ready, log)
+                watch.mark_ready(consumer, self.ready)
                 tx = self.store.transaction()
                 for tp, records in batches.items():
                     EVENTS_IN.labels(tp.topic).inc(len(records))

@@ -77,14 +77,6 @@ async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[b
     store.sent([key for key, _ in outbox])
 
 
-def mark_ready(agent: str, consumer: AIOKafkaConsumer, ready: asyncio.Event, agent_log: logging.Logger) -> None:
-    """Set ``ready`` (and say so, in the log and the metrics) the first time the consumer has partitions."""
-    if not ready.is_set() and consumer.assignment():
-        agent_log.info("assigned %d partitions", len(consumer.assignment()))
-        AGENT_READY.labels(agent).set(1)
-        ready.set()
-
-
 def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, error: str) -> Message:
     """The contract's DeadLetter for a bad input record, keyed like it: where it was, what is wrong, 64 KiB of it."""
     DEAD_LETTERS.labels(tp.topic, error.split(":", 1)[0].split(" ", 1)[0][:64]).inc()
@@ -94,7 +86,8 @@ def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, e
 
 
 class FetchWatch:
-    """One agent's view of its input: which partitions may hold unread messages; whether the broker went quiet.
+    """One agent's view of its input: whether it has partitions yet; which may hold unread messages; whether
+    the broker went quiet.
 
     A partition counts as lagging while its end is unknown (before its first fetch) or
     its position is behind it. ``confirmed_at`` is when the broker last answered a fetch
@@ -111,6 +104,13 @@ class FetchWatch:
         self.quiet_since: float | None = None
         # When the broker last confirmed the end of *every* assigned partition (0: not yet).
         self.confirmed_at = 0.0
+
+    def mark_ready(self, consumer: AIOKafkaConsumer, ready: asyncio.Event) -> None:
+        """Set ``ready`` (and say so, in the log and the metrics) the first time the consumer has partitions."""
+        if not ready.is_set() and consumer.assignment():
+            self.log.info("assigned %d partitions", len(consumer.assignment()))
+            AGENT_READY.labels(self.agent).set(1)
+            ready.set()
 
     async def lagging(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         """The lagging partitions (publishing lag per topic on the way)."""

@@ -22,7 +22,7 @@ from state.snapshots import SnapshotError, SnapshotStore
 from stream.events import SelectionRequest
 from stream.kafka import Connection, Topics
 from stream.metrics import EVENTS_IN, MODEL_LOADED_AT, MODEL_VERSION, SELECTION_LATENCY, SELECTIONS
-from stream.runtime import FetchWatch, Message, commit, dead_letter, mark_ready, send_all
+from stream.runtime import FetchWatch, Message, commit, dead_letter, send_all
 
 log = logging.getLogger("genco.selector")
 
@@ -95,7 +95,7 @@ class SelectorAgent:
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.max_batch)
-                mark_ready("selector", consumer, self.ready, log)
+                watch.mark_ready(consumer, self.ready)
                 if not batches:
                     await watch.lagging(consumer)
                     continue

@@ -34,7 +34,7 @@ from stream.metrics import (
     TRAINED_BAGS,
     TRAINING_STEPS,
 )
-from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, mark_ready, send_all
+from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
 
 log = logging.getLogger("genco.learner")
 
@@ -122,7 +122,7 @@ class TrainingAgent:
         try:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
-                mark_ready("learner", consumer, self.ready, log)
+                watch.mark_ready(consumer, self.ready)
                 now = time.monotonic()
                 dead = []
                 for tp, records in batches.items():
