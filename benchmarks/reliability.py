@@ -40,7 +40,7 @@ TOPICS = Topics("rel.")
 
 
 def captured(report: Report) -> float | None:
-    """(learned - uniform) / (oracle - uniform) true CTR over the last quarter of the windows."""
+    """(learned - uniform) / (oracle - uniform) true CTR over the last quarter of the responses."""
     ctr = report.last_quarter()
     return round((ctr["genco"] - ctr["uniform"]) / (ctr["oracle"] - ctr["uniform"]), 3) if ctr else None
 

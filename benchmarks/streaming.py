@@ -29,7 +29,7 @@ from sim.adserver import AdServer
 from sim.harness import read_topic
 from sim.world import World, WorldConfig
 from state.kv import Store
-from state.snapshots import SnapshotStore
+from state.snapshots import SnapshotError, SnapshotStore
 from stream.embedded import EmbeddedBroker
 from stream.events import Bag
 from stream.joiner import Joiner
@@ -168,10 +168,9 @@ def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 4
             version = snapshots.latest_version()
             if version > last:
                 try:
-                    manifest = json.loads((snapshots.directory / f"v{version:08d}" / "manifest.json").read_text())
-                    published.append((manifest["bags_seen"], time.time()))
+                    published.append((snapshots.manifest(version).bags_seen, time.time()))
                     last = version
-                except (OSError, ValueError):
+                except SnapshotError:  # half-written or pruned meanwhile
                     pass
             time.sleep(0.05)
 
