@@ -17,8 +17,8 @@ group and its position in the request. With Table-1 pools ~75% of a dense
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -104,6 +104,21 @@ class Batch:
         return grid
 
 
+class _Rows(dict):
+    """id -> hash row, computed on first sight. Lookups of known ids stay in C (``map(rows.__getitem__, ids)``),
+    which is most of featurisation's speed; the cache starts over past ``limit`` ids so memory stays bounded."""
+
+    def __init__(self, compute: Callable[[str], int], limit: int = 1 << 20) -> None:
+        super().__init__()
+        self.compute, self.limit = compute, limit
+
+    def __missing__(self, key: str) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        row = self[key] = self.compute(key)
+        return row
+
+
 class Featurizer:
     """Maps contract records to :class:`Batch` tensors; pure function of its sizes and cap."""
 
@@ -111,33 +126,48 @@ class Featurizer:
         self.sizes = sizes or HashSizes()
         self.max_candidates = max_candidates
         self._ctx = self.sizes.context_offsets()
-        self.context_row = lru_cache(maxsize=1 << 20)(self._context_row)
-        self.element_row = lru_cache(maxsize=1 << 21)(self._element_row)
-        self.component_row = lru_cache(maxsize=4096)(self._component_row)
+        self._context = {kind: self._context_table(kind) for kind in (*CONTEXT_KINDS, "segment")}
+        self._elements: dict[str, _Rows] = {}
+        self._components = _Rows(self._component_row)
 
-    def _context_row(self, kind: str, value: str) -> int:
-        return self._ctx[kind] + stable_hash(kind, value) % getattr(self.sizes, kind)
+    def _context_table(self, kind: str) -> _Rows:
+        start, rows = self._ctx[kind], getattr(self.sizes, kind)
+        return _Rows(lambda value: start + stable_hash(kind, value) % rows)
 
-    def _component_row(self, component: str) -> int:
+    def _element_table(self, component: str) -> _Rows:
+        table = self._elements.get(component)
+        if table is None:
+            if len(self._elements) >= 4096:  # component names are open strings: bound them too
+                self._elements.clear()
+            if component in PAPER_COMPONENTS:
+                start, rows, salt = PAPER_COMPONENTS.index(component) * self.sizes.element, self.sizes.element, component
+            else:
+                start, rows = len(PAPER_COMPONENTS) * self.sizes.element, self.sizes.other_element
+                salt = f"element:{component}"
+            table = self._elements[component] = _Rows(lambda element: start + stable_hash(salt, element) % rows)
+        return table
+
+    def _component_row(self, component: str) -> tuple[int, int]:
+        """(component-table row, pool-stats column) of a component name."""
         if component in PAPER_COMPONENTS:
-            return PAPER_COMPONENTS.index(component)
-        return len(PAPER_COMPONENTS) + stable_hash("component", component) % (
-            self.sizes.component - len(PAPER_COMPONENTS)
-        )
+            return PAPER_COMPONENTS.index(component), _STAT_COLUMN[component]
+        spare = self.sizes.component - len(PAPER_COMPONENTS)
+        return len(PAPER_COMPONENTS) + stable_hash("component", component) % spare, len(PAPER_COMPONENTS)
 
-    def _element_row(self, component: str, element: str) -> int:
-        if component in PAPER_COMPONENTS:
-            base = PAPER_COMPONENTS.index(component) * self.sizes.element
-            return base + stable_hash(component, element) % self.sizes.element
-        base = len(PAPER_COMPONENTS) * self.sizes.element
-        return base + stable_hash(f"element:{component}", element) % self.sizes.other_element
+    def context_row(self, kind: str, value: str) -> int:
+        return self._context[kind][value]
+
+    def element_row(self, component: str, element: str) -> int:
+        return self._element_table(component)[element]
 
     def context_rows(self, record) -> tuple[int, int, int, int, int]:
         """Rows of the record's user, age, gender, ad and query; absent parts hash as empty ids."""
-        crow, user, query = self.context_row, record.user, record.query
-        return (crow("user", (user.id or "") if user else ""), crow("age", str(user.age) if user else ""),
-                crow("gender", str(user.gender) if user else ""), crow("ad", record.ad_id),
-                crow("query", (query.id or "") if query else ""))
+        ctx, user, query = self._context, record.user, record.query
+        if user:
+            user_rows = ctx["user"][user.id or ""], ctx["age"][str(user.age)], ctx["gender"][str(user.gender)]
+        else:
+            user_rows = ctx["user"][""], ctx["age"][""], ctx["gender"][""]
+        return (*user_rows, ctx["ad"][record.ad_id], ctx["query"][(query.id or "") if query else ""])
 
     def batch(self, records: list, labelled: bool = False) -> Batch:
         """Featurize requests; ``labelled`` Bags also carry their shown combination and click label.
@@ -146,31 +176,34 @@ class Featurizer:
         derived from the pool sizes with numpy, which keeps featurisation off the training path.
         """
         cap = self.max_candidates
+        context_rows, segment_row = self.context_rows, self._context["segment"].__getitem__
+        tables, new_table = self._elements, self._element_table
         context, segments, segment_offsets, groups_per_request = [], [], [], []
-        element, group_size, group_component, group_stat, shown_pos = [], [], [], [], []
-        seeds, candidate_ids, group_names = [], [], []
-        crow, erow, comp_row = self.context_row, self.element_row, self.component_row
+        element, group_size, shown_pos, seeds, candidate_ids, group_names = [], [], [], [], [], []
         for record in records:
             user, query = record.user, record.query
-            context.append(self.context_rows(record))
+            context.append(context_rows(record))
             segment_offsets.append(len(segments))
             if query:
-                segments.extend([crow("segment", s) for s in query.segments])
+                segments.extend(map(segment_row, query.segments))
             shown_ids = record.shown if labelled else {}
             groups_per_request.append(len(record.candidates))
             for component, ids in record.candidates.items():
-                considered = ids[:cap]
+                considered = ids if len(ids) <= cap else ids[:cap]
                 pick = shown_ids.get(component)
-                if pick is not None and pick not in considered:  # keep the logged element trainable
+                if pick is None:
+                    shown_pos.append(-1)
+                elif pick in considered:
+                    shown_pos.append(considered.index(pick))
+                else:  # keep the logged element trainable
                     considered = [*considered[: cap - 1], pick]
-                element.extend([erow(component, e) for e in considered])
+                    shown_pos.append(cap - 1)
+                element.extend(map((tables.get(component) or new_table(component)).__getitem__, considered))
                 group_size.append(len(considered))
-                group_component.append(comp_row(component))
-                group_stat.append(_STAT_COLUMN.get(component, len(PAPER_COMPONENTS)))
-                shown_pos.append(considered.index(pick) if pick is not None else -1)
                 candidate_ids.append(considered)
                 group_names.append(component)
             seeds.append(stable_hash(record.ad_id, f"{user and user.id}|{query and query.id}") & 0x7FFFFFFF)
+        group_component, group_stat = zip(*map(self._components.__getitem__, group_names), strict=True)
 
         n = len(records)
         sizes = np.asarray(group_size, dtype=np.int64)
