@@ -16,9 +16,10 @@ group and its position in the request. With Table-1 pools ~75% of a dense
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 import torch
@@ -63,45 +64,129 @@ def stable_hash(salt: str, value: str) -> int:
     return zlib.crc32(value.encode("utf-8"), zlib.crc32(salt.encode("utf-8")))
 
 
+ATTENTION_ROWS = 256  # requests attended in one block: sorted by size, so padding stays near each block's own
+
+
+@dataclass
+class AttentionBlock:
+    """Requests of similar size attended together: ``rows`` requests padded to ``width`` elements."""
+
+    start: int  # first position of the block in the padded (sum rows * width) element buffer
+    mask_start: int  # first position of its (rows, width, width) mask in ``Batch.attention_blocked``
+    rows: int
+    width: int
+
+
 @dataclass
 class Batch:
-    """A mini-batch of requests (and, for training, their shown combination and label)."""
+    """A mini-batch of requests (and, for training, their shown combination and label).
+
+    Besides the ids' rows it carries every index layout the model reads (attention blocks, pool grid,
+    combination grid, each table's distinct rows), computed here in numpy so that neither training nor
+    serving spends tensor operations on bookkeeping, and so a parser process can compute them.
+    """
 
     context: torch.Tensor  # (B, 5) rows of user, age, gender, ad, query in the context table
     segments: torch.Tensor  # flat segment rows
     segment_offsets: torch.Tensor  # (B,) start of each request's segments
+    segment_request: torch.Tensor  # (S,) request of each segment
+    segment_count: torch.Tensor  # (B, 1) segments per request, at least 1 (a mean's divisor)
     pool_stats: torch.Tensor  # (B, 7) log(1 + pool size) per paper component, plus "other"
     element: torch.Tensor  # (L,) element-table rows
     element_group: torch.Tensor  # (L,) which (request, component) pool
+    element_request: torch.Tensor  # (L,) which request
+    element_component: torch.Tensor  # (L,) component-table row
     element_pos: torch.Tensor  # (L,) position inside its pool
     element_slot: torch.Tensor  # (L,) position inside its request (attention layout)
+    element_pool_cell: torch.Tensor  # (L,) flat cell in the (G, widest pool) grid
+    element_attention_cell: torch.Tensor  # (L,) flat cell in the padded attention buffer
+    attention_blocked: torch.Tensor  # flat (rows, width, width) masks of every block: True where not attended
     group_request: torch.Tensor  # (G,) request of each pool
     group_slot: torch.Tensor  # (G,) position of the pool inside its request
+    group_cell: torch.Tensor  # (G,) flat cell in the (B, most pools) combination grid
     group_component: torch.Tensor  # (G,) component-table row
     group_size: torch.Tensor  # (G,) candidates considered in the pool
     shown: torch.Tensor  # (G,) element index (into L) shown in the pool, -1 if none
     clicked: torch.Tensor  # (B,) float labels; zeros when unlabelled
     seed: torch.Tensor  # (B,) stable per-request seed: sampling must not depend on the batch
-    candidate_ids: list[list[str]]  # (G) the ids behind each pool, to turn picks back into ids
-    group_names: list[str]  # (G) component name of each pool
-    request_groups: list[range]  # (B) the pools of each request
+    element_rows: torch.Tensor  # (Ue,) distinct element-table rows, sorted
+    element_inverse: torch.Tensor  # (L,) index of each element's row in element_rows
+    context_table_rows: torch.Tensor  # (Uc,) distinct context-table rows of context and segments, sorted
+    context_inverse: torch.Tensor  # (5B + S,) index of each context then segment row in context_table_rows
+    attention_blocks: list[AttentionBlock]
+    pool_width: int  # the widest pool
+    combination_width: int  # the most pools in one request
     arrays: dict[str, np.ndarray]  # the tensors above as the numpy arrays they share memory with (serving)
+    candidate_ids: list[list[str]] = field(default_factory=list)  # (G) the ids behind each pool (selection)
+    group_names: list[str] = field(default_factory=list)  # (G) component name of each pool (selection)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], shapes: dict, **lists) -> Batch:
+        """A Batch around numpy arrays, e.g. as a parser process sent them (``shapes``: the non-array fields)."""
+        return cls(**{name: torch.from_numpy(array) for name, array in arrays.items()}, arrays=arrays,
+                   attention_blocks=[AttentionBlock(*b) for b in shapes["attention_blocks"]],
+                   pool_width=shapes["pool_width"], combination_width=shapes["combination_width"], **lists)
+
+    def shapes(self) -> dict:
+        """The non-array fields as plain values, to send beside ``arrays``."""
+        return {"attention_blocks": [astuple(b) for b in self.attention_blocks], "pool_width": self.pool_width,
+                "combination_width": self.combination_width}
 
     @property
     def size(self) -> int:
-        return len(self.request_groups)
+        return len(self.arrays["seed"])
+
+    def request_groups(self) -> list[range]:
+        """The pools of each request."""
+        first = np.flatnonzero(self.arrays["group_slot"] == 0).tolist()
+        return [range(a, b) for a, b in itertools.pairwise([*first, len(self.arrays["group_slot"])])]
 
     def pool_grid(self, element_values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """(G, Nmax) view of per-element values, one row per pool, -inf on padding; torch for training,
-        numpy for serving."""
+        """(G, widest pool) grid of per-element values, one row per pool, -inf on padding; torch for
+        training, numpy for serving."""
+        shape = (len(self.arrays["group_size"]), self.pool_width)
         if isinstance(element_values, np.ndarray):
-            sizes = self.arrays["group_size"]
-            grid = np.full((len(sizes), int(sizes.max())), -np.inf, dtype=element_values.dtype)
-            grid[self.arrays["element_group"], self.arrays["element_pos"]] = element_values
-            return grid
-        grid = element_values.new_full((len(self.group_size), int(self.group_size.max())), float("-inf"))
-        grid[self.element_group, self.element_pos] = element_values
-        return grid
+            grid = np.full(shape[0] * shape[1], -np.inf, dtype=element_values.dtype)
+            grid[self.arrays["element_pool_cell"]] = element_values
+            return grid.reshape(shape)
+        grid = element_values.new_full((shape[0] * shape[1],), float("-inf"))
+        return grid.index_put((self.element_pool_cell,), element_values).view(shape)
+
+
+def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, element_group: np.ndarray,
+                      n: int) -> tuple[np.ndarray, np.ndarray, list[AttentionBlock]]:
+    """Requests sorted by element count, cut into blocks of ``ATTENTION_ROWS``, each padded to its widest.
+
+    Returns each element's cell in the padded buffer, the blocks' masks (True: not attended) flattened,
+    and the blocks. An element attends to itself and to every element of the other components of its
+    request; a padded row attends to its request's elements so no softmax row is empty.
+    """
+    sizes = np.bincount(element_request, minlength=n)
+    order = np.argsort(sizes, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(n)
+    blocks, cell_start, masks = [], 0, []
+    block_start = np.empty(n, dtype=np.int64)  # per rank: (buffer start of its block, first rank, width)
+    block_first = np.empty(n, dtype=np.int64)
+    block_width = np.empty(n, dtype=np.int64)
+    mask_start = 0
+    for first in range(0, n, ATTENTION_ROWS):
+        last = min(first + ATTENTION_ROWS, n)
+        rows, width = last - first, int(sizes[order[last - 1]])
+        blocks.append(AttentionBlock(cell_start, mask_start, rows, width))
+        block_start[first:last], block_first[first:last], block_width[first:last] = cell_start, first, width
+        cell_start += rows * width
+        mask_start += rows * width * width
+    element_rank = rank[element_request]
+    cell = block_start[element_rank] + (element_rank - block_first[element_rank]) * block_width[element_rank]
+    cell += element_slot
+    group = np.full(cell_start, -1, dtype=np.int64)
+    group[cell] = element_group
+    for block in blocks:
+        g = group[block.start : block.start + block.rows * block.width].reshape(block.rows, block.width)
+        blocked = (g[:, None, :] == g[:, :, None]) & ~np.eye(block.width, dtype=bool)
+        masks.append((blocked | (g < 0)[:, None, :]).ravel())
+    return cell, np.concatenate(masks) if masks else np.zeros(0, dtype=bool), blocks
 
 
 class _Rows(dict):
@@ -140,7 +225,8 @@ class Featurizer:
             if len(self._elements) >= 4096:  # component names are open strings: bound them too
                 self._elements.clear()
             if component in PAPER_COMPONENTS:
-                start, rows, salt = PAPER_COMPONENTS.index(component) * self.sizes.element, self.sizes.element, component
+                start, rows = PAPER_COMPONENTS.index(component) * self.sizes.element, self.sizes.element
+                salt = component
             else:
                 start, rows = len(PAPER_COMPONENTS) * self.sizes.element, self.sizes.other_element
                 salt = f"element:{component}"
@@ -211,34 +297,54 @@ class Featurizer:
         group_request = np.repeat(np.arange(n), per_request)
         first_group = np.cumsum(per_request) - per_request
         group_start = np.cumsum(sizes) - sizes
+        group_slot = np.arange(len(sizes)) - first_group[group_request]
         element_group = np.repeat(np.arange(len(sizes)), sizes)
         element_request = group_request[element_group]
         first_element = group_start[first_group]  # every request has at least one pool
+        element_pos = np.arange(len(element)) - group_start[element_group]
+        element_slot = np.arange(len(element)) - first_element[element_request]
         stats = np.zeros((n, len(PAPER_COMPONENTS) + 1), dtype=np.float32)
         np.add.at(stats, (group_request, np.asarray(group_stat, dtype=np.int64)), sizes)
         shown = np.asarray(shown_pos, dtype=np.int64)
         clicked = [1.0 if r.clicked else 0.0 for r in records] if labelled else [0.0] * n
+        context_array = np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))
+        segment_array, element_array = np.asarray(segments, dtype=np.int64), np.asarray(element, dtype=np.int64)
+        segment_count = np.diff(np.append(np.asarray(segment_offsets, dtype=np.int64), len(segments)))
+        group_component = np.asarray(group_component, dtype=np.int64)
+        pool_width, combination_width = int(sizes.max()), int(per_request.max())
+        element_rows, element_inverse = np.unique(element_array, return_inverse=True)
+        context_table_rows, context_inverse = np.unique(np.concatenate([context_array.ravel(), segment_array]),
+                                                        return_inverse=True)
+        attention_cell, attention_blocked, blocks = _attention_layout(element_request, element_slot, element_group, n)
         arrays = {
-            "context": np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS)),
-            "segments": np.asarray(segments, dtype=np.int64),
+            "context": context_array,
+            "segments": segment_array,
             "segment_offsets": np.asarray(segment_offsets, dtype=np.int64),
+            "segment_request": np.repeat(np.arange(n), segment_count),
+            "segment_count": np.maximum(segment_count, 1).astype(np.float32)[:, None],
             "pool_stats": np.log1p(stats),
-            "element": np.asarray(element, dtype=np.int64),
+            "element": element_array,
             "element_group": element_group,
-            "element_pos": np.arange(len(element)) - group_start[element_group],
-            "element_slot": np.arange(len(element)) - first_element[element_request],
+            "element_request": element_request,
+            "element_component": group_component[element_group],
+            "element_pos": element_pos,
+            "element_slot": element_slot,
+            "element_pool_cell": element_group * pool_width + element_pos,
+            "element_attention_cell": attention_cell,
+            "attention_blocked": attention_blocked,
             "group_request": group_request,
-            "group_slot": np.arange(len(sizes)) - first_group[group_request],
-            "group_component": np.asarray(group_component, dtype=np.int64),
+            "group_slot": group_slot,
+            "group_cell": group_request * combination_width + group_slot,
+            "group_component": group_component,
             "group_size": sizes,
             "shown": np.where(shown >= 0, group_start + shown, -1),
             "clicked": np.asarray(clicked, dtype=np.float32),
             "seed": np.asarray(seeds, dtype=np.int64),
+            "element_rows": element_rows,
+            "element_inverse": element_inverse.ravel(),
+            "context_table_rows": context_table_rows,
+            "context_inverse": context_inverse.ravel(),
         }
-        return Batch(
-            **{name: torch.from_numpy(array) for name, array in arrays.items()},
-            arrays=arrays,
-            candidate_ids=candidate_ids,
-            group_names=group_names,
-            request_groups=[range(int(a), int(a + m)) for a, m in zip(first_group, per_request, strict=True)],
-        )
+        shapes = {"attention_blocks": [astuple(b) for b in blocks], "pool_width": pool_width,
+                  "combination_width": combination_width}
+        return Batch.from_arrays(arrays, shapes, candidate_ids=candidate_ids, group_names=group_names)

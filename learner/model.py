@@ -23,7 +23,6 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from learner.features import CONTEXT_KINDS, PAPER_COMPONENTS, Batch, HashSizes
@@ -55,6 +54,31 @@ class ModelConfig:
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``weight[rows][inverse]`` whose gradient is sparse over the distinct ``rows``, already coalesced.
+
+    nn.Embedding's sparse gradient has one row per lookup, and SparseAdam sorts it to coalesce (~10 ms a
+    batch here); the featurizer already knows each batch's distinct rows, so the sort is not repeated.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, inverse)
+        ctx.shape = weight.shape
+        return weight[rows][inverse]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, inverse = ctx.saved_tensors
+        values = grad.new_zeros(len(rows), grad.shape[1]).index_add_(0, inverse, grad)
+        return (torch.sparse_coo_tensor(rows[None], values, ctx.shape, is_coalesced=True, check_invariants=False),
+                None, None)
+
+
+def gather_rows(weight: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(weight, rows, inverse)
 
 
 def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
@@ -111,24 +135,19 @@ class GenCO(nn.Module):
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
         n, d = batch.size, c.dim
-        element_request = batch.group_request[batch.element_group]
-        ctx = self.context_table(batch.context).flatten(1)
-        if batch.segments.numel():
-            seg = F.embedding_bag(batch.segments, self.context_table.weight, batch.segment_offsets,
-                                  mode="mean", sparse=True)
-            seg = F.pad(seg, (0, 0, 0, n - seg.shape[0]))  # embedding_bag drops trailing empty bags
-        else:
-            seg = ctx.new_zeros(n, d)
+        context_rows = gather_rows(self.context_table.weight, batch.context_table_rows, batch.context_inverse)
+        ctx, seg_rows = context_rows[: n * len(CONTEXT_KINDS)].view(n, -1), context_rows[n * len(CONTEXT_KINDS) :]
+        seg = ctx.new_zeros(n, d).index_add(0, batch.segment_request, seg_rows) / batch.segment_count
         h = self.encoder(torch.cat([ctx, seg, batch.pool_stats], 1))
 
-        emb = self.element_table(batch.element)
-        comp = self.component_embedding(batch.group_component[batch.element_group])
+        emb = gather_rows(self.element_table.weight, batch.element_rows, batch.element_inverse)
+        comp = self.component_embedding(batch.element_component)
         if c.attention:
-            z = self._cross_component_attention(batch, emb, element_request)
+            z = self._cross_component_attention(batch, emb)
         else:
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
-        logit = self.phi(torch.cat([h[element_request], features], 1)).squeeze(1)
+        logit = self.phi(torch.cat([h[batch.element_request], features], 1)).squeeze(1)
         if not c.prior:
             return Encoded(h, features, logit, None, None)
         # The running mean CTR's log-odds sets the level, so scores are calibrated from the first
@@ -179,42 +198,28 @@ class GenCO(nn.Module):
         self.ad_counts.index_add_(0, batch.context[:, 3], ads)
         self.total_counts += ads.sum(0)
 
-    def _cross_component_attention(self, batch: Batch, emb: torch.Tensor, element_request: torch.Tensor):
-        """Each element attends to itself and every candidate of the *other* components of its request.
-
-        Requests are sorted by size and attended in chunks, so padding stays near the chunk's own
-        largest request instead of the batch's.
-        """
-        n = batch.size
-        sizes = torch.bincount(element_request, minlength=n)
-        order = torch.argsort(sizes)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(n)
-        chunk = max(64, (n + 7) // 8)
-        q, k, v = self.query(emb), self.key(emb), self.value(emb)
-        z = emb.new_empty(emb.shape[0], q.shape[1])
-        element_rank = rank[element_request]
-        for start in range(0, n, chunk):
-            members = torch.nonzero((element_rank >= start) & (element_rank < start + chunk)).squeeze(1)
-            row, slot = element_rank[members] - start, batch.element_slot[members]
-            rows, width = min(chunk, n - start), int(sizes[order[min(start + chunk, n) - 1]])
-            group = torch.full((rows, width), -1, dtype=torch.long)
-            group[row, slot] = batch.element_group[members]
-            allowed = (group.unsqueeze(1) != group.unsqueeze(2)) & (group >= 0).unsqueeze(1)
-            allowed |= torch.eye(width, dtype=torch.bool)
-            dense = [x.new_zeros(rows, width, x.shape[1]).index_put((row, slot), x[members]) for x in (q, k, v)]
-            out = F.scaled_dot_product_attention(*dense, attn_mask=allowed)
-            z = z.index_put((members,), out[row, slot])
-        return z
+    def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
+        """Each element attends to itself and every candidate of the *other* components of its request,
+        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``)."""
+        hidden = self.config.attention_hidden
+        qkv = emb @ torch.cat([self.query.weight, self.key.weight, self.value.weight]).T
+        cells = batch.attention_blocks[-1].start + batch.attention_blocks[-1].rows * batch.attention_blocks[-1].width
+        padded = qkv.new_zeros(cells, 3 * hidden).index_copy(0, batch.element_attention_cell, qkv)
+        outputs = []
+        for block in batch.attention_blocks:
+            rows, width = block.rows, block.width
+            q, k, v = padded[block.start : block.start + rows * width].view(rows, width, 3 * hidden).split(hidden, 2)
+            blocked = batch.attention_blocked[block.mask_start : block.mask_start + rows * width * width]
+            scores = torch.bmm(q, k.transpose(1, 2)).masked_fill(blocked.view(rows, width, width), float("-inf"))
+            outputs.append(torch.bmm(torch.softmax(scores * hidden**-0.5, 2), v).view(rows * width, hidden))
+        return torch.cat(outputs)[batch.element_attention_cell]
 
     # -- 5: combination scores ------------------------------------------------------------------
     def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor) -> torch.Tensor:
         """s for K combinations per request. picks: (K, G) element index per pool, -1 where absent."""
         c = self.config
-        k, n = picks.shape[0], batch.size
-        width = int(batch.group_slot.max()) + 1
-        dense = torch.full((k, n, width), -1, dtype=torch.long)
-        dense[:, batch.group_request, batch.group_slot] = picks
+        k, n, width = picks.shape[0], batch.size, batch.combination_width
+        dense = picks.new_full((k, n * width), -1).index_copy(1, batch.group_cell, picks).view(k, n, width)
         present = dense >= 0
         index = dense.clamp(min=0)
         f = enc.features[index]  # (K, B, M, F)

@@ -84,7 +84,7 @@ class Selector:
         picks = choose(self.model, batch, self.k, self.temperature).tolist()
         return [
             {batch.group_names[g]: batch.candidate_ids[g][picks[g]] for g in groups}
-            for groups in batch.request_groups
+            for groups in batch.request_groups()
         ]
 
 

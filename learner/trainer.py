@@ -88,7 +88,7 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
 
 def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     """log π(e) within each (request, component) pool, for every element (L,)."""
-    return torch.log_softmax(batch.pool_grid(element_logit), 1)[batch.element_group, batch.element_pos]
+    return torch.log_softmax(batch.pool_grid(element_logit), 1).view(-1)[batch.element_pool_cell]
 
 
 class Learner:
