@@ -21,9 +21,7 @@ def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from river import metrics, stats
-
-    from learner.offline import bag_batches
+    from learner.offline import ProgressiveLogLoss, file_batches
     from learner.trainer import Learner, preset
     from state.snapshots import SnapshotStore
 
@@ -36,29 +34,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         learner = Learner(preset(args.preset, train={"batch_size": args.batch_size} if args.batch_size else None))
     bad = BadLines()
-    # Progressive validation: each bag is scored before the step that learns from it.
-    model_loss, mean_loss, mean_ctr = metrics.LogLoss(), metrics.LogLoss(), stats.Mean()
+    progressive = ProgressiveLogLoss()  # each bag is scored before the step that learns from it
     start, trained = time.perf_counter(), 0
-    with open(args.bags, "rb") as lines:
-        for batch in bag_batches(lines, learner.featurizer, learner.preset.train.batch_size, bad):
-            predicted = learner.step_batch(batch).predicted.tolist()
-            for y, p in zip(batch.clicked.tolist(), predicted, strict=True):
-                model_loss.update(y > 0, p)
-                mean_loss.update(y > 0, min(max(mean_ctr.get(), 1e-6), 1 - 1e-6))
-                mean_ctr.update(y)
-            trained += batch.size
+    for batch in file_batches(args.bags, learner.featurizer, learner.preset.train.batch_size, bad):
+        progressive.update(batch.arrays["clicked"], learner.step_batch(batch).predicted.numpy())
+        trained += batch.size
     elapsed = time.perf_counter() - start
     manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,
                           train_config=learner.preset.train.to_dict(), optimizer_state=learner.optimizer_state())
     summary = {"trained": trained, "bad_lines": bad.count, "steps": learner.steps, "bags_seen": learner.bags_seen,
                "version": manifest.version, "seconds": round(elapsed, 3),
                "bags_per_s": round(trained / elapsed, 1) if elapsed else None,
-               "progressive_logloss": round(model_loss.get(), 5), "running_mean_logloss": round(mean_loss.get(), 5),
+               "progressive_logloss": round(progressive.model.get(), 5),
+               "running_mean_logloss": round(progressive.running_mean.get(), 5),
                "snapshot_dir": str(Path(args.snapshot_dir).resolve()), "preset": args.preset}
     _emit(summary, args.json, [
         f"trained on {trained} bags ({bad.count} bad lines skipped) in {elapsed:.1f} s "
         f"({summary['bags_per_s']} bags/s)",
-        f"progressive log loss {model_loss.get():.5f} (predicting the running mean CTR: {mean_loss.get():.5f})",
+        f"progressive log loss {summary['progressive_logloss']:.5f} "
+        f"(predicting the running mean CTR: {summary['running_mean_logloss']:.5f})",
         f"snapshot v{manifest.version} written to {args.snapshot_dir} ({learner.bags_seen} bags seen in all)",
     ])
     return 0

@@ -19,7 +19,6 @@ from learner.features import Batch
 from learner.model import GenCO
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # (weight (in, out), bias, ReLU after)
-ATTENTION_CHUNK = 128  # requests attended together, sorted by size so padding stays small
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
@@ -114,23 +113,20 @@ class ServingModel:
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
         n, d = batch.size, c.dim
-        context = batch.arrays["context"]
-        group_request = batch.arrays["group_request"]
-        element_group = batch.arrays["element_group"]
-        element_request = group_request[element_group]
-        segments = batch.arrays["segments"]
+        context, segments = batch.arrays["context"], batch.arrays["segments"]
         seg = np.zeros((n, d), dtype=np.float32)
-        if len(segments):
-            counts = np.diff(np.append(batch.arrays["segment_offsets"], len(segments)))
-            np.add.at(seg, np.repeat(np.arange(n), counts), self.context_table[segments])
-            seg /= np.maximum(counts, 1)[:, None]
+        if len(segments):  # the mean of each request's segments; requests without any keep zeros
+            offsets = batch.arrays["segment_offsets"]
+            has = np.flatnonzero(np.diff(np.append(offsets, len(segments))) > 0)
+            seg[has] = np.add.reduceat(self.context_table[segments], offsets[has]) / batch.arrays["segment_count"][has]
         ctx = self.context_table[context].reshape(n, -1)
         h = _mlp(self.encoder, np.concatenate([ctx, seg, batch.arrays["pool_stats"]], 1))
 
+        element_request = batch.arrays["element_request"]
         emb = self.element_table[batch.arrays["element"]]
-        comp = self.component_table[batch.arrays["group_component"][element_group]]
+        comp = self.component_table[batch.arrays["element_component"]]
         if c.attention:
-            z = self._cross_component_attention(batch, emb, element_request)
+            z = self._cross_component_attention(batch, emb)
         else:
             z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
         features = np.concatenate([emb, comp, z], 1)
@@ -142,47 +138,32 @@ class ServingModel:
         request_prior = self.request_prior[context[:, 3]]
         return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior)
 
-    def _cross_component_attention(self, batch: Batch, emb: np.ndarray, element_request: np.ndarray) -> np.ndarray:
-        """Each element attends to itself and every candidate of the other components of its request.
-
-        Large batches are attended in chunks of requests sorted by size, so padding stays near the
-        chunk's own largest request; a small batch is one block (sorting would cost more than it saves).
-        """
-        n, slot, group = batch.size, batch.arrays["element_slot"], batch.arrays["element_group"]
-        qkv = emb @ self.qkv
-        if n <= ATTENTION_CHUNK:
-            return self._attend(qkv, element_request, slot, group, n)
-        order = np.argsort(np.bincount(element_request, minlength=n), kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(n)
-        element_rank = rank[element_request]
-        z = np.empty((len(emb), self.config.attention_hidden), dtype=np.float32)
-        for start in range(0, n, ATTENTION_CHUNK):
-            members = np.flatnonzero((element_rank >= start) & (element_rank < start + ATTENTION_CHUNK))
-            z[members] = self._attend(qkv[members], element_rank[members] - start, slot[members], group[members],
-                                      min(ATTENTION_CHUNK, n - start))
-        return z
-
-    def _attend(self, qkv: np.ndarray, row: np.ndarray, slot: np.ndarray, group_of: np.ndarray, rows: int):
-        """Attention inside each row (one request per row, its elements at their slots); one output per element."""
-        hidden, width = self.config.attention_hidden, int(slot.max()) + 1
-        group = np.full((rows, width), -1, dtype=np.int64)
-        group[row, slot] = group_of
-        dense = np.zeros((rows, width, 3 * hidden), dtype=np.float32)
-        dense[row, slot] = qkv
-        q, k, v = dense[..., :hidden], dense[..., hidden : 2 * hidden], dense[..., 2 * hidden :]
-        allowed = (group[:, None, :] != group[:, :, None]) & (group >= 0)[:, None, :]
-        allowed |= np.eye(width, dtype=bool)
-        scores = (q @ k.transpose(0, 2, 1)) / np.float32(np.sqrt(hidden))
-        return (_softmax_masked(scores, allowed, 2) @ v)[row, slot]
+    def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
+        """Each element attends to itself and every candidate of the other components of its request,
+        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``)."""
+        hidden, cells = self.config.attention_hidden, batch.arrays["element_attention_cell"]
+        last = batch.attention_blocks[-1]
+        padded = np.zeros((last.start + last.rows * last.width, 3 * hidden), dtype=np.float32)
+        padded[cells] = emb @ self.qkv
+        blocked = batch.arrays["attention_blocked"]
+        outputs = []
+        for block in batch.attention_blocks:
+            rows, width = block.rows, block.width
+            x = padded[block.start : block.start + rows * width].reshape(rows, width, 3 * hidden)
+            scores = x[..., :hidden] @ x[..., hidden : 2 * hidden].transpose(0, 2, 1)
+            scores *= np.float32(hidden**-0.5)
+            scores[blocked[block.mask_start : block.mask_start + rows * width * width].reshape(scores.shape)] = -np.inf
+            weights = np.exp(scores - scores.max(2, keepdims=True))
+            weights /= weights.sum(2, keepdims=True)
+            outputs.append((weights @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
+        return np.concatenate(outputs)[cells]
 
     def combination_logit(self, batch: Batch, enc: Encoded, picks: np.ndarray) -> np.ndarray:
         """s for K combinations per request. picks: (K, G) element index per pool."""
-        k, n = picks.shape[0], batch.size
-        group_request, group_slot = batch.arrays["group_request"], batch.arrays["group_slot"]
-        width = int(group_slot.max()) + 1
-        dense = np.full((k, n, width), -1, dtype=np.int64)
-        dense[:, group_request, group_slot] = picks
+        k, n, width = picks.shape[0], batch.size, batch.combination_width
+        dense = np.full((k, n * width), -1, dtype=np.int64)
+        dense[:, batch.arrays["group_cell"]] = picks
+        dense = dense.reshape(k, n, width)
         present = dense >= 0
         index = np.maximum(dense, 0)
         if self.config.mil:
