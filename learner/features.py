@@ -19,7 +19,10 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -67,70 +70,68 @@ def stable_hash(salt: str, value: str) -> int:
 ATTENTION_ROWS = 256  # requests attended in one block: sorted by size, so padding stays near each block's own
 
 
-@dataclass
-class AttentionBlock:
+class AttentionBlock(NamedTuple):
     """Requests of similar size attended together: ``rows`` requests padded to ``width`` elements."""
 
     start: int  # first position of the block in the padded (sum rows * width) element buffer
-    mask_start: int  # first position of its (rows, width, width) mask in ``Batch.attention_blocked``
+    mask_start: int  # first position of its (rows, width, width) mask in ``attention_blocked``
     rows: int
     width: int
 
 
 @dataclass
 class Batch:
-    """A mini-batch of requests (and, for training, their shown combination and label).
+    """A mini-batch of requests (and, for training, their shown combination and label), as numpy arrays.
 
     Besides the ids' rows it carries every index layout the model reads (attention blocks, pool grid,
-    combination grid, each table's distinct rows), computed here in numpy so that neither training nor
-    serving spends tensor operations on bookkeeping, and so a parser process can compute them.
+    combination grid, each table's distinct rows), computed here so that neither training nor serving
+    spends tensor operations on bookkeeping, and so a parser process can compute them. ``arrays``:
+
+    - per request (B): ``context`` (B, 5) rows of user, age, gender, ad, query in the context table;
+      ``segment_offsets`` start of its segments; ``segment_count`` how many; ``pool_stats`` (B, 7)
+      log(1 + pool size) per paper component plus "other"; ``clicked`` labels (zeros when unlabelled);
+      ``seed`` stable per-request seed (sampling must not depend on the batch)
+    - per segment (S): ``segments`` context-table rows; ``segment_request``
+    - per pool, one (request, component) (G): ``group_request``; ``group_slot`` position inside its
+      request; ``group_cell`` flat cell in the (B, combination_width) grid; ``group_component``
+      component-table row; ``group_size`` candidates considered; ``shown`` element (into L) shown, or -1
+    - per candidate element (L): ``element`` element-table row; ``element_group``, ``element_request``,
+      ``element_component``; ``element_pos`` position in its pool; ``element_slot`` position in its
+      request; ``element_pool_cell`` flat cell in the (G, pool_width) grid; ``element_attention_cell``
+      flat cell in the padded attention buffer
+    - ``attention_blocked``: every block's (rows, width, width) mask, flattened; True where not attended
+    - training only (``add_distinct_rows``): ``element_rows`` distinct element-table rows and
+      ``element_inverse`` (L) each element's index among them; ``context_table_rows`` and
+      ``context_inverse`` (5B + S) the same for the context rows, then the segment rows
     """
 
-    context: torch.Tensor  # (B, 5) rows of user, age, gender, ad, query in the context table
-    segments: torch.Tensor  # flat segment rows
-    segment_offsets: torch.Tensor  # (B,) start of each request's segments
-    segment_request: torch.Tensor  # (S,) request of each segment
-    segment_count: torch.Tensor  # (B, 1) segments per request, at least 1 (a mean's divisor)
-    pool_stats: torch.Tensor  # (B, 7) log(1 + pool size) per paper component, plus "other"
-    element: torch.Tensor  # (L,) element-table rows
-    element_group: torch.Tensor  # (L,) which (request, component) pool
-    element_request: torch.Tensor  # (L,) which request
-    element_component: torch.Tensor  # (L,) component-table row
-    element_pos: torch.Tensor  # (L,) position inside its pool
-    element_slot: torch.Tensor  # (L,) position inside its request (attention layout)
-    element_pool_cell: torch.Tensor  # (L,) flat cell in the (G, widest pool) grid
-    element_attention_cell: torch.Tensor  # (L,) flat cell in the padded attention buffer
-    attention_blocked: torch.Tensor  # flat (rows, width, width) masks of every block: True where not attended
-    group_request: torch.Tensor  # (G,) request of each pool
-    group_slot: torch.Tensor  # (G,) position of the pool inside its request
-    group_cell: torch.Tensor  # (G,) flat cell in the (B, most pools) combination grid
-    group_component: torch.Tensor  # (G,) component-table row
-    group_size: torch.Tensor  # (G,) candidates considered in the pool
-    shown: torch.Tensor  # (G,) element index (into L) shown in the pool, -1 if none
-    clicked: torch.Tensor  # (B,) float labels; zeros when unlabelled
-    seed: torch.Tensor  # (B,) stable per-request seed: sampling must not depend on the batch
-    element_rows: torch.Tensor  # (Ue,) distinct element-table rows, sorted
-    element_inverse: torch.Tensor  # (L,) index of each element's row in element_rows
-    context_table_rows: torch.Tensor  # (Uc,) distinct context-table rows of context and segments, sorted
-    context_inverse: torch.Tensor  # (5B + S,) index of each context then segment row in context_table_rows
+    arrays: dict[str, np.ndarray]
     attention_blocks: list[AttentionBlock]
     pool_width: int  # the widest pool
     combination_width: int  # the most pools in one request
-    arrays: dict[str, np.ndarray]  # the tensors above as the numpy arrays they share memory with (serving)
     candidate_ids: list[list[str]] = field(default_factory=list)  # (G) the ids behind each pool (selection)
     group_names: list[str] = field(default_factory=list)  # (G) component name of each pool (selection)
 
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], shapes: dict, **lists) -> Batch:
-        """A Batch around numpy arrays, e.g. as a parser process sent them (``shapes``: the non-array fields)."""
-        return cls(**{name: torch.from_numpy(array) for name, array in arrays.items()}, arrays=arrays,
-                   attention_blocks=[AttentionBlock(*b) for b in shapes["attention_blocks"]],
-                   pool_width=shapes["pool_width"], combination_width=shapes["combination_width"], **lists)
+    @cached_property
+    def tensors(self) -> SimpleNamespace:
+        """The arrays as torch tensors sharing their memory, made on first use: serving never pays for them."""
+        self.add_distinct_rows()
+        return SimpleNamespace(**{name: torch.from_numpy(array) for name, array in self.arrays.items()})
 
-    def shapes(self) -> dict:
-        """The non-array fields as plain values, to send beside ``arrays``."""
-        return {"attention_blocks": [astuple(b) for b in self.attention_blocks], "pool_width": self.pool_width,
-                "combination_width": self.combination_width}
+    def add_distinct_rows(self) -> None:
+        """Each table's distinct rows, the layout of the embeddings' sparse gradient (training only)."""
+        arrays = self.arrays
+        if "element_rows" in arrays:
+            return
+        arrays["element_rows"], inverse = np.unique(arrays["element"], return_inverse=True)
+        arrays["element_inverse"] = inverse.ravel()
+        looked_up = np.concatenate([arrays["context"].ravel(), arrays["segments"]])
+        arrays["context_table_rows"], inverse = np.unique(looked_up, return_inverse=True)
+        arrays["context_inverse"] = inverse.ravel()
+
+    def without_ids(self) -> Batch:
+        """The same batch without the ids behind its pools: all training needs, and cheap to send."""
+        return Batch(self.arrays, self.attention_blocks, self.pool_width, self.combination_width)
 
     @property
     def size(self) -> int:
@@ -150,7 +151,7 @@ class Batch:
             grid[self.arrays["element_pool_cell"]] = element_values
             return grid.reshape(shape)
         grid = element_values.new_full((shape[0] * shape[1],), float("-inf"))
-        return grid.index_put((self.element_pool_cell,), element_values).view(shape)
+        return grid.index_put((self.tensors.element_pool_cell,), element_values).view(shape)
 
 
 def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, element_group: np.ndarray,
@@ -312,16 +313,13 @@ class Featurizer:
         segment_count = np.diff(np.append(np.asarray(segment_offsets, dtype=np.int64), len(segments)))
         group_component = np.asarray(group_component, dtype=np.int64)
         pool_width, combination_width = int(sizes.max()), int(per_request.max())
-        element_rows, element_inverse = np.unique(element_array, return_inverse=True)
-        context_table_rows, context_inverse = np.unique(np.concatenate([context_array.ravel(), segment_array]),
-                                                        return_inverse=True)
         attention_cell, attention_blocked, blocks = _attention_layout(element_request, element_slot, element_group, n)
         arrays = {
             "context": context_array,
             "segments": segment_array,
             "segment_offsets": np.asarray(segment_offsets, dtype=np.int64),
             "segment_request": np.repeat(np.arange(n), segment_count),
-            "segment_count": np.maximum(segment_count, 1).astype(np.float32)[:, None],
+            "segment_count": segment_count,
             "pool_stats": np.log1p(stats),
             "element": element_array,
             "element_group": element_group,
@@ -340,11 +338,8 @@ class Featurizer:
             "shown": np.where(shown >= 0, group_start + shown, -1),
             "clicked": np.asarray(clicked, dtype=np.float32),
             "seed": np.asarray(seeds, dtype=np.int64),
-            "element_rows": element_rows,
-            "element_inverse": element_inverse.ravel(),
-            "context_table_rows": context_table_rows,
-            "context_inverse": context_inverse.ravel(),
         }
-        shapes = {"attention_blocks": [astuple(b) for b in blocks], "pool_width": pool_width,
-                  "combination_width": combination_width}
-        return Batch.from_arrays(arrays, shapes, candidate_ids=candidate_ids, group_names=group_names)
+        batch = Batch(arrays, blocks, pool_width, combination_width, candidate_ids, group_names)
+        if labelled:
+            batch.add_distinct_rows()
+        return batch

@@ -133,28 +133,28 @@ class GenCO(nn.Module):
 
     # -- 1..4: context, attention, element scores ---------------------------------------------
     def encode(self, batch: Batch) -> Encoded:
-        c = self.config
+        c, t = self.config, batch.tensors
         n, d = batch.size, c.dim
-        context_rows = gather_rows(self.context_table.weight, batch.context_table_rows, batch.context_inverse)
+        context_rows = gather_rows(self.context_table.weight, t.context_table_rows, t.context_inverse)
         ctx, seg_rows = context_rows[: n * len(CONTEXT_KINDS)].view(n, -1), context_rows[n * len(CONTEXT_KINDS) :]
-        seg = ctx.new_zeros(n, d).index_add(0, batch.segment_request, seg_rows) / batch.segment_count
-        h = self.encoder(torch.cat([ctx, seg, batch.pool_stats], 1))
+        seg = ctx.new_zeros(n, d).index_add(0, t.segment_request, seg_rows) / t.segment_count.clamp(min=1)[:, None]
+        h = self.encoder(torch.cat([ctx, seg, t.pool_stats], 1))
 
-        emb = gather_rows(self.element_table.weight, batch.element_rows, batch.element_inverse)
-        comp = self.component_embedding(batch.element_component)
+        emb = gather_rows(self.element_table.weight, t.element_rows, t.element_inverse)
+        comp = self.component_embedding(t.element_component)
         if c.attention:
             z = self._cross_component_attention(batch, emb)
         else:
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
-        logit = self.phi(torch.cat([h[batch.element_request], features], 1)).squeeze(1)
+        logit = self.phi(torch.cat([h[t.element_request], features], 1)).squeeze(1)
         if not c.prior:
             return Encoded(h, features, logit, None, None)
         # The running mean CTR's log-odds sets the level, so scores are calibrated from the first
         # batch instead of waiting for φ's output bias to crawl from 0 to about -2.5.
         base = torch.logit(self._base_rate())
-        element_prior = self.prior_weight[0] * self._prior(self.element_counts[batch.element], relative=True)
-        request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[batch.context[:, 3]], relative=False)
+        element_prior = self.prior_weight[0] * self._prior(self.element_counts[t.element], relative=True)
+        request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[t.context[:, 3]], relative=False)
         return Encoded(h, features, logit + element_prior + base, element_prior, request_prior)
 
     @torch.no_grad()
@@ -189,37 +189,38 @@ class GenCO(nn.Module):
         """Count the batch's shown elements and ads; called after the step so a label never sees itself."""
         if not self.config.prior:
             return
-        valid = batch.shown >= 0
-        request = batch.group_request[valid]
-        excess = (batch.clicked - self._ad_rate(batch.context[:, 3]))[request]
-        shown_rows = batch.element[batch.shown[valid]]
+        t = batch.tensors
+        valid = t.shown >= 0
+        request = t.group_request[valid]
+        excess = (t.clicked - self._ad_rate(t.context[:, 3]))[request]
+        shown_rows = t.element[t.shown[valid]]
         self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(excess), excess], 1))
-        ads = torch.stack([torch.ones_like(batch.clicked), batch.clicked], 1)
-        self.ad_counts.index_add_(0, batch.context[:, 3], ads)
+        ads = torch.stack([torch.ones_like(t.clicked), t.clicked], 1)
+        self.ad_counts.index_add_(0, t.context[:, 3], ads)
         self.total_counts += ads.sum(0)
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
         """Each element attends to itself and every candidate of the *other* components of its request,
         in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``)."""
-        hidden = self.config.attention_hidden
+        hidden, t = self.config.attention_hidden, batch.tensors
         qkv = emb @ torch.cat([self.query.weight, self.key.weight, self.value.weight]).T
         cells = batch.attention_blocks[-1].start + batch.attention_blocks[-1].rows * batch.attention_blocks[-1].width
-        padded = qkv.new_zeros(cells, 3 * hidden).index_copy(0, batch.element_attention_cell, qkv)
+        padded = qkv.new_zeros(cells, 3 * hidden).index_copy(0, t.element_attention_cell, qkv)
         outputs = []
         for block in batch.attention_blocks:
             rows, width = block.rows, block.width
             q, k, v = padded[block.start : block.start + rows * width].view(rows, width, 3 * hidden).split(hidden, 2)
-            blocked = batch.attention_blocked[block.mask_start : block.mask_start + rows * width * width]
+            blocked = t.attention_blocked[block.mask_start : block.mask_start + rows * width * width]
             scores = torch.bmm(q, k.transpose(1, 2)).masked_fill(blocked.view(rows, width, width), float("-inf"))
             outputs.append(torch.bmm(torch.softmax(scores * hidden**-0.5, 2), v).view(rows * width, hidden))
-        return torch.cat(outputs)[batch.element_attention_cell]
+        return torch.cat(outputs)[t.element_attention_cell]
 
     # -- 5: combination scores ------------------------------------------------------------------
     def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor) -> torch.Tensor:
         """s for K combinations per request. picks: (K, G) element index per pool, -1 where absent."""
         c = self.config
         k, n, width = picks.shape[0], batch.size, batch.combination_width
-        dense = picks.new_full((k, n * width), -1).index_copy(1, batch.group_cell, picks).view(k, n, width)
+        dense = picks.new_full((k, n * width), -1).index_copy(1, batch.tensors.group_cell, picks).view(k, n, width)
         present = dense >= 0
         index = dense.clamp(min=0)
         f = enc.features[index]  # (K, B, M, F)

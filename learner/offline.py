@@ -61,7 +61,7 @@ def _parse_into(queue: multiprocessing.Queue, path: str, featurizer: Featurizer,
     try:
         with open(path, "rb") as lines:
             for batch in bag_batches(lines, featurizer, lines_per_batch, bad):
-                queue.put(("batch", (batch.arrays, batch.shapes())))
+                queue.put(("batch", batch.without_ids()))
         queue.put(("done", (bad.count, bad.examples)))
     except BaseException:  # the trainer re-raises it; a parser that just died would leave it waiting
         queue.put(("error", traceback.format_exc()))
@@ -81,7 +81,7 @@ def file_batches(path: str, featurizer: Featurizer, lines_per_batch: int, bad: B
         while True:
             kind, payload = queue.get()
             if kind == "batch":
-                yield Batch.from_arrays(*payload)
+                yield payload
             elif kind == "done":
                 bad.count, bad.examples = payload
                 return

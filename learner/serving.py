@@ -116,9 +116,10 @@ class ServingModel:
         context, segments = batch.arrays["context"], batch.arrays["segments"]
         seg = np.zeros((n, d), dtype=np.float32)
         if len(segments):  # the mean of each request's segments; requests without any keep zeros
-            offsets = batch.arrays["segment_offsets"]
-            has = np.flatnonzero(np.diff(np.append(offsets, len(segments))) > 0)
-            seg[has] = np.add.reduceat(self.context_table[segments], offsets[has]) / batch.arrays["segment_count"][has]
+            count = batch.arrays["segment_count"]
+            has = np.flatnonzero(count)
+            seg[has] = np.add.reduceat(self.context_table[segments], batch.arrays["segment_offsets"][has])
+            seg[has] /= count[has, None]
         ctx = self.context_table[context].reshape(n, -1)
         h = _mlp(self.encoder, np.concatenate([ctx, seg, batch.arrays["pool_stats"]], 1))
 

@@ -27,7 +27,7 @@ def test_unseen_component_is_featurized():
     request = SelectionRequest.model_validate(
         {"request_id": "r", "ad_id": "a", "candidates": {"sticker": ["s1", "s2"], "title": ["t1"]}})
     batch = Featurizer().batch([request])
-    assert batch.group_names == ["sticker", "title"] and batch.group_size.tolist() == [2, 1]
+    assert batch.group_names == ["sticker", "title"] and batch.arrays["group_size"].tolist() == [2, 1]
 
 
 def test_pools_are_capped_but_the_shown_element_stays_trainable():
@@ -36,6 +36,6 @@ def test_pools_are_capped_but_the_shown_element_stays_trainable():
                               "shown": {"title": "t33"}, "clicked": True})
     f = Featurizer(max_candidates=15)
     labelled = f.batch([bag], labelled=True)
-    assert labelled.group_size.tolist() == [15]
-    assert labelled.candidate_ids[0][int(labelled.element_pos[labelled.shown[0]])] == "t33"
+    assert labelled.arrays["group_size"].tolist() == [15]
+    assert labelled.candidate_ids[0][int(labelled.arrays["element_pos"][labelled.arrays["shown"][0]])] == "t33"
     assert f.batch([bag]).candidate_ids[0] == candidates[:15]  # serving never looks at what was shown
