@@ -74,7 +74,7 @@ class AttentionBlock(NamedTuple):
     """Requests of similar size attended together: ``rows`` requests padded to ``width`` elements."""
 
     start: int  # first position of the block in the padded (sum rows * width) element buffer
-    mask_start: int  # first position of its (rows, width, width) mask in ``attention_blocked``
+    mask_start: int  # first position of its (rows, width, width) score bias in ``attention_bias``
     rows: int
     width: int
 
@@ -99,7 +99,7 @@ class Batch:
       ``element_component``; ``element_pos`` position in its pool; ``element_slot`` position in its
       request; ``element_pool_cell`` flat cell in the (G, pool_width) grid; ``element_attention_cell``
       flat cell in the padded attention buffer
-    - ``attention_blocked``: every block's (rows, width, width) mask, flattened; True where not attended
+    - ``attention_bias``: every block's (rows, width, width) score bias, flattened: -inf where not attended
     - training only (``add_distinct_rows``): ``element_rows`` distinct element-table rows and
       ``element_inverse`` (L) each element's index among them; ``context_table_rows`` and
       ``context_inverse`` (5B + S) the same for the context rows, then the segment rows
@@ -158,8 +158,8 @@ def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, ele
                       n: int) -> tuple[np.ndarray, np.ndarray, list[AttentionBlock]]:
     """Requests sorted by element count, cut into blocks of ``ATTENTION_ROWS``, each padded to its widest.
 
-    Returns each element's cell in the padded buffer, the blocks' masks (True: not attended) flattened,
-    and the blocks. An element attends to itself and to every element of the other components of its
+    Returns each element's cell in the padded buffer, the blocks' score biases (-inf: not attended)
+    flattened, and the blocks. An element attends to itself and to every element of the other components of its
     request; a padded row attends to its request's elements so no softmax row is empty.
     """
     sizes = np.bincount(element_request, minlength=n)
@@ -187,7 +187,9 @@ def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, ele
         g = group[block.start : block.start + block.rows * block.width].reshape(block.rows, block.width)
         blocked = (g[:, None, :] == g[:, :, None]) & ~np.eye(block.width, dtype=bool)
         masks.append((blocked | (g < 0)[:, None, :]).ravel())
-    return cell, np.concatenate(masks) if masks else np.zeros(0, dtype=bool), blocks
+    bias = np.zeros(mask_start, dtype=np.float32)
+    bias[np.concatenate(masks)] = -np.inf
+    return cell, bias, blocks
 
 
 class _Rows(dict):
@@ -313,7 +315,7 @@ class Featurizer:
         segment_count = np.diff(np.append(np.asarray(segment_offsets, dtype=np.int64), len(segments)))
         group_component = np.asarray(group_component, dtype=np.int64)
         pool_width, combination_width = int(sizes.max()), int(per_request.max())
-        attention_cell, attention_blocked, blocks = _attention_layout(element_request, element_slot, element_group, n)
+        attention_cell, attention_bias, blocks = _attention_layout(element_request, element_slot, element_group, n)
         arrays = {
             "context": context_array,
             "segments": segment_array,
@@ -329,7 +331,7 @@ class Featurizer:
             "element_slot": element_slot,
             "element_pool_cell": element_group * pool_width + element_pos,
             "element_attention_cell": attention_cell,
-            "attention_blocked": attention_blocked,
+            "attention_bias": attention_bias,
             "group_request": group_request,
             "group_slot": group_slot,
             "group_cell": group_request * combination_width + group_slot,

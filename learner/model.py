@@ -201,18 +201,20 @@ class GenCO(nn.Module):
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
         """Each element attends to itself and every candidate of the *other* components of its request,
-        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``)."""
+        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``). The mask is
+        an additive bias, so it rides in the score matmul (baddbmm) instead of a pass of its own."""
         hidden, t = self.config.attention_hidden, batch.tensors
-        qkv = emb @ torch.cat([self.query.weight, self.key.weight, self.value.weight]).T
-        cells = batch.attention_blocks[-1].start + batch.attention_blocks[-1].rows * batch.attention_blocks[-1].width
-        padded = qkv.new_zeros(cells, 3 * hidden).index_copy(0, t.element_attention_cell, qkv)
+        qkv = emb @ torch.cat([self.query.weight * hidden**-0.5, self.key.weight, self.value.weight]).T
+        last = batch.attention_blocks[-1]
+        padded = qkv.new_zeros(last.start + last.rows * last.width, 3 * hidden)
+        padded = padded.index_copy(0, t.element_attention_cell, qkv)
         outputs = []
         for block in batch.attention_blocks:
             rows, width = block.rows, block.width
             q, k, v = padded[block.start : block.start + rows * width].view(rows, width, 3 * hidden).split(hidden, 2)
-            blocked = t.attention_blocked[block.mask_start : block.mask_start + rows * width * width]
-            scores = torch.bmm(q, k.transpose(1, 2)).masked_fill(blocked.view(rows, width, width), float("-inf"))
-            outputs.append(torch.bmm(torch.softmax(scores * hidden**-0.5, 2), v).view(rows * width, hidden))
+            bias = t.attention_bias[block.mask_start : block.mask_start + rows * width * width]
+            scores = torch.baddbmm(bias.view(rows, width, width), q, k.transpose(1, 2))
+            outputs.append(torch.bmm(torch.softmax(scores, 2), v).view(rows * width, hidden))
         return torch.cat(outputs)[t.element_attention_cell]
 
     # -- 5: combination scores ------------------------------------------------------------------

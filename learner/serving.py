@@ -146,14 +146,14 @@ class ServingModel:
         last = batch.attention_blocks[-1]
         padded = np.zeros((last.start + last.rows * last.width, 3 * hidden), dtype=np.float32)
         padded[cells] = emb @ self.qkv
-        blocked = batch.arrays["attention_blocked"]
+        bias = batch.arrays["attention_bias"]
         outputs = []
         for block in batch.attention_blocks:
             rows, width = block.rows, block.width
             x = padded[block.start : block.start + rows * width].reshape(rows, width, 3 * hidden)
             scores = x[..., :hidden] @ x[..., hidden : 2 * hidden].transpose(0, 2, 1)
             scores *= np.float32(hidden**-0.5)
-            scores[blocked[block.mask_start : block.mask_start + rows * width * width].reshape(scores.shape)] = -np.inf
+            scores += bias[block.mask_start : block.mask_start + rows * width * width].reshape(scores.shape)
             weights = np.exp(scores - scores.max(2, keepdims=True))
             weights /= weights.sum(2, keepdims=True)
             outputs.append((weights @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
