@@ -67,7 +67,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rows, inverse)
         ctx.shape = weight.shape
-        return weight[rows][inverse]
+        return weight.index_select(0, rows).index_select(0, inverse)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -141,13 +141,13 @@ class GenCO(nn.Module):
         h = self.encoder(torch.cat([ctx, seg, t.pool_stats], 1))
 
         emb = gather_rows(self.element_table.weight, t.element_rows, t.element_inverse)
-        comp = self.component_embedding(t.element_component)
+        comp = self.component_embedding.weight.index_select(0, t.element_component)
         if c.attention:
             z = self._cross_component_attention(batch, emb)
         else:
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
-        logit = self.phi(torch.cat([h[t.element_request], features], 1)).squeeze(1)
+        logit = self.phi(torch.cat([h.index_select(0, t.element_request), features], 1)).squeeze(1)
         if not c.prior:
             return Encoded(h, features, logit, None, None)
         # The running mean CTR's log-odds sets the level, so scores are calibrated from the first
@@ -215,7 +215,7 @@ class GenCO(nn.Module):
             bias = t.attention_bias[block.mask_start : block.mask_start + rows * width * width]
             scores = torch.baddbmm(bias.view(rows, width, width), q, k.transpose(1, 2))
             outputs.append(torch.bmm(torch.softmax(scores, 2), v).view(rows * width, hidden))
-        return torch.cat(outputs)[t.element_attention_cell]
+        return torch.cat(outputs).index_select(0, t.element_attention_cell)
 
     # -- 5: combination scores ------------------------------------------------------------------
     def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,8 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
 
 def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     """log π(e) within each (request, component) pool, for every element (L,)."""
-    return torch.log_softmax(batch.pool_grid(element_logit), 1).view(-1)[batch.tensors.element_pool_cell]
+    grid = torch.log_softmax(batch.pool_grid(element_logit), 1)
+    return grid.view(-1).index_select(0, batch.tensors.element_pool_cell)
 
 
 class Learner:
