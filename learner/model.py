@@ -88,7 +88,7 @@ def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
         if i < len(sizes) - 2:
             if batch_norm:
                 layers.append(nn.BatchNorm1d(b))
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))  # in place: one allocation and memory pass less a layer
     return nn.Sequential(*layers)
 
 
