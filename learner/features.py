@@ -166,7 +166,7 @@ def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, ele
     order = np.argsort(sizes, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(n)
-    blocks, cell_start, masks = [], 0, []
+    blocks, cell_start = [], 0
     block_start = np.empty(n, dtype=np.int64)  # per rank: (buffer start of its block, first rank, width)
     block_first = np.empty(n, dtype=np.int64)
     block_width = np.empty(n, dtype=np.int64)
@@ -183,12 +183,12 @@ def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, ele
     cell += element_slot
     group = np.full(cell_start, -1, dtype=np.int64)
     group[cell] = element_group
+    bias = np.zeros(mask_start, dtype=np.float32)
     for block in blocks:
         g = group[block.start : block.start + block.rows * block.width].reshape(block.rows, block.width)
-        blocked = (g[:, None, :] == g[:, :, None]) & ~np.eye(block.width, dtype=bool)
-        masks.append((blocked | (g < 0)[:, None, :]).ravel())
-    bias = np.zeros(mask_start, dtype=np.float32)
-    bias[np.concatenate(masks)] = -np.inf
+        blocked = ((g[:, None, :] == g[:, :, None]) & ~np.eye(block.width, dtype=bool)) | (g < 0)[:, None, :]
+        scores = bias[block.mask_start : block.mask_start + block.rows * block.width**2].reshape(blocked.shape)
+        np.copyto(scores, np.float32(-np.inf), where=blocked)
     return cell, bias, blocks
 
 
@@ -306,8 +306,9 @@ class Featurizer:
         first_element = group_start[first_group]  # every request has at least one pool
         element_pos = np.arange(len(element)) - group_start[element_group]
         element_slot = np.arange(len(element)) - first_element[element_request]
-        stats = np.zeros((n, len(PAPER_COMPONENTS) + 1), dtype=np.float32)
-        np.add.at(stats, (group_request, np.asarray(group_stat, dtype=np.int64)), sizes)
+        columns = len(PAPER_COMPONENTS) + 1
+        stats = np.bincount(group_request * columns + np.asarray(group_stat, dtype=np.int64), weights=sizes,
+                            minlength=n * columns).reshape(n, columns).astype(np.float32)
         shown = np.asarray(shown_pos, dtype=np.int64)
         clicked = [1.0 if r.clicked else 0.0 for r in records] if labelled else [0.0] * n
         context_array = np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))
