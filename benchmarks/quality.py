@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from genco.threads import use_one_thread
+from genco.compute import configure_compute
 from learner.baselines import DCO, Counter, MLPBaseline, Uniform
 from learner.policy import Selector
 from learner.trainer import Learner, preset
@@ -128,7 +128,7 @@ def main() -> None:
                 for path in args.summarise for r in json.loads(Path(path).read_text())}
         print(summarise(list(rows.values())))
         return
-    use_one_thread()
+    configure_compute()
     rows = []
     for world in args.worlds:
         for size in args.sizes:

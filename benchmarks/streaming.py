@@ -22,8 +22,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from genco.compute import configure_compute
 from genco.config import Settings
-from genco.threads import use_one_thread
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import read_topic
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["joiner", "selector", "freshness"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    use_one_thread()
+    configure_compute()
     world = World(WorldConfig(seed=1, n_ads=200))
     results = {}
     for name in args.only:

@@ -242,9 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from genco.threads import use_one_thread
+    from genco.compute import configure_compute
 
-    use_one_thread()
+    configure_compute()
     args = build_parser().parse_args(argv)
     return args.run(args)
 

@@ -57,9 +57,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from genco.threads import use_one_thread
+    from genco.compute import configure_compute
 
-    use_one_thread()  # one core per agent: more threads would fight the other agents
+    configure_compute()  # one core per agent: more threads would fight the other agents
     settings = Settings(**spec["settings"])
     asyncio.run(run_agent(spec["name"], Connection.from_settings(settings, spec["broker"]), settings))
 

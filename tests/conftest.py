@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from genco.threads import use_one_thread
+from genco.compute import configure_compute
 from sim.world import World, WorldConfig
 from stream.events import Bag
 
-use_one_thread()
+configure_compute()
 
 
 def make_log(seed: int, n_ads: int, bags: int) -> tuple[World, list[dict]]:
