@@ -55,10 +55,16 @@ class SplitMLP:
         assert relu, "the first layer of φ and of the MIL weights is followed by a ReLU"
         return cls(weight[:h_dim], weight[h_dim:], bias, rest)
 
-    def __call__(self, f_part: np.ndarray, h_part: np.ndarray) -> np.ndarray:
-        """The output for first-layer shares already computed (``f @ f_weight``, ``h @ h_weight``)."""
-        hidden = f_part + h_part
-        hidden += self.bias
+    def h_share(self, h: np.ndarray) -> np.ndarray:
+        """h's share of the first layer, the layer's bias included: added once per request, not per row."""
+        share = h @ self.h_weight
+        share += self.bias
+        return share
+
+    def __call__(self, f_part: np.ndarray, h_share: np.ndarray) -> np.ndarray:
+        """The output for first-layer shares already computed: ``f @ f_weight`` (a fresh array, overwritten)
+        and ``h_share``, broadcast or gathered to its rows."""
+        hidden = np.add(f_part, h_share, out=f_part)
         return _mlp(self.rest, np.maximum(hidden, 0, out=hidden))
 
 
@@ -86,7 +92,7 @@ class Encoded:
     """Per-batch results shared by the element and combination scores (numpy twin of ``model.Encoded``)."""
 
     h: np.ndarray
-    phi_h: np.ndarray  # h's share of φ's first layer
+    phi_h: np.ndarray  # h's share of φ's first layer, its bias included
     features: np.ndarray
     element_logit: np.ndarray
     element_prior: np.ndarray | None
@@ -131,7 +137,7 @@ class ServingModel:
         else:
             z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
         features = np.concatenate([emb, comp, z], 1)
-        phi_h = h @ self.phi.h_weight
+        phi_h = self.phi.h_share(h)
         logit = self.phi(features @ self.phi.f_weight, phi_h[element_request])[:, 0]
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
@@ -169,7 +175,7 @@ class ServingModel:
         index = np.maximum(dense, 0)
         if self.config.mil:
             mil_f = (enc.features @ self.mil_weight.f_weight)[index]  # (K, B, M, 8)
-            mil_h = (enc.h @ self.mil_weight.h_weight)[None, :, None]
+            mil_h = self.mil_weight.h_share(enc.h)[None, :, None]
             weight = _softmax_masked(self.mil_weight(mil_f, mil_h)[..., 0], present, 2)
             combined = np.einsum("kbm,kbmf->kbf", weight, enc.features[index])
             logit = self.phi(combined @ self.phi.f_weight, enc.phi_h[None])[..., 0]
