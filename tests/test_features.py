@@ -1,4 +1,4 @@
-"""Featurisation: stable hashing, open component names, the 15-candidate cap, a collector-free parser."""
+"""Featurisation: stable hashing, open component names, the 15-candidate cap, the parser process."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from genco.jsonl import BadLines
 from learner.features import Featurizer
-from learner.offline import bag_batches
+from learner.offline import SLOTS, bag_batches, file_batches
 from stream.events import Bag, SelectionRequest
 from tests.conftest import make_log
 
@@ -66,3 +68,24 @@ def test_parsing_good_and_bad_lines_leaves_no_reference_cycles():
         gc.garbage.clear()
         gc.enable()
     assert cycles == []
+
+
+def test_the_parser_process_sends_what_parsing_in_process_gives(tmp_path):
+    """Batches come through shared slots while the caller drops them, and pickled once it holds them all."""
+    _, log = make_log(seed=4, n_ads=10, bags=4000)
+    lines = [json.dumps(b).encode() + b"\n" for b in log]
+    lines[7] = b'{"clicked": true}\n'
+    path = tmp_path / "bags.jsonl"
+    path.write_bytes(b"".join(lines))
+    expected = list(bag_batches(iter(lines), Featurizer(), 256, BadLines(report_limit=0)))
+
+    def same(got, want) -> bool:
+        return (got.attention_blocks == want.attention_blocks and got.arrays.keys() == want.arrays.keys()
+                and all(np.array_equal(got.arrays[k], want.arrays[k]) for k in want.arrays))
+
+    bad = BadLines(report_limit=0)
+    assert all(same(got, want) for got, want in zip(file_batches(str(path), Featurizer(), 256, bad), expected,
+                                                    strict=True))  # each dropped before the next: slots reused
+    assert bad.count == 1 and len(expected) > 2 * SLOTS
+    held = list(file_batches(str(path), Featurizer(), 256, BadLines(report_limit=0)))  # slots run out
+    assert all(same(got, want) for got, want in zip(held, expected, strict=True))
