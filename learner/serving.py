@@ -4,7 +4,9 @@ Why a copy: one request through the torch model is ~300 tiny tensor ops at ~7 µ
 of dispatch each (~2 ms); the same arithmetic in numpy costs ~1 µs an op. Training
 stays in torch; ``ServingModel(model)`` freezes a trained model's weights and
 priors (BatchNorm folded into the layer before it), and a test checks that both score
-every element and combination alike.
+every element and combination alike. Rows are gathered with ``take(index, axis=0)``, not
+``array[index]``: numpy's fancy indexing copies row by row, and on these shapes (24k rows
+of 4-64 floats) ``take`` measured 3-18x faster.
 """
 
 from __future__ import annotations
@@ -124,25 +126,25 @@ class ServingModel:
         if len(segments):  # the mean of each request's segments; requests without any keep zeros
             count = batch.arrays["segment_count"]
             has = np.flatnonzero(count)
-            seg[has] = np.add.reduceat(self.context_table[segments], batch.arrays["segment_offsets"][has])
+            seg[has] = np.add.reduceat(self.context_table.take(segments, axis=0), batch.arrays["segment_offsets"][has])
             seg[has] /= count[has, None]
-        ctx = self.context_table[context].reshape(n, -1)
+        ctx = self.context_table.take(context.ravel(), axis=0).reshape(n, -1)
         h = _mlp(self.encoder, np.concatenate([ctx, seg, batch.arrays["pool_stats"]], 1))
 
         element_request = batch.arrays["element_request"]
-        emb = self.element_table[batch.arrays["element"]]
-        comp = self.component_table[batch.arrays["element_component"]]
+        emb = self.element_table.take(batch.arrays["element"], axis=0)
+        comp = self.component_table.take(batch.arrays["element_component"], axis=0)
         if c.attention:
             z = self._cross_component_attention(batch, emb)
         else:
             z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
         features = np.concatenate([emb, comp, z], 1)
         phi_h = self.phi.h_share(h)
-        logit = self.phi(features @ self.phi.f_weight, phi_h[element_request])[:, 0]
+        logit = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
-        element_prior = self.element_prior[batch.arrays["element"]]
-        request_prior = self.request_prior[context[:, 3]]
+        element_prior = self.element_prior.take(batch.arrays["element"])
+        request_prior = self.request_prior.take(context[:, 3])
         return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
@@ -163,7 +165,7 @@ class ServingModel:
             weights = np.exp(scores - scores.max(2, keepdims=True))
             weights /= weights.sum(2, keepdims=True)
             outputs.append((weights @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
-        return np.concatenate(outputs)[cells]
+        return np.concatenate(outputs).take(cells, axis=0)
 
     def combination_logit(self, batch: Batch, enc: Encoded, picks: np.ndarray) -> np.ndarray:
         """s for K combinations per request. picks: (K, G) element index per pool."""
@@ -174,15 +176,15 @@ class ServingModel:
         present = dense >= 0
         index = np.maximum(dense, 0)
         if self.config.mil:
-            mil_f = (enc.features @ self.mil_weight.f_weight)[index]  # (K, B, M, 8)
+            mil_f = (enc.features @ self.mil_weight.f_weight).take(index, axis=0)  # (K, B, M, 8)
             mil_h = self.mil_weight.h_share(enc.h)[None, :, None]
             weight = _softmax_masked(self.mil_weight(mil_f, mil_h)[..., 0], present, 2)
-            combined = np.einsum("kbm,kbmf->kbf", weight, enc.features[index])
+            combined = np.einsum("kbm,kbmf->kbf", weight, enc.features.take(index, axis=0))
             logit = self.phi(combined @ self.phi.f_weight, enc.phi_h[None])[..., 0]
             if enc.element_prior is not None:
-                logit = logit + (enc.element_prior[index] * present).sum(2)
+                logit = logit + (enc.element_prior.take(index) * present).sum(2)
         else:
-            logit = (enc.element_logit[index] * present).sum(2)
+            logit = (enc.element_logit.take(index) * present).sum(2)
         if enc.request_prior is not None:
             logit = logit + enc.request_prior
         return logit
