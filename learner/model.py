@@ -81,6 +81,12 @@ def gather_rows(weight: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor)
     return _GatherRows.apply(weight, rows, inverse)
 
 
+def take_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an index of any shape, by ``index_select``: ~3x faster than advanced indexing
+    here, forward and backward (an ``index_add``)."""
+    return values.index_select(0, index.reshape(-1)).view(*index.shape, *values.shape[1:])
+
+
 def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
@@ -153,7 +159,7 @@ class GenCO(nn.Module):
         # The running mean CTR's log-odds sets the level, so scores are calibrated from the first
         # batch instead of waiting for φ's output bias to crawl from 0 to about -2.5.
         base = torch.logit(self._base_rate())
-        element_prior = self.prior_weight[0] * self._prior(self.element_counts[t.element], relative=True)
+        element_prior = self.prior_weight[0] * self._prior(take_rows(self.element_counts, t.element), relative=True)
         request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[t.context[:, 3]], relative=False)
         return Encoded(h, features, logit + element_prior + base, element_prior, request_prior)
 
@@ -225,7 +231,7 @@ class GenCO(nn.Module):
         dense = picks.new_full((k, n * width), -1).index_copy(1, batch.tensors.group_cell, picks).view(k, n, width)
         present = dense >= 0
         index = dense.clamp(min=0)
-        f = enc.features[index]  # (K, B, M, F)
+        f = take_rows(enc.features, index)  # (K, B, M, F)
         h = enc.h.expand(k, n, -1)
         if c.mil:
             weight_logit = self.mil_weight(torch.cat([h.unsqueeze(2).expand(-1, -1, width, -1), f], 3)).squeeze(3)
@@ -233,9 +239,9 @@ class GenCO(nn.Module):
             combined = (weight.unsqueeze(3) * f).sum(2)
             logit = self.phi(torch.cat([h, combined], 2)).squeeze(2)
             if enc.element_prior is not None:
-                logit = logit + (enc.element_prior[index] * present).sum(2)
+                logit = logit + (take_rows(enc.element_prior, index) * present).sum(2)
         else:  # without MIL a combination scores as the sum of its element scores
-            logit = (enc.element_logit[index] * present).sum(2)
+            logit = (take_rows(enc.element_logit, index) * present).sum(2)
         if enc.request_prior is not None:
             logit = logit + enc.request_prior
         return logit
