@@ -60,6 +60,7 @@ POLICIES: dict[str, Callable[[], object]] = {
     "genco w/o RL": lambda: GenCOPolicy("default", rl_weight=0.0),
     "genco w/o context": lambda: GenCOPolicy("default", attention=False),
     "genco w/o all": lambda: GenCOPolicy("default", mil=False, rl_weight=0.0, attention=False),
+    "genco w/o context prior": lambda: GenCOPolicy("default", context_prior=False),
     "counter": Counter,
     "dco": DCO,
     "mlp": MLPBaseline,

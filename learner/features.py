@@ -45,6 +45,11 @@ class HashSizes:
     component: int = 64
     element: int = 1 << 17  # per paper component
     other_element: int = 1 << 16  # shared by components outside the paper's six
+    cross: int = 1 << 20  # (element, age / gender / query segment) cells of the context prior; a power of two
+
+    def __post_init__(self) -> None:
+        if self.cross < 2 or self.cross & (self.cross - 1):
+            raise ValueError(f"sizes.cross must be a power of two, not {self.cross}")
 
     def context_offsets(self) -> dict[str, int]:
         offsets, start = {}, 0
@@ -100,6 +105,9 @@ class Batch:
       request; ``element_pool_cell`` flat cell in the (G, pool_width) grid; ``element_attention_cell``
       flat cell in the padded attention buffer
     - ``attention_bias``: every block's (rows, width, width) score bias, flattened: -inf where not attended
+    - per (element, context value) cross (C): ``cross_element`` element (into L); ``cross_row`` its cell in the
+      cross table (element row x age, gender or query-segment row, hashed); ``cross_weight`` 1 for age and
+      gender, 1 / segments for a segment (the request's segments count as one)
     - training only (``add_distinct_rows``): ``element_rows`` distinct element-table rows and
       ``element_inverse`` (L) each element's index among them; ``context_table_rows`` and
       ``context_inverse`` (5B + S) the same for the context rows, then the segment rows
@@ -190,6 +198,27 @@ def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, ele
         scores = bias[block.mask_start : block.mask_start + block.rows * block.width**2].reshape(blocked.shape)
         np.copyto(scores, np.float32(-np.inf), where=blocked)
     return cell, bias, blocks
+
+
+def _context_crosses(element: np.ndarray, element_request: np.ndarray, context: np.ndarray,
+                     segments: np.ndarray, segment_request: np.ndarray, segment_count: np.ndarray,
+                     cross_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every element paired with its request's age, gender and each query segment: (element, cell, weight)."""
+    n_elements = np.bincount(element_request, minlength=len(context))
+    first_element = np.cumsum(n_elements) - n_elements
+    per_segment = n_elements[segment_request]  # a segment crosses every element of its request
+    starts = np.repeat(np.cumsum(per_segment) - per_segment, per_segment)
+    segment_element = np.repeat(first_element[segment_request], per_segment) + np.arange(len(starts)) - starts
+    every = np.arange(len(element))
+    cross_element = np.concatenate([every, every, segment_element])
+    value = np.concatenate([context[element_request, 1], context[element_request, 2],
+                            np.repeat(segments, per_segment)])
+    weight = np.concatenate([np.ones(2 * len(element), dtype=np.float32),
+                             np.repeat(1 / segment_count[segment_request], per_segment).astype(np.float32)])
+    mixed = (element[cross_element].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ \
+        (value.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+    cell = (mixed >> np.uint64(64 - (cross_rows.bit_length() - 1))).astype(np.int64)
+    return cross_element, cell, weight
 
 
 class _Rows(dict):
@@ -317,11 +346,15 @@ class Featurizer:
         group_component = np.asarray(group_component, dtype=np.int64)
         pool_width, combination_width = int(sizes.max()), int(per_request.max())
         attention_cell, attention_bias, blocks = _attention_layout(element_request, element_slot, element_group, n)
+        segment_request = np.repeat(np.arange(n), segment_count)
+        cross_element, cross_row, cross_weight = _context_crosses(
+            element_array, element_request, context_array, segment_array, segment_request, segment_count,
+            self.sizes.cross)
         arrays = {
             "context": context_array,
             "segments": segment_array,
             "segment_offsets": np.asarray(segment_offsets, dtype=np.int64),
-            "segment_request": np.repeat(np.arange(n), segment_count),
+            "segment_request": segment_request,
             "segment_count": segment_count,
             "pool_stats": np.log1p(stats),
             "element": element_array,
@@ -333,6 +366,9 @@ class Featurizer:
             "element_pool_cell": element_group * pool_width + element_pos,
             "element_attention_cell": attention_cell,
             "attention_bias": attention_bias,
+            "cross_element": cross_element,
+            "cross_row": cross_row,
+            "cross_weight": cross_weight,
             "group_request": group_request,
             "group_slot": group_slot,
             "group_cell": group_request * combination_width + group_slot,

@@ -14,6 +14,10 @@ count-based prior, the smoothed log-odds of the element's clicks *in excess of i
 ad's own CTR*. One-pass SGD on hashed embeddings learns element quality far more
 slowly than counting does, and measuring an element against the product it was
 shown with keeps product appeal out of its credit (the paper's third challenge).
+With ``context_prior``, the element's prior also moves by how much better it does
+with this request's age, gender and query segments than with everyone (the same
+excess clicks, counted per (element, value) cell and shrunk towards the element's
+own rate): user context, learned by counting too.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class ModelConfig:
     rl_weight: float = 0.15  # λ of L_RL; 0 = the paper's "w/o RL"
     prior: bool = True  # count-based element and ad priors added to the scores
     prior_strength: float = 20.0  # pseudo-impressions at the running mean CTR
+    context_prior: bool = True  # with ``prior``: the element's excess clicks per age, gender, query segment
+    context_prior_strength: float = 200.0  # pseudo-impressions at the element's own excess rate
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4
@@ -50,6 +56,7 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
         data["sizes"] = HashSizes(**data.get("sizes", {}))
+        data.setdefault("context_prior", False)  # snapshots from before it existed have no cross counts
         for key in ("encoder", "policy"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -136,6 +143,9 @@ class GenCO(nn.Module):
             self.register_buffer("ad_counts", torch.zeros(sizes.context_rows, 2))  # (n, Σ y)
             self.register_buffer("total_counts", torch.zeros(2))
             self.prior_weight = nn.Parameter(torch.ones(2))
+        if c.prior and c.context_prior:
+            self.register_buffer("cross_counts", torch.zeros(sizes.cross, 2))  # (n, Σ y − ad CTR) per cell
+            self.context_prior_weight = nn.Parameter(torch.ones(()))
 
     # -- 1..4: context, attention, element scores ---------------------------------------------
     def encode(self, batch: Batch) -> Encoded:
@@ -160,6 +170,8 @@ class GenCO(nn.Module):
         # batch instead of waiting for φ's output bias to crawl from 0 to about -2.5.
         base = torch.logit(self._base_rate())
         element_prior = self.prior_weight[0] * self._prior(take_rows(self.element_counts, t.element), relative=True)
+        if c.context_prior:
+            element_prior = element_prior + self.context_prior_weight * self._context_prior(batch)
         request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[t.context[:, 3]], relative=False)
         return Encoded(h, features, logit + element_prior + base, element_prior, request_prior)
 
@@ -170,6 +182,22 @@ class GenCO(nn.Module):
         base = torch.logit(self._base_rate())
         return (self.prior_weight[0] * self._prior(self.element_counts, relative=True),
                 base + self.prior_weight[1] * self._prior(self.ad_counts, relative=False), base)
+
+    @torch.no_grad()
+    def _context_prior(self, batch: Batch) -> torch.Tensor:
+        """(L,) how much better each element does with this request's age, gender and query segments
+        than with everyone, in log-odds: its excess click rate in each (element, value) cell, shrunk
+        towards its own excess rate, against that rate; a request's segments weigh as one value."""
+        t, base = batch.tensors, self._base_rate()
+        own = take_rows(self.element_counts, t.element)
+        own_rate = own[:, 1] / (own[:, 0] + self.config.prior_strength)  # excess over the ad's CTR
+        own_at_cell = own_rate.index_select(0, t.cross_element)
+        cell = take_rows(self.cross_counts, t.cross_row)
+        m = self.config.context_prior_strength
+        cell_rate = (cell[:, 1] + m * own_at_cell) / (cell[:, 0] + m)
+        shift = (torch.logit((base + cell_rate).clamp(1e-4, 1 - 1e-4))
+                 - torch.logit((base + own_at_cell).clamp(1e-4, 1 - 1e-4)))
+        return own_rate.new_zeros(len(own_rate)).index_add_(0, t.cross_element, shift * t.cross_weight)
 
     def _base_rate(self) -> torch.Tensor:
         return (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)
@@ -201,6 +229,14 @@ class GenCO(nn.Module):
         excess = (t.clicked - self._ad_rate(t.context[:, 3]))[request]
         shown_rows = t.element[t.shown[valid]]
         self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(excess), excess], 1))
+        if self.config.context_prior:  # every cell of a shown element counts the impression
+            element_excess = torch.full_like(t.element, float("nan"), dtype=excess.dtype)
+            element_excess[t.shown[valid]] = excess
+            cross_excess = element_excess.index_select(0, t.cross_element)
+            shown_cross = ~torch.isnan(cross_excess)
+            cross_excess = cross_excess[shown_cross]
+            self.cross_counts.index_add_(0, t.cross_row[shown_cross],
+                                         torch.stack([torch.ones_like(cross_excess), cross_excess], 1))
         ads = torch.stack([torch.ones_like(t.clicked), t.clicked], 1)
         self.ad_counts.index_add_(0, t.context[:, 3], ads)
         self.total_counts += ads.sum(0)

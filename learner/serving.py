@@ -83,6 +83,11 @@ def _mlp(layers: list[Layer], x: np.ndarray) -> np.ndarray:
     return x.reshape(*shape, x.shape[-1])
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
 def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int) -> np.ndarray:
     scores = np.where(allowed, scores, -np.inf)
     scores = np.exp(scores - scores.max(axis, keepdims=True))
@@ -117,6 +122,12 @@ class ServingModel:
             element_prior, request_prior, base_logit = model.prior_tables()
             self.element_prior, self.request_prior = _array(element_prior), _array(request_prior)
             self.base_logit = np.float32(base_logit.item())
+        if c.prior and c.context_prior:
+            counts = _array(model.element_counts)
+            self.own_rate = counts[:, 1] / (counts[:, 0] + np.float32(c.prior_strength))
+            self.cross_counts = _array(model.cross_counts)
+            self.context_prior_weight = np.float32(model.context_prior_weight.item())
+            self.base_rate = np.float32(model._base_rate().item())
 
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
@@ -144,8 +155,21 @@ class ServingModel:
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
         element_prior = self.element_prior.take(batch.arrays["element"])
+        if c.context_prior:
+            element_prior = element_prior + self._context_prior(batch)
         request_prior = self.request_prior.take(context[:, 3])
         return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior)
+
+    def _context_prior(self, batch: Batch) -> np.ndarray:
+        """``GenCO._context_prior``, its weight applied: each element's shift for this request's context."""
+        a, m = batch.arrays, np.float32(self.config.context_prior_strength)
+        own = self.own_rate.take(a["element"])
+        own_at_cell = own.take(a["cross_element"])
+        cell = self.cross_counts.take(a["cross_row"], axis=0)
+        cell_rate = (cell[:, 1] + m * own_at_cell) / (cell[:, 0] + m)
+        shift = _logit(self.base_rate + cell_rate) - _logit(self.base_rate + own_at_cell)
+        total = np.bincount(a["cross_element"], weights=shift * a["cross_weight"], minlength=len(own))
+        return (self.context_prior_weight * total).astype(np.float32)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,

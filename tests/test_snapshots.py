@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def test_resume_continues_exactly_like_uninterrupted_training(tmp_path, small_wo
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
     assert resumed.steps == 3 and resumed.bags_seen == 768
+
+
+def test_a_snapshot_from_before_the_context_prior_loads_as_it_was_trained(tmp_path):
+    """Its manifest has no ``context_prior`` and its weights no cross counts: it must load without them."""
+    store = SnapshotStore(tmp_path)
+    store.save(GenCO(replace(SMALL, context_prior=False)), version=1, bags_seen=0, steps=0, train_config={})
+    path = tmp_path / "v00000001" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["model_config"]["context_prior"], manifest["model_config"]["context_prior_strength"]
+    path.write_text(json.dumps(manifest))
+    assert store.load().model.config.context_prior is False
