@@ -145,7 +145,7 @@ class GenCO(nn.Module):
             self.prior_weight = nn.Parameter(torch.ones(2))
         if c.prior and c.context_prior:
             self.register_buffer("cross_counts", torch.zeros(sizes.cross, 2))  # (n, Σ y − ad CTR) per cell
-            self.context_prior_weight = nn.Parameter(torch.ones(()))
+            self.context_prior_weight = nn.Parameter(torch.zeros(()))  # earns its weight from the loss
 
     # -- 1..4: context, attention, element scores ---------------------------------------------
     def encode(self, batch: Batch) -> Encoded:

@@ -32,6 +32,7 @@ class TrainConfig:
     lr: float = 3e-3
     sparse_optimizer: str = "adam"  # hash tables, whose rows move only when their id appears: "adam",
     sparse_lr: float = 3e-3  # "adagrad" or "sgd"
+    context_prior_lr: float = 3e-2  # the context prior's weight, which must find its level within ~100 steps
     batch_size: int = 1024
     seed: int = 0
 
@@ -109,13 +110,17 @@ class Learner:
         cfg = self.preset.train
         sparse_tables = {id(m.weight) for m in self.model.modules()
                          if isinstance(m, torch.nn.Embedding) and m.sparse}
+        own_pace = getattr(self.model, "context_prior_weight", None)
         sparse = [p for p in self.model.parameters() if id(p) in sparse_tables]
-        dense = [p for p in self.model.parameters() if id(p) not in sparse_tables]
+        dense = [p for p in self.model.parameters() if id(p) not in sparse_tables and p is not own_pace]
         # fused Adam: one kernel a step instead of ~10 ops a tensor
         dense_kinds = {"adam": partial(torch.optim.Adam, fused=True), "sgd": torch.optim.SGD}
         sparse_kinds = {"adam": torch.optim.SparseAdam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-        return [dense_kinds[cfg.optimizer](dense, lr=cfg.lr),
-                sparse_kinds[cfg.sparse_optimizer](sparse, lr=cfg.sparse_lr)]
+        optimizers = [dense_kinds[cfg.optimizer](dense, lr=cfg.lr),
+                      sparse_kinds[cfg.sparse_optimizer](sparse, lr=cfg.sparse_lr)]
+        if own_pace is not None:
+            optimizers.append(torch.optim.Adam([own_pace], lr=cfg.context_prior_lr))
+        return optimizers
 
     def step(self, bags: list) -> StepResult:
         """One optimiser step on a chronological mini-batch of validated Bags."""
