@@ -169,9 +169,10 @@ class GenCO(nn.Module):
         # The running mean CTR's log-odds sets the level, so scores are calibrated from the first
         # batch instead of waiting for φ's output bias to crawl from 0 to about -2.5.
         base = torch.logit(self._base_rate())
-        element_prior = self.prior_weight[0] * self._prior(take_rows(self.element_counts, t.element), relative=True)
+        element_counts = take_rows(self.element_counts, t.element)
+        element_prior = self.prior_weight[0] * self._prior(element_counts, relative=True)
         if c.context_prior:
-            element_prior = element_prior + self.context_prior_weight * self._context_prior(batch)
+            element_prior = element_prior + self.context_prior_weight * self._context_prior(batch, element_counts)
         request_prior = base + self.prior_weight[1] * self._prior(self.ad_counts[t.context[:, 3]], relative=False)
         return Encoded(h, features, logit + element_prior + base, element_prior, request_prior)
 
@@ -184,20 +185,21 @@ class GenCO(nn.Module):
                 base + self.prior_weight[1] * self._prior(self.ad_counts, relative=False), base)
 
     @torch.no_grad()
-    def _context_prior(self, batch: Batch) -> torch.Tensor:
+    def _context_prior(self, batch: Batch, element_counts: torch.Tensor) -> torch.Tensor:
         """(L,) how much better each element does with this request's age, gender and query segments
         than with everyone, in log-odds: its excess click rate in each (element, value) cell, shrunk
-        towards its own excess rate, against that rate; a request's segments weigh as one value."""
+        towards its own excess rate, against that rate; a request's segments weigh as one value.
+        ``element_counts``: each element's row of ``self.element_counts``."""
         t, base = batch.tensors, self._base_rate()
-        own = take_rows(self.element_counts, t.element)
-        own_rate = own[:, 1] / (own[:, 0] + self.config.prior_strength)  # excess over the ad's CTR
-        own_at_cell = own_rate.index_select(0, t.cross_element)
+        own_rate = element_counts[:, 1] / (element_counts[:, 0] + self.config.prior_strength)  # over the ad's CTR
+        own_logit = torch.logit((base + own_rate).clamp(1e-4, 1 - 1e-4))  # per element, not per cell
         cell = take_rows(self.cross_counts, t.cross_row)
         m = self.config.context_prior_strength
-        cell_rate = (cell[:, 1] + m * own_at_cell) / (cell[:, 0] + m)
-        shift = (torch.logit((base + cell_rate).clamp(1e-4, 1 - 1e-4))
-                 - torch.logit((base + own_at_cell).clamp(1e-4, 1 - 1e-4)))
-        return own_rate.new_zeros(len(own_rate)).index_add_(0, t.cross_element, shift * t.cross_weight)
+        cell_rate = (cell[:, 1] + m * own_rate.index_select(0, t.cross_element)) / (cell[:, 0] + m)
+        cell_logit = torch.logit((base + cell_rate).clamp(1e-4, 1 - 1e-4))
+        weighted = own_rate.new_zeros(len(own_rate)).index_add_(0, t.cross_element, cell_logit * t.cross_weight)
+        weights = own_rate.new_zeros(len(own_rate)).index_add_(0, t.cross_element, t.cross_weight)
+        return weighted - weights * own_logit
 
     def _base_rate(self) -> torch.Tensor:
         return (self.total_counts[1] + 1.0) / (self.total_counts[0] + 20.0)

@@ -163,13 +163,14 @@ class ServingModel:
     def _context_prior(self, batch: Batch) -> np.ndarray:
         """``GenCO._context_prior``, its weight applied: each element's shift for this request's context."""
         a, m = batch.arrays, np.float32(self.config.context_prior_strength)
-        own = self.own_rate.take(a["element"])
-        own_at_cell = own.take(a["cross_element"])
+        own_rate = self.own_rate.take(a["element"])
         cell = self.cross_counts.take(a["cross_row"], axis=0)
-        cell_rate = (cell[:, 1] + m * own_at_cell) / (cell[:, 0] + m)
-        shift = _logit(self.base_rate + cell_rate) - _logit(self.base_rate + own_at_cell)
-        total = np.bincount(a["cross_element"], weights=shift * a["cross_weight"], minlength=len(own))
-        return (self.context_prior_weight * total).astype(np.float32)
+        cell_rate = (cell[:, 1] + m * own_rate.take(a["cross_element"])) / (cell[:, 0] + m)
+        weighted = np.bincount(a["cross_element"], weights=_logit(self.base_rate + cell_rate) * a["cross_weight"],
+                               minlength=len(own_rate))
+        weights = np.bincount(a["cross_element"], weights=a["cross_weight"], minlength=len(own_rate))
+        shift = weighted - weights * _logit(self.base_rate + own_rate)
+        return (self.context_prior_weight * shift).astype(np.float32)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,
