@@ -46,10 +46,15 @@ class HashSizes:
     element: int = 1 << 17  # per paper component
     other_element: int = 1 << 16  # shared by components outside the paper's six
     cross: int = 1 << 20  # (element, age / gender / query segment) cells of the context prior; a power of two
+    pair: int = 1 << 20  # (element, element) cells of the pair prior; a power of two
 
     def __post_init__(self) -> None:
-        if self.cross < 2 or self.cross & (self.cross - 1):
-            raise ValueError(f"sizes.cross must be a power of two, not {self.cross}")
+        for kind in ("cross", "pair"):
+            rows = getattr(self, kind)
+            if rows < 2 or rows & (rows - 1):
+                raise ValueError(f"sizes.{kind} must be a power of two, not {rows}")
+        if self.element_rows > 1 << 20:
+            raise ValueError("element rows must stay below 2^20, the pair prior's hash key assumes it")
 
     def context_offsets(self) -> dict[str, int]:
         offsets, start = {}, 0
@@ -219,6 +224,17 @@ def _context_crosses(element: np.ndarray, element_request: np.ndarray, context: 
         (value.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
     cell = (mixed >> np.uint64(64 - (cross_rows.bit_length() - 1))).astype(np.int64)
     return cross_element, cell, weight
+
+
+def pair_cells(rows_a, rows_b, cells: int):
+    """Cell of each (element row, element row) pair, either order, in a table of ``cells``: numpy arrays or
+    torch tensors alike. Element rows are below 2^20, so the key stays far inside int64 (no wrapping)."""
+    high = (rows_a > rows_b) * (rows_a - rows_b) + rows_b
+    key = (rows_a + rows_b - high) * (1 << 20) + high
+    return (key * 40_503 + (key >> 20)) % _PAIR_PRIME % cells
+
+
+_PAIR_PRIME = 2_147_483_629  # key * 40_503 stays below 2^63 for keys below 2^40
 
 
 class _Rows(dict):

@@ -17,7 +17,10 @@ shown with keeps product appeal out of its credit (the paper's third challenge).
 With ``context_prior``, the element's prior also moves by how much better it does
 with this request's age, gender and query segments than with everyone (the same
 excess clicks, counted per (element, value) cell and shrunk towards the element's
-own rate): user context, learned by counting too.
+own rate): user context, learned by counting too. With ``pair_prior``, a combination's
+score also moves by how much better each two of its elements do together than their own
+rates add up to (counted per pair, shrunk by a strength estimated from the counts), and
+serving searches for combinations that pair well: synergy, learned by counting.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from learner.features import CONTEXT_KINDS, PAPER_COMPONENTS, Batch, HashSizes
+from learner.features import CONTEXT_KINDS, PAPER_COMPONENTS, Batch, HashSizes, pair_cells
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ModelConfig:
     prior_strength: float = 20.0  # pseudo-impressions at the running mean CTR
     context_prior: bool = True  # with ``prior``: the element's excess clicks per age, gender, query segment
     context_prior_strength: float = 200.0  # pseudo-impressions at the element's own excess rate
+    pair_prior: bool = True  # with ``prior``: combinations also score their shown pairs' excess clicks
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4
@@ -57,10 +61,19 @@ class ModelConfig:
         data = dict(data)
         data["sizes"] = HashSizes(**data.get("sizes", {}))
         data.setdefault("context_prior", False)  # snapshots from before it existed have no cross counts
+        data.setdefault("pair_prior", False)
         for key in ("encoder", "policy"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
+
+
+def pair_shift(cell: torch.Tensor, own_first: torch.Tensor, own_second: torch.Tensor, base: torch.Tensor,
+               strength: torch.Tensor) -> torch.Tensor:
+    """Log-odds shift of pairs: the cell's excess rate shrunk towards the sum of its elements' own."""
+    additive = own_first + own_second
+    rate = (cell[..., 1] + strength * additive) / (cell[..., 0] + strength)
+    return torch.logit((base + rate).clamp(1e-4, 1 - 1e-4)) - torch.logit((base + additive).clamp(1e-4, 1 - 1e-4))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -147,6 +160,12 @@ class GenCO(nn.Module):
             self.register_buffer("cross_counts", torch.zeros(sizes.cross, 2))  # (n, Σ y − ad CTR) per cell
             self.context_prior_weight = nn.Parameter(torch.zeros(()))  # earns its weight from the loss
 
+        if c.prior and c.pair_prior:
+            self.register_buffer("pair_counts", torch.zeros(sizes.pair, 2))  # (n, Σ y − ad CTR) per cell
+            self.register_buffer("pair_strength", torch.tensor(1e5))  # pseudo-impressions, estimated
+            self.register_buffer("pair_moments", torch.zeros(2))
+            self.register_buffer("residual_moments", torch.zeros(2))  # (n, Σ (y − ad CTR)²)
+
     # -- 1..4: context, attention, element scores ---------------------------------------------
     def encode(self, batch: Batch) -> Encoded:
         c, t = self.config, batch.tensors
@@ -191,7 +210,7 @@ class GenCO(nn.Module):
         towards its own excess rate, against that rate; a request's segments weigh as one value.
         ``element_counts``: each element's row of ``self.element_counts``."""
         t, base = batch.tensors, self._base_rate()
-        own_rate = element_counts[:, 1] / (element_counts[:, 0] + self.config.prior_strength)  # over the ad's CTR
+        own_rate = self.own_rates(element_counts)  # over the ad's CTR
         own_logit = torch.logit((base + own_rate).clamp(1e-4, 1 - 1e-4))  # per element, not per cell
         cell = take_rows(self.cross_counts, t.cross_row)
         m = self.config.context_prior_strength
@@ -226,6 +245,8 @@ class GenCO(nn.Module):
         if not self.config.prior:
             return
         t = batch.tensors
+        if self.config.pair_prior:
+            self._observe_pairs(batch, t.clicked - self._ad_rate(t.context[:, 3]))
         valid = t.shown >= 0
         request = t.group_request[valid]
         excess = (t.clicked - self._ad_rate(t.context[:, 3]))[request]
@@ -242,6 +263,60 @@ class GenCO(nn.Module):
         ads = torch.stack([torch.ones_like(t.clicked), t.clicked], 1)
         self.ad_counts.index_add_(0, t.context[:, 3], ads)
         self.total_counts += ads.sum(0)
+
+    def own_rates(self, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Each element row's excess click rate over its ads' CTR, shrunk (the prior's rate); ``counts``:
+        some rows of ``element_counts`` (default: all)."""
+        counts = self.element_counts if counts is None else counts
+        return counts[:, 1] / (counts[:, 0] + self.config.prior_strength)
+
+    @torch.no_grad()
+    def _pair_prior(self, batch: Batch, dense: torch.Tensor) -> torch.Tensor:
+        """(K, B) Σ over each combination's pairs of how much better the pair does together than its two
+        elements' own excess rates add up to, shrunk, in log-odds. dense: (K, B, M) elements, -1 absent."""
+        first, second, cells = self._pairs(batch, dense)
+        own = self.own_rates().index_select(0, batch.tensors.element)
+        shift = pair_shift(take_rows(self.pair_counts, cells), take_rows(own, first.clamp(min=0)),
+                           take_rows(own, second.clamp(min=0)), self._base_rate(), self.pair_strength)
+        return (shift * ((first >= 0) & (second >= 0))).sum(-1)
+
+    def _pairs(self, batch: Batch, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every two pools' elements of each combination (index into L, -1 absent) and their pair cells."""
+        i, j = torch.triu_indices(dense.shape[-1], dense.shape[-1], 1)
+        first, second = dense[..., i], dense[..., j]
+        rows = batch.tensors.element
+        cells = pair_cells(take_rows(rows, first.clamp(min=0)), take_rows(rows, second.clamp(min=0)),
+                           self.config.sizes.pair)
+        return first, second, cells
+
+    def _observe_pairs(self, batch: Batch, excess: torch.Tensor, decay: float = 0.95) -> None:
+        """Estimate the pairs' shrinkage from the counts so far (empirical Bayes), then count the batch's
+        shown pairs. ``excess``: (B,) each request's click less its ad's CTR.
+
+        Shrinkage = v / τ², τ² the variance of pairs' true excess rates between cells: the mean of
+        n · (d² − noise) over n, d a counted cell's raw excess rate less its two elements' own (both of
+        which include the cell's impressions, hence the noise term), v the variance of the excess."""
+        t, m = batch.tensors, self.config.prior_strength
+        shown = t.shown.new_full((batch.size * batch.combination_width,), -1).index_copy(0, t.group_cell, t.shown)
+        first, second, cells = self._pairs(batch, shown.view(batch.size, -1))
+        both = (first >= 0) & (second >= 0)
+        first, second, cells = first[both], second[both], cells[both]
+        counts = self.element_counts.index_select(0, t.element)
+        own = self.own_rates(counts)
+        cell = self.pair_counts.index_select(0, cells)
+        n, n_first, n_second = cell[:, 0], counts[first, 0], counts[second, 0]
+        a, b = n_first + m, n_second + m
+        d = cell[:, 1] / n.clamp(min=1) - own[first] - own[second]
+        self.residual_moments += torch.stack([excess.new_tensor(float(len(excess))), (excess * excess).sum()])
+        v = self.residual_moments[1] / self.residual_moments[0]
+        noise = v * (1 / n.clamp(min=1) - 2 / a - 2 / b + n_first / a**2 + n_second / b**2 + 2 * n / (a * b))
+        signal = (1 - n / a - n / b).clamp(min=0) ** 2
+        moments = torch.stack([torch.where(n > 0, n * (d * d - noise), 0.0).sum(), (n * signal).sum()])
+        self.pair_moments.mul_(decay).add_(moments)
+        tau2 = (self.pair_moments[0] / self.pair_moments[1].clamp(min=1e-9)).clamp(min=1e-7)
+        self.pair_strength.copy_((v / tau2).clamp(1.0, 1e5))
+        pair_excess = excess.index_select(0, t.element_request.index_select(0, first))
+        self.pair_counts.index_add_(0, cells, torch.stack([torch.ones_like(pair_excess), pair_excess], 1))
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
         """Each element attends to itself and every candidate of the *other* components of its request,
@@ -280,6 +355,8 @@ class GenCO(nn.Module):
                 logit = logit + (take_rows(enc.element_prior, index) * present).sum(2)
         else:  # without MIL a combination scores as the sum of its element scores
             logit = (take_rows(enc.element_logit, index) * present).sum(2)
+        if c.prior and c.pair_prior:
+            logit = logit + self._pair_prior(batch, dense)
         if enc.request_prior is not None:
             logit = logit + enc.request_prior
         return logit

@@ -3,7 +3,11 @@
 GenCO samples K combinations from the per-component softmaxes and keeps the
 one the combination head scores highest. We always put the greedy
 combination (each component's top element) among the K, so sampling can only
-add options, never lose the best single-element choices.
+add options, never lose the best single-element choices. With the pair prior
+two more candidates join them: the greedy combination improved, every pool at once
+taking its best element given the others' picks and pair scores, twice
+(``pair_ascent``), since K independent samples rarely
+hit the elements that go together.
 
 Sampling noise is a hash of (request seed, sample, slot), not a generator
 draw: a request gets the same answer alone or inside any batch, which makes
@@ -20,7 +24,7 @@ import numpy as np
 
 from learner.features import Batch, Featurizer
 from learner.model import GenCO
-from learner.serving import ServingModel
+from learner.serving import Encoded, ServingModel
 
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
@@ -56,12 +60,36 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
     return np.concatenate([greedy, dense.argmax(2)])
 
 
+def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarray,
+                sweeps: int = 2) -> list[np.ndarray]:
+    """(G,) positions after each sweep: from ``start``, every pool takes the element that is best given
+    the other pools' current picks, its score plus the pair prior with each of them (all pools at once)."""
+    a = batch.arrays
+    sizes, width = a["group_size"], batch.combination_width
+    group_start = np.cumsum(sizes) - sizes
+    element_request, own_slot = a["element_request"], a["group_slot"][a["element_group"]]
+    element_logit = enc.element_logit
+    everyone = np.broadcast_to(np.arange(len(element_logit))[:, None], (len(element_logit), width))
+    picks, results = start, []
+    for _ in range(sweeps):
+        dense = np.full(batch.size * width, -1, dtype=np.int64)
+        dense[a["group_cell"]] = group_start + picks
+        partners = dense.reshape(batch.size, width).take(element_request, axis=0)  # (L, width)
+        partners[np.arange(len(partners)), own_slot] = -1
+        shift = model.pair_shift(batch, enc, everyone, partners).sum(1)
+        picks = batch.pool_grid(element_logit + shift).argmax(1)
+        results.append(picks)
+    return results
+
+
 def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 1.0) -> np.ndarray:
     """Chosen position inside each pool (G,): the combination the combination head scores highest."""
     enc = model.encode(batch)
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
+    if model.config.prior and model.config.pair_prior:
+        candidates = np.concatenate([candidates, np.stack(pair_ascent(model, batch, enc, candidates[0]))])
     sizes = batch.arrays["group_size"]
     combo_score = model.combination_logit(batch, enc, np.cumsum(sizes) - sizes + candidates)  # (k, B)
     best = combo_score.argmax(0)[batch.arrays["group_request"]]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.features import Batch
+from learner.features import Batch, pair_cells
 from learner.model import GenCO
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # (weight (in, out), bias, ReLU after)
@@ -104,6 +104,7 @@ class Encoded:
     element_logit: np.ndarray
     element_prior: np.ndarray | None
     request_prior: np.ndarray | None
+    own_rate: np.ndarray | None = None  # each element's excess click rate, shrunk (the priors' rate)
 
 
 class ServingModel:
@@ -122,12 +123,14 @@ class ServingModel:
             element_prior, request_prior, base_logit = model.prior_tables()
             self.element_prior, self.request_prior = _array(element_prior), _array(request_prior)
             self.base_logit = np.float32(base_logit.item())
+            self.own_rate = _array(model.own_rates())
+            self.base_rate = np.float32(model._base_rate().item())
         if c.prior and c.context_prior:
-            counts = _array(model.element_counts)
-            self.own_rate = counts[:, 1] / (counts[:, 0] + np.float32(c.prior_strength))
             self.cross_counts = _array(model.cross_counts)
             self.context_prior_weight = np.float32(model.context_prior_weight.item())
-            self.base_rate = np.float32(model._base_rate().item())
+        if c.prior and c.pair_prior:
+            self.pair_counts = _array(model.pair_counts)
+            self.pair_strength = np.float32(model.pair_strength.item())
 
     def encode(self, batch: Batch) -> Encoded:
         c = self.config
@@ -155,15 +158,16 @@ class ServingModel:
         if not c.prior:
             return Encoded(h, phi_h, features, logit, None, None)
         element_prior = self.element_prior.take(batch.arrays["element"])
+        own_rate = self.own_rate.take(batch.arrays["element"])
         if c.context_prior:
-            element_prior = element_prior + self._context_prior(batch)
+            element_prior = element_prior + self._context_prior(batch, own_rate)
         request_prior = self.request_prior.take(context[:, 3])
-        return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior)
+        return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior,
+                       own_rate)
 
-    def _context_prior(self, batch: Batch) -> np.ndarray:
+    def _context_prior(self, batch: Batch, own_rate: np.ndarray) -> np.ndarray:
         """``GenCO._context_prior``, its weight applied: each element's shift for this request's context."""
         a, m = batch.arrays, np.float32(self.config.context_prior_strength)
-        own_rate = self.own_rate.take(a["element"])
         cell = self.cross_counts.take(a["cross_row"], axis=0)
         cell_rate = (cell[:, 1] + m * own_rate.take(a["cross_element"])) / (cell[:, 0] + m)
         weighted = np.bincount(a["cross_element"], weights=_logit(self.base_rate + cell_rate) * a["cross_weight"],
@@ -210,6 +214,25 @@ class ServingModel:
                 logit = logit + (enc.element_prior.take(index) * present).sum(2)
         else:
             logit = (enc.element_logit.take(index) * present).sum(2)
+        if self.config.prior and self.config.pair_prior:
+            i, j = np.triu_indices(width, 1)
+            logit = logit + self.pair_shift(batch, enc, dense[..., i], dense[..., j]).sum(2)
         if enc.request_prior is not None:
             logit = logit + enc.request_prior
         return logit
+
+    def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """``model.pair_shift`` of each pair of the batch's elements (indices into them; 0 where one is -1).
+        Only real pairs are looked up, and the two log-odds are taken as one log of their odds ratio."""
+        both = (first >= 0) & (second >= 0)
+        first, second = first[both], second[both]
+        rows = batch.arrays["element"]
+        cell = self.pair_counts.take(pair_cells(rows.take(first), rows.take(second), len(self.pair_counts)), axis=0)
+        excess = enc.own_rate.take(first) + enc.own_rate.take(second)
+        apart = self.base_rate + excess
+        together = apart + (cell[:, 1] - cell[:, 0] * excess) / (cell[:, 0] + self.pair_strength)
+        together = np.clip(together, 1e-4, 1 - 1e-4)
+        apart = np.clip(apart, 1e-4, 1 - 1e-4)
+        shift = np.zeros(both.shape, dtype=np.float32)
+        shift[both] = np.log(together * (1 - apart) / (apart * (1 - together)))
+        return shift

@@ -83,12 +83,17 @@ def test_resume_continues_exactly_like_uninterrupted_training(tmp_path, small_wo
     assert resumed.steps == 3 and resumed.bags_seen == 768
 
 
-def test_a_snapshot_from_before_the_context_prior_loads_as_it_was_trained(tmp_path):
-    """Its manifest has no ``context_prior`` and its weights no cross counts: it must load without them."""
+def test_a_snapshot_from_before_the_context_and_pair_priors_loads_as_it_was_trained(tmp_path):
+    """Its manifest has no ``context_prior`` or ``pair_prior`` and its weights no cross or pair counts: it must
+    load without them."""
     store = SnapshotStore(tmp_path)
-    store.save(GenCO(replace(SMALL, context_prior=False)), version=1, bags_seen=0, steps=0, train_config={})
+    store.save(GenCO(replace(SMALL, context_prior=False, pair_prior=False)), version=1, bags_seen=0, steps=0,
+               train_config={})
     path = tmp_path / "v00000001" / "manifest.json"
     manifest = json.loads(path.read_text())
-    del manifest["model_config"]["context_prior"], manifest["model_config"]["context_prior_strength"]
+    for key in ("context_prior", "context_prior_strength", "pair_prior"):
+        del manifest["model_config"][key]
+    del manifest["model_config"]["sizes"]["pair"]
     path.write_text(json.dumps(manifest))
-    assert store.load().model.config.context_prior is False
+    config = store.load().model.config
+    assert config.context_prior is False and config.pair_prior is False
