@@ -245,11 +245,12 @@ class GenCO(nn.Module):
         if not self.config.prior:
             return
         t = batch.tensors
+        request_excess = t.clicked - self._ad_rate(t.context[:, 3])
         if self.config.pair_prior:
-            self._observe_pairs(batch, t.clicked - self._ad_rate(t.context[:, 3]))
+            self._observe_pairs(batch, request_excess)
         valid = t.shown >= 0
         request = t.group_request[valid]
-        excess = (t.clicked - self._ad_rate(t.context[:, 3]))[request]
+        excess = request_excess[request]
         shown_rows = t.element[t.shown[valid]]
         self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(excess), excess], 1))
         if self.config.context_prior:  # every cell of a shown element counts the impression
@@ -275,7 +276,7 @@ class GenCO(nn.Module):
         """(K, B) Σ over each combination's pairs of how much better the pair does together than its two
         elements' own excess rates add up to, shrunk, in log-odds. dense: (K, B, M) elements, -1 absent."""
         first, second, cells = self._pairs(batch, dense)
-        own = self.own_rates().index_select(0, batch.tensors.element)
+        own = self.own_rates(self.element_counts.index_select(0, batch.tensors.element))
         shift = pair_shift(take_rows(self.pair_counts, cells), take_rows(own, first.clamp(min=0)),
                            take_rows(own, second.clamp(min=0)), self._base_rate(), self.pair_strength)
         return (shift * ((first >= 0) & (second >= 0))).sum(-1)
