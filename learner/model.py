@@ -19,7 +19,8 @@ with this request's age, gender and query segments than with everyone (the same
 excess clicks, counted per (element, value) cell and shrunk towards the element's
 own rate): user context, learned by counting too. With ``pair_prior``, a combination's
 score also moves by how much better each two of its elements do together than their own
-rates add up to (counted per pair, shrunk by a strength estimated from the counts), and
+rates add up to (counted per pair, shrunk by whichever strength best predicted each next
+batch's clicks), and
 serving searches for combinations that pair well: synergy, learned by counting.
 """
 
@@ -33,6 +34,10 @@ import torch
 from torch import nn
 
 from learner.features import CONTEXT_KINDS, PAPER_COMPONENTS, Batch, HashSizes, pair_cells
+
+# Shrinkage strengths (pseudo-impressions) the pair prior chooses among, half a decade apart; the last
+# is as good as off.
+PAIR_STRENGTHS = tuple(float(round(10 ** (1.5 + x / 2))) for x in range(8))
 
 
 @dataclass
@@ -162,9 +167,10 @@ class GenCO(nn.Module):
 
         if c.prior and c.pair_prior:
             self.register_buffer("pair_counts", torch.zeros(sizes.pair, 2))  # (n, Σ y − ad CTR) per cell
-            self.register_buffer("pair_strength", torch.tensor(1e5))  # pseudo-impressions, estimated
-            self.register_buffer("pair_moments", torch.zeros(2))
-            self.register_buffer("residual_moments", torch.zeros(2))  # (n, Σ (y − ad CTR)²)
+            self.register_buffer("pair_strength", torch.tensor(PAIR_STRENGTHS[-1]))  # pseudo-impressions, chosen
+            self.register_buffer("pair_strengths", torch.tensor(PAIR_STRENGTHS), persistent=False)
+            # per strength, decayed: (requests, Σ gain, Σ gain²), gain = squared error saved against the last
+            self.register_buffer("pair_gains", torch.zeros(3, len(PAIR_STRENGTHS)))
 
     # -- 1..4: context, attention, element scores ---------------------------------------------
     def encode(self, batch: Batch) -> Encoded:
@@ -290,33 +296,40 @@ class GenCO(nn.Module):
                            self.config.sizes.pair)
         return first, second, cells
 
-    def _observe_pairs(self, batch: Batch, excess: torch.Tensor, decay: float = 0.95) -> None:
-        """Estimate the pairs' shrinkage from the counts so far (empirical Bayes), then count the batch's
-        shown pairs. ``excess``: (B,) each request's click less its ad's CTR.
+    def _observe_pairs(self, batch: Batch, excess: torch.Tensor, decay: float = 0.99) -> None:
+        """Choose the pairs' shrinkage by how well each candidate strength predicted this batch's clicks
+        from the counts so far, then count the batch's shown pairs. ``excess``: (B,) each request's click
+        less its ad's CTR.
 
-        Shrinkage = v / τ², τ² the variance of pairs' true excess rates between cells: the mean of
-        n · (d² − noise) over n, d a counted cell's raw excess rate less its two elements' own (both of
-        which include the cell's impressions, hence the noise term), v the variance of the excess."""
-        t, m = batch.tensors, self.config.prior_strength
+        Prequential, not empirical Bayes: the spread of pair cells' excess also holds what persists in the
+        counts besides synergy (an element's rate in one ad against its rate across ads, an ad's rate
+        drifting as its pools churn), and shrinking by it was ~10x too weak (README, Decision 5)."""
+        t = batch.tensors
         shown = t.shown.new_full((batch.size * batch.combination_width,), -1).index_copy(0, t.group_cell, t.shown)
         first, second, cells = self._pairs(batch, shown.view(batch.size, -1))
         both = (first >= 0) & (second >= 0)
         first, second, cells = first[both], second[both], cells[both]
-        counts = self.element_counts.index_select(0, t.element)
-        own = self.own_rates(counts)
+        own = self.own_rates(self.element_counts.index_select(0, t.element))
         cell = self.pair_counts.index_select(0, cells)
-        n, n_first, n_second = cell[:, 0], counts[first, 0], counts[second, 0]
-        a, b = n_first + m, n_second + m
-        d = cell[:, 1] / n.clamp(min=1) - own[first] - own[second]
-        self.residual_moments += torch.stack([excess.new_tensor(float(len(excess))), (excess * excess).sum()])
-        v = self.residual_moments[1] / self.residual_moments[0]
-        noise = v * (1 / n.clamp(min=1) - 2 / a - 2 / b + n_first / a**2 + n_second / b**2 + 2 * n / (a * b))
-        signal = (1 - n / a - n / b).clamp(min=0) ** 2
-        moments = torch.stack([torch.where(n > 0, n * (d * d - noise), 0.0).sum(), (n * signal).sum()])
-        self.pair_moments.mul_(decay).add_(moments)
-        tau2 = (self.pair_moments[0] / self.pair_moments[1].clamp(min=1e-9)).clamp(min=1e-7)
-        self.pair_strength.copy_((v / tau2).clamp(1.0, 1e5))
-        pair_excess = excess.index_select(0, t.element_request.index_select(0, first))
+        additive = own.index_select(0, first) + own.index_select(0, second)
+        strengths = self.pair_strengths
+        shifts = (cell[:, 1:] - cell[:, :1] * additive[:, None]) / (cell[:, :1] + strengths)  # (pairs, strengths)
+        request = t.element_request.index_select(0, first)
+        predicted = shifts.new_zeros(batch.size, len(strengths)).index_add_(0, request, shifts)
+        valid = t.shown >= 0
+        own_sum = own.new_zeros(batch.size).index_add_(0, t.group_request[valid], own[t.shown[valid]])
+        miss = ((excess - own_sum)[:, None] - predicted) ** 2
+        gain = miss[:, -1:] - miss  # (B, strengths) squared error saved against the strongest, as good as off
+        self.pair_gains.mul_(decay).add_(torch.stack([gain.new_full((len(strengths),), batch.size),
+                                                      gain.sum(0), (gain * gain).sum(0)]))
+        n, total, squares = self.pair_gains
+        z = total / (squares - total * total / n.clamp(min=1)).clamp(min=1e-12).sqrt()
+        trusted = torch.where(z > 2, total, 0.0)  # a weaker shrinkage must be clearly better to be taken
+        best = int(trusted.argmax()) if bool((trusted > 0).any()) else len(strengths) - 1
+        # One step stronger than the best predictor: serving takes the best of many combinations, each
+        # summing ~15 pair shifts, so noise that costs little in prediction costs more in the argmax.
+        self.pair_strength.copy_(strengths[min(best + 1, len(strengths) - 1)])
+        pair_excess = excess.index_select(0, request)
         self.pair_counts.index_add_(0, cells, torch.stack([torch.ones_like(pair_excess), pair_excess], 1))
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:

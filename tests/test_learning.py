@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
 from learner.baselines import Counter
+from learner.model import PAIR_STRENGTHS
 from learner.policy import Selector
 from learner.trainer import Learner, preset
 from stream.events import Bag, SelectionRequest
@@ -102,6 +104,26 @@ def test_the_pair_prior_serves_elements_that_go_together(pair_prior):
     matched = sum((p["title"] == "t-a") == (p["image"] == "i-1") for p in picks) / len(picks)
     if pair_prior:
         assert matched == 1.0
-        assert learner.model.pair_strength < 1000  # the shrinkage estimated from the counts found the pairs
+        assert learner.model.pair_strength < 1000  # the strength that predicted clicks best trusts the pairs
     else:  # an additive model sees no difference between the elements: about half its picks match
         assert matched < 0.9
+
+
+def test_the_pair_prior_switches_itself_off_where_pairs_carry_nothing():
+    """Eight titles and eight images whose effects add up in log-odds: no pair predicts clicks beyond its
+    two elements, so no shrinkage is clearly better than the strongest, which is as good as off."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    titles, images = [f"t-{i}" for i in range(8)], [f"i-{i}" for i in range(8)]
+    effect = {e: rng.gauss(0, 0.3) for e in titles + images}
+    bags = []
+    for i in range(8192):
+        title, image = rng.choice(titles), rng.choice(images)
+        rate = 1 / (1 + math.exp(2.7 - effect[title] - effect[image]))
+        bags.append(Bag.model_validate({
+            "impression_id": f"p-{i}", "ts": i, "ad_id": f"ad-{i % 7}", "user": {"id": f"u-{i % 500}"},
+            "candidates": {"title": titles, "image": images},
+            "shown": {"title": title, "image": image}, "clicked": rng.random() < rate}))
+    learner = Learner(preset("default"))
+    learner.learn(bags)
+    assert learner.model.pair_strength == max(PAIR_STRENGTHS)
