@@ -61,7 +61,7 @@ POLICIES: dict[str, Callable[[], object]] = {
     "genco w/o context": lambda: GenCOPolicy("default", attention=False),
     "genco w/o all": lambda: GenCOPolicy("default", mil=False, rl_weight=0.0, attention=False),
     "genco w/o context prior": lambda: GenCOPolicy("default", context_prior=False),
-    "genco-pairs": lambda: GenCOPolicy("pairs"),
+    "genco w/o pair prior": lambda: GenCOPolicy("fast"),
     "counter": Counter,
     "dco": DCO,
     "mlp": MLPBaseline,

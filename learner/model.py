@@ -50,7 +50,7 @@ class ModelConfig:
     prior_strength: float = 20.0  # pseudo-impressions at the running mean CTR
     context_prior: bool = True  # with ``prior``: the element's excess clicks per age, gender, query segment
     context_prior_strength: float = 200.0  # pseudo-impressions at the element's own excess rate
-    pair_prior: bool = False  # with ``prior``: combinations also score their pairs' excess clicks (preset "pairs")
+    pair_prior: bool = True  # with ``prior``: combinations also score their pairs' excess clicks (off: preset "fast")
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4

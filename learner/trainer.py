@@ -50,8 +50,9 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(),
     # The paper's appendix exactly: plain SGD, lr 5e-3, embeddings of dimension 4, nothing added.
     "paper": Preset(ModelConfig(dim=4, prior=False), TrainConfig("sgd", 5e-3, "sgd", 5e-3)),
-    # The default plus the pair prior: gains where elements go together, loses on table1 at 400k (README).
-    "pairs": Preset(ModelConfig(pair_prior=True)),
+    # The default without the pair prior: ~1.3x batched selection, no gain where elements go together.
+    "fast": Preset(ModelConfig(pair_prior=False)),
+    "pairs": Preset(),  # what the default became; the name stays so earlier commands still run
 }
 
 
