@@ -4,8 +4,10 @@ Each figure is printed beside a floor measured in the same run on the same
 data (json.loads of the same lines), so machines of different speed compare
 as ratios. This machine's speed drifts by up to ~1.5x within minutes, so the
 floor and `genco train` are measured in turns, ``--repeats`` times, and their
-medians and ranges reported; batched selection likewise.
-Run: .venv/bin/python benchmarks/speed.py [--bags 100000] [--repeats 3]
+medians and ranges reported; batched selection likewise. Each preset (default:
+the default and ``fast``, the default without the pair prior) runs in turn with
+the others at every stage, so their figures compare as ratios.
+Run: .venv/bin/python benchmarks/speed.py [--bags 100000] [--repeats 3] [--presets default fast]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from genco.compute import configure_compute
 from genco.jsonl import BadLines
 from learner.offline import bag_batches
 from learner.policy import Selector
-from learner.trainer import Learner
+from learner.trainer import PRESETS, Learner, preset
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
 from stream.events import SelectionRequest
@@ -36,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bags", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", default=["default", "fast"], choices=list(PRESETS),
+                        help="measured in turns, so their figures compare as ratios")
     parser.add_argument("--out", default="bench-out/speed.json")
     args = parser.parse_args()
     configure_compute()
@@ -54,66 +58,73 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     bags_path.write_text("".join(json.dumps(b) + "\n" for b in log))
 
     # Where the end-to-end time goes: parsing + featurising, and the training step alone.
-    learner = Learner()
+    learners = {name: Learner(preset(name)) for name in args.presets}
     gc.disable()  # as in genco train's parser process
     started = time.perf_counter()
     batches = []  # the first 45 kept for the step's timing
     with bags_path.open("rb") as lines:
-        for batch in bag_batches(lines, learner.featurizer, 1024, BadLines()):
+        for batch in bag_batches(lines, learners[args.presets[0]].featurizer, 1024, BadLines()):
             if len(batches) < 45:
                 batches.append(batch)
     parse = args.bags / (time.perf_counter() - started)
     gc.enable()
-    for batch in batches[:5]:  # warm up: the optimisers' state and the allocator's heap
-        learner.step_batch(batch)
-    started = time.perf_counter()
-    for batch in batches[5:45]:
-        learner.step_batch(batch)
-    step = sum(b.size for b in batches[5:45]) / (time.perf_counter() - started)
+    step_seconds = dict.fromkeys(args.presets, 0.0)
+    for i, batch in enumerate(batches):  # the presets in turns; the first 5 batches warm each up
+        for name in args.presets if i % 2 else args.presets[::-1]:
+            started = time.perf_counter()
+            learners[name].step_batch(batch)
+            if i >= 5:
+                step_seconds[name] += time.perf_counter() - started
+    stepped = sum(b.size for b in batches[5:45])
     del batches
 
-    floors, trains = [], []
+    floors, trains = [], {name: [] for name in args.presets}
     for repeat in range(args.repeats):
         floors.append(_json_loads_floor(bags_path))
-        snapshots = work / f"snap-{repeat}"
-        run = subprocess.run([sys.executable, "-m", "genco.cli", "train", str(bags_path), "--snapshot-dir",
-                              str(snapshots), "--json"], capture_output=True, text=True, check=True)
-        trains.append(json.loads(run.stdout.splitlines()[-1])["bags_per_s"])
-    floor, train = statistics.median(floors), statistics.median(trains)
+        for name in args.presets:
+            snapshots = work / f"snap-{name}-{repeat}"
+            run = subprocess.run([sys.executable, "-m", "genco.cli", "train", str(bags_path), "--snapshot-dir",
+                                  str(snapshots), "--preset", name, "--json"], capture_output=True, text=True,
+                                 check=True)
+            trains[name].append(json.loads(run.stdout.splitlines()[-1])["bags_per_s"])
 
-    model = SnapshotStore(work / "snap-0").load().model
     requests = [SelectionRequest.model_validate(world.request(f"s-{i}")) for i in range(5000)]
-    selector = Selector(model, k=16)
-    for request in requests[:200]:
-        selector.select([request])  # warm up
-    latencies = []
-    for request in requests[:2000]:
-        t = time.perf_counter()
-        selector.select([request])
-        latencies.append(time.perf_counter() - t)
-    latencies.sort()
-    selector.select(requests[:1024])  # warm up the large-batch path too
-    batched_runs = []
+    selectors = {name: Selector(SnapshotStore(work / f"snap-{name}-0").load().model, k=16) for name in args.presets}
+    latencies = {}
+    for name, selector in selectors.items():
+        for request in requests[:200]:
+            selector.select([request])  # warm up
+        latencies[name] = []
+        for request in requests[:2000]:
+            t = time.perf_counter()
+            selector.select([request])
+            latencies[name].append(time.perf_counter() - t)
+        latencies[name].sort()
+        selector.select(requests[:1024])  # warm up the large-batch path too
+    batched_runs = {name: [] for name in args.presets}
     for _ in range(args.repeats):
-        started = time.perf_counter()
-        for start in range(0, len(requests), 1024):
-            selector.select(requests[start : start + 1024])
-        batched_runs.append(len(requests) / (time.perf_counter() - started))
+        for name, selector in selectors.items():
+            started = time.perf_counter()
+            for start in range(0, len(requests), 1024):
+                selector.select(requests[start : start + 1024])
+            batched_runs[name].append(len(requests) / (time.perf_counter() - started))
 
-    return {
-        "bags": args.bags,
-        "json_loads_floor_per_s": round(floor),
-        "train_bags_per_s": round(train),
-        "train_bags_per_s_range": [round(min(trains)), round(max(trains))],
-        "train_ratio_to_floor": round(statistics.median(t / f for t, f in zip(trains, floors, strict=True)), 4),
-        "parse_featurize_per_s": round(parse),
-        "train_step_only_per_s": round(step),
-        "select_single_p50_ms": round(1000 * statistics.median(latencies), 3),
-        "select_single_p99_ms": round(1000 * latencies[int(0.99 * len(latencies))], 3),
-        "select_batched_per_s": round(statistics.median(batched_runs)),
-        "select_batched_per_s_range": [round(min(batched_runs)), round(max(batched_runs))],
-        "torch_threads": torch.get_num_threads(),
-    }
+    result = {"bags": args.bags, "json_loads_floor_per_s": round(statistics.median(floors)),
+              "parse_featurize_per_s": round(parse), "torch_threads": torch.get_num_threads()}
+    for name in args.presets:
+        lat, runs = latencies[name], batched_runs[name]
+        ratios = [t / f for t, f in zip(trains[name], floors, strict=True)]
+        result[name] = {
+            "train_bags_per_s": round(statistics.median(trains[name])),
+            "train_bags_per_s_range": [round(min(trains[name])), round(max(trains[name]))],
+            "train_ratio_to_floor": round(statistics.median(ratios), 4),
+            "train_step_only_per_s": round(stepped / step_seconds[name]),
+            "select_single_p50_ms": round(1000 * statistics.median(lat), 3),
+            "select_single_p99_ms": round(1000 * lat[int(0.99 * len(lat))], 3),
+            "select_batched_per_s": round(statistics.median(runs)),
+            "select_batched_per_s_range": [round(min(runs)), round(max(runs))],
+        }
+    return result
 
 
 def _json_loads_floor(path: Path) -> float:
