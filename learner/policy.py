@@ -22,18 +22,17 @@ import time
 
 import numpy as np
 
-from learner.features import Batch, Featurizer
+from learner.features import GOLDEN, Batch, Featurizer
 from learner.model import GenCO
 from learner.serving import Encoded, ServingModel
 
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
 def hashed_uniform(key: np.ndarray) -> np.ndarray:
     """Deterministic U(0,1) per int64 key (splitmix64 finaliser; int64 products wrap, as intended)."""
-    x = key.astype(np.int64) * _GOLDEN
+    x = key.astype(np.int64) * GOLDEN
     x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
     x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
     x = x ^ ((x >> 31) & ((1 << 33) - 1))
@@ -67,17 +66,19 @@ def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarr
     a = batch.arrays
     sizes, width = a["group_size"], batch.combination_width
     group_start = np.cumsum(sizes) - sizes
-    element_request, own_slot = a["element_request"], a["group_slot"][a["element_group"]]
-    element_logit = enc.element_logit
-    everyone = np.broadcast_to(np.arange(len(element_logit))[:, None], (len(element_logit), width))
+    present = np.zeros(batch.size * width, dtype=bool)
+    present[a["group_cell"]] = True
+    # every (element, slot of another pool of its request): the same partners' slots in each sweep
+    element, slot = np.nonzero(present.reshape(batch.size, width).take(a["element_request"], axis=0))
+    other = slot != a["group_slot"].take(a["element_group"].take(element))
+    element, partner_cell = element[other], a["element_request"].take(element[other]) * width + slot[other]
     picks, results = start, []
     for _ in range(sweeps):
-        dense = np.full(batch.size * width, -1, dtype=np.int64)
+        dense = np.zeros(batch.size * width, dtype=np.int64)
         dense[a["group_cell"]] = group_start + picks
-        partners = dense.reshape(batch.size, width).take(element_request, axis=0)  # (L, width)
-        partners[np.arange(len(partners)), own_slot] = -1
-        shift = model.pair_shift(batch, enc, everyone, partners).sum(1)
-        picks = batch.pool_grid(element_logit + shift).argmax(1)
+        shift = model.pair_shift(batch, enc, element, dense.take(partner_cell))
+        shift = np.bincount(element, weights=shift, minlength=len(enc.element_logit)).astype(np.float32)
+        picks = batch.pool_grid(enc.element_logit + shift).argmax(1)
         results.append(picks)
     return results
 

@@ -215,24 +215,34 @@ class ServingModel:
         else:
             logit = (enc.element_logit.take(index) * present).sum(2)
         if self.config.prior and self.config.pair_prior:
-            i, j = np.triu_indices(width, 1)
-            logit = logit + self.pair_shift(batch, enc, dense[..., i], dense[..., j]).sum(2)
+            logit = logit + self._pair_sum(batch, enc, dense)
         if enc.request_prior is not None:
             logit = logit + enc.request_prior
         return logit
 
+    def _pair_sum(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
+        """(K, B) each combination's pair shifts summed. dense: (K, B, width) elements, -1 where the request
+        has no pool; every combination fills the same slots, so the real pairs are found once for all K."""
+        k, n, width = dense.shape
+        i, j = np.triu_indices(width, 1)
+        present = dense[0] >= 0
+        request, pair = np.nonzero(present[:, i] & present[:, j])
+        flat = dense.reshape(k, n * width)
+        cell = request * width
+        shift = self.pair_shift(batch, enc, flat.take(cell + i[pair], axis=1).ravel(),
+                                flat.take(cell + j[pair], axis=1).ravel())
+        sums = np.bincount((np.arange(k)[:, None] * n + request).ravel(), weights=shift, minlength=k * n)
+        return sums.reshape(k, n).astype(np.float32)
+
     def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """``model.pair_shift`` of each pair of the batch's elements (indices into them; 0 where one is -1).
-        Only real pairs are looked up, and the two log-odds are taken as one log of their odds ratio."""
-        both = (first >= 0) & (second >= 0)
-        first, second = first[both], second[both]
+        """``model.pair_shift`` of pairs of the batch's elements (indices into them, both real), the two
+        log-odds taken as one log of their odds ratio."""
         rows = batch.arrays["element"]
-        cell = self.pair_counts.take(pair_cells(rows.take(first), rows.take(second), len(self.pair_counts)), axis=0)
+        cells = pair_cells(rows.take(first), rows.take(second), len(self.pair_counts), self.config.pair_hash)
+        cell = self.pair_counts.take(cells, axis=0)
         excess = enc.own_rate.take(first) + enc.own_rate.take(second)
         apart = self.base_rate + excess
         together = apart + (cell[:, 1] - cell[:, 0] * excess) / (cell[:, 0] + self.pair_strength)
         together = np.clip(together, 1e-4, 1 - 1e-4)
         apart = np.clip(apart, 1e-4, 1 - 1e-4)
-        shift = np.zeros(both.shape, dtype=np.float32)
-        shift[both] = np.log(together * (1 - apart) / (apart * (1 - together)))
-        return shift
+        return np.log(together * (1 - apart) / (apart * (1 - together)))

@@ -97,3 +97,34 @@ def test_a_snapshot_from_before_the_context_and_pair_priors_loads_as_it_was_trai
     path.write_text(json.dumps(manifest))
     config = store.load().model.config
     assert config.context_prior is False and config.pair_prior is False
+
+
+def test_a_snapshot_from_before_multiply_shift_keeps_finding_its_pair_counts(tmp_path, small_world):
+    """Pair counts written under the modulo hash must be read under it, or every pair shift reads a stranger's."""
+    _, bags = small_world
+    learner = Learner(Preset(replace(SMALL, pair_hash="modulo"), TrainConfig(batch_size=256)))
+    learner.learn(bags[:768])
+    store = SnapshotStore(tmp_path)
+    store.save(learner.model, version=1, bags_seen=768, steps=3, train_config={})
+    path = tmp_path / "v00000001" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["model_config"]["pair_hash"]
+    path.write_text(json.dumps(manifest))
+    loaded = store.load().model.eval()
+    batch = learner.featurizer.batch(bags[:64])
+    sizes = batch.arrays["group_size"]
+    first = torch.from_numpy(sizes.cumsum() - sizes)[None]  # every pool's first element
+
+    def scores(model: GenCO) -> torch.Tensor:
+        with torch.no_grad():
+            return model.combination_logit(batch, model.encode(batch), first)
+
+    assert loaded.config.pair_hash == "modulo"
+    assert torch.allclose(scores(loaded), scores(learner.model.eval()))
+    loaded.config = replace(loaded.config, pair_hash="multiply-shift")
+    assert not torch.allclose(scores(loaded), scores(learner.model)), "the wrong hash must show, or this is empty"
+
+
+def test_an_unknown_pair_hash_is_refused_by_name():
+    with pytest.raises(ValueError, match="pair_hash"):
+        replace(SMALL, pair_hash="crc32")
