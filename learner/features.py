@@ -226,22 +226,40 @@ def _context_crosses(element: np.ndarray, element_request: np.ndarray, context: 
     return cross_element, cell, weight
 
 
-def pair_cells(rows_a, rows_b, cells: int, scheme: str = "multiply-shift"):
-    """Cell of each (element row, element row) pair, either order, in a table of ``cells`` (a power of two):
-    numpy arrays or torch tensors alike. Element rows are below 2^20, so the key packs both into 40 bits.
+def mix64(x):
+    """splitmix64 of int64 keys, numpy arrays or torch tensors alike: every output bit depends on every
+    input bit. Products wrap, as intended; the masks make the signed right shifts logical."""
+    x = x * GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
 
-    Multiply-shift keeps the top bits of key x an odd constant (int64 products wrap, as intended): 2.5x
-    cheaper than the "modulo" hash, which snapshots written before it used and which is kept to serve them."""
-    high = (rows_a > rows_b) * (rows_a - rows_b) + rows_b
-    key = (rows_a + rows_b - high) * (1 << 20) + high
+
+def pair_keys(rows, scheme: str = "mixed-sum"):
+    """Each element row's key, which ``pair_cells`` combines with a partner's: taken once per element, not
+    once per pair."""
+    return rows if scheme == "modulo" else mix64(rows)
+
+
+def pair_cells(keys_a, keys_b, cells: int, scheme: str = "mixed-sum"):
+    """Cell of each (element, element) pair, either order, in a table of ``cells`` (a power of two), from
+    the two elements' ``pair_keys``: numpy arrays or torch tensors alike.
+
+    Mixed-sum takes the top bits of the (wrapping) sum of the two mixed keys: symmetric, and one add and
+    one shift a pair. Modulo, which snapshots written before it used, packs both rows (below 2^20) into
+    a 40-bit key and reduces it modulo a prime; it is kept to serve them."""
     if scheme == "modulo":
+        high = (keys_a > keys_b) * (keys_a - keys_b) + keys_b
+        key = (keys_a + keys_b - high) * (1 << 20) + high
         return (key * 40_503 + (key >> 20)) % _PAIR_PRIME % cells
-    return ((key * GOLDEN) >> (65 - cells.bit_length())) & (cells - 1)
+    return ((keys_a + keys_b) >> (65 - cells.bit_length())) & (cells - 1)
 
 
 _PAIR_PRIME = 2_147_483_629  # key * 40_503 stays below 2^63 for keys below 2^40
-GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # 2^64 / golden ratio, odd, as a signed int64 (wrapping products)
-PAIR_HASHES = ("multiply-shift", "modulo")
+GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's constants as signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+PAIR_HASHES = ("mixed-sum", "modulo")
 
 
 class _Rows(dict):

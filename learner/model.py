@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from learner.features import CONTEXT_KINDS, PAIR_HASHES, PAPER_COMPONENTS, Batch, HashSizes, pair_cells
+from learner.features import CONTEXT_KINDS, PAIR_HASHES, PAPER_COMPONENTS, Batch, HashSizes, pair_cells, pair_keys
 
 # Shrinkage strengths (pseudo-impressions) the pair prior chooses among, half a decade apart; the last
 # is as good as off.
@@ -51,7 +51,7 @@ class ModelConfig:
     context_prior: bool = True  # with ``prior``: the element's excess clicks per age, gender, query segment
     context_prior_strength: float = 200.0  # pseudo-impressions at the element's own excess rate
     pair_prior: bool = True  # with ``prior``: combinations also score their pairs' excess clicks (off: preset "fast")
-    pair_hash: str = "multiply-shift"  # how pairs find their cells (``features.pair_cells``)
+    pair_hash: str = "mixed-sum"  # how pairs find their cells (``features.pair_cells``)
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4
@@ -72,7 +72,7 @@ class ModelConfig:
         data["sizes"] = HashSizes(**data.get("sizes", {}))
         data.setdefault("context_prior", False)  # snapshots from before it existed have no cross counts
         data.setdefault("pair_prior", False)
-        data.setdefault("pair_hash", "modulo")  # pair counts from before multiply-shift sit in modulo cells
+        data.setdefault("pair_hash", "modulo")  # pair counts from before mixed-sum sit in modulo cells
         for key in ("encoder", "policy"):
             if key in data:
                 data[key] = tuple(data[key])
@@ -297,8 +297,8 @@ class GenCO(nn.Module):
         """Every two pools' elements of each combination (index into L, -1 absent) and their pair cells."""
         i, j = torch.triu_indices(dense.shape[-1], dense.shape[-1], 1)
         first, second = dense[..., i], dense[..., j]
-        rows = batch.tensors.element
-        cells = pair_cells(take_rows(rows, first.clamp(min=0)), take_rows(rows, second.clamp(min=0)),
+        keys = pair_keys(batch.tensors.element, self.config.pair_hash)
+        cells = pair_cells(take_rows(keys, first.clamp(min=0)), take_rows(keys, second.clamp(min=0)),
                            self.config.sizes.pair, self.config.pair_hash)
         return first, second, cells
 

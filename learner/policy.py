@@ -22,41 +22,38 @@ import time
 
 import numpy as np
 
-from learner.features import GOLDEN, Batch, Featurizer
+from learner.features import Batch, Featurizer, mix64
 from learner.model import GenCO
 from learner.serving import Encoded, ServingModel
 
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64 constants as signed int64
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
 
 def hashed_uniform(key: np.ndarray) -> np.ndarray:
-    """Deterministic U(0,1) per int64 key (splitmix64 finaliser; int64 products wrap, as intended)."""
-    x = key.astype(np.int64) * GOLDEN
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
-    x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return (((x >> 11) & ((1 << 53) - 1)).astype(np.float64) + 0.5) / float(1 << 53)
+    """Deterministic U(0,1) per int64 key."""
+    return (((mix64(key.astype(np.int64)) >> 11) & ((1 << 53) - 1)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
 def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, temperature: float = 1.0) -> np.ndarray:
-    """(k, G) positions: row 0 the greedy combination, rows 1.. Gumbel-max samples of each pool's softmax.
+    """(k, G) positions: row 0 the greedy combination, rows 1.. draws from each pool's softmax.
 
-    Noise is drawn for real elements only (not the padded pool grid) and keyed by the request's
-    seed, the sample and the element's position in the request.
+    A draw inverts its pool's cumulative softmax at one uniform keyed by the request's seed, the
+    sample and the pool's slot in the request: one uniform a pool rather than Gumbel noise on every
+    element (~5x fewer hashes), and a request draws the same alone or inside any batch.
     """
     grid = batch.pool_grid(element_logit)
-    greedy = grid.argmax(1)[None]
+    greedy = grid.argmax(1)
     if k <= 1:
-        return greedy
-    element_group = batch.arrays["element_group"]
-    request = batch.arrays["group_request"][element_group]
-    element_key = batch.arrays["seed"][request] * 1_000_003 + batch.arrays["element_slot"]
-    key = element_key[None] + np.arange(1, k)[:, None] * 65_537
-    noisy = element_logit / np.float32(temperature) - np.log(-np.log(hashed_uniform(key))).astype(np.float32)
-    dense = np.full((k - 1, *grid.shape), -np.inf, dtype=np.float32)
-    dense[:, element_group, batch.arrays["element_pos"]] = noisy
-    return np.concatenate([greedy, dense.argmax(2)])
+        return greedy[None]
+    a = batch.arrays
+    scaled = grid / np.float32(temperature)
+    shares = np.exp(scaled - scaled[np.arange(len(greedy)), greedy][:, None])
+    cumulative = np.cumsum(shares.T, axis=0, dtype=np.float64)  # (pool width, G): a column per position
+    cumulative /= cumulative[-1]  # padding adds nothing, so each pool ends at exactly 1, above any uniform
+    key = (a["seed"].take(a["group_request"]) * 1_000_003 + a["group_slot"])[None] + np.arange(1, k)[:, None] * 65_537
+    uniform = hashed_uniform(key)  # (k - 1, G)
+    drawn = np.zeros(uniform.shape, dtype=np.int64)
+    for below in cumulative[:-1]:  # the drawn position is how many cumulative shares lie at or below u
+        drawn += below <= uniform
+    return np.concatenate([greedy[None], drawn])
 
 
 def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarray,
@@ -76,7 +73,7 @@ def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarr
     for _ in range(sweeps):
         dense = np.zeros(batch.size * width, dtype=np.int64)
         dense[a["group_cell"]] = group_start + picks
-        shift = model.pair_shift(batch, enc, element, dense.take(partner_cell))
+        shift = model.pair_shift(enc, element, dense.take(partner_cell))
         shift = np.bincount(element, weights=shift, minlength=len(enc.element_logit)).astype(np.float32)
         picks = batch.pool_grid(enc.element_logit + shift).argmax(1)
         results.append(picks)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.features import Batch, pair_cells
+from learner.features import Batch, pair_cells, pair_keys
 from learner.model import GenCO
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # (weight (in, out), bias, ReLU after)
@@ -105,6 +105,7 @@ class Encoded:
     element_prior: np.ndarray | None
     request_prior: np.ndarray | None
     own_rate: np.ndarray | None = None  # each element's excess click rate, shrunk (the priors' rate)
+    pair_key: np.ndarray | None = None  # each element's ``features.pair_keys`` (with the pair prior)
 
 
 class ServingModel:
@@ -162,8 +163,9 @@ class ServingModel:
         if c.context_prior:
             element_prior = element_prior + self._context_prior(batch, own_rate)
         request_prior = self.request_prior.take(context[:, 3])
+        pair_key = pair_keys(batch.arrays["element"], c.pair_hash) if c.pair_prior else None
         return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior,
-                       own_rate)
+                       own_rate, pair_key)
 
     def _context_prior(self, batch: Batch, own_rate: np.ndarray) -> np.ndarray:
         """``GenCO._context_prior``, its weight applied: each element's shift for this request's context."""
@@ -191,7 +193,8 @@ class ServingModel:
             scores = x[..., :hidden] @ x[..., hidden : 2 * hidden].transpose(0, 2, 1)
             scores *= np.float32(hidden**-0.5)
             scores += bias[block.mask_start : block.mask_start + rows * width * width].reshape(scores.shape)
-            weights = np.exp(scores - scores.max(2, keepdims=True))
+            scores -= scores.max(2, keepdims=True)
+            weights = np.exp(scores, out=scores)
             weights /= weights.sum(2, keepdims=True)
             outputs.append((weights @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
         return np.concatenate(outputs).take(cells, axis=0)
@@ -205,9 +208,10 @@ class ServingModel:
         present = dense >= 0
         index = np.maximum(dense, 0)
         if self.config.mil:
-            mil_f = (enc.features @ self.mil_weight.f_weight).take(index, axis=0)  # (K, B, M, 8)
-            mil_h = self.mil_weight.h_share(enc.h)[None, :, None]
-            weight = _softmax_masked(self.mil_weight(mil_f, mil_h)[..., 0], present, 2)
+            # an element's MIL weight logit depends on its request, not on the combination: once per element
+            mil_h = self.mil_weight.h_share(enc.h).take(batch.arrays["element_request"], axis=0)
+            mil_logit = self.mil_weight(enc.features @ self.mil_weight.f_weight, mil_h)[:, 0]
+            weight = _softmax_masked(mil_logit.take(index), present, 2)
             combined = np.einsum("kbm,kbmf->kbf", weight, enc.features.take(index, axis=0))
             logit = self.phi(combined @ self.phi.f_weight, enc.phi_h[None])[..., 0]
             if enc.element_prior is not None:
@@ -229,17 +233,17 @@ class ServingModel:
         request, pair = np.nonzero(present[:, i] & present[:, j])
         flat = dense.reshape(k, n * width)
         cell = request * width
-        shift = self.pair_shift(batch, enc, flat.take(cell + i[pair], axis=1).ravel(),
+        shift = self.pair_shift(enc, flat.take(cell + i[pair], axis=1).ravel(),
                                 flat.take(cell + j[pair], axis=1).ravel())
         sums = np.bincount((np.arange(k)[:, None] * n + request).ravel(), weights=shift, minlength=k * n)
         return sums.reshape(k, n).astype(np.float32)
 
-    def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    def pair_shift(self, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """``model.pair_shift`` of pairs of the batch's elements (indices into them, both real), the two
         log-odds taken as one log of their odds ratio."""
-        rows = batch.arrays["element"]
-        cells = pair_cells(rows.take(first), rows.take(second), len(self.pair_counts), self.config.pair_hash)
-        cell = self.pair_counts.take(cells, axis=0)
+        key = enc.pair_key
+        cell = self.pair_counts.take(pair_cells(key.take(first), key.take(second), len(self.pair_counts),
+                                                self.config.pair_hash), axis=0)
         excess = enc.own_rate.take(first) + enc.own_rate.take(second)
         apart = self.base_rate + excess
         together = apart + (cell[:, 1] - cell[:, 0] * excess) / (cell[:, 0] + self.pair_strength)

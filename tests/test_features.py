@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from genco.jsonl import BadLines
-from learner.features import Featurizer
+from learner.features import Featurizer, pair_cells, pair_keys
 from learner.offline import SLOTS, bag_batches, file_batches
 from stream.events import Bag, SelectionRequest
 from tests.conftest import make_log
@@ -89,3 +90,21 @@ def test_the_parser_process_sends_what_parsing_in_process_gives(tmp_path):
     assert bad.count == 1 and len(expected) > 2 * SLOTS
     held = list(file_batches(str(path), Featurizer(), 256, BadLines(report_limit=0)))  # slots run out
     assert all(same(got, want) for got, want in zip(held, expected, strict=True))
+
+
+def test_pair_cells_ignore_order_spread_evenly_and_agree_between_numpy_and_torch():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 1 << 20, 200_000), rng.integers(0, 1 << 20, 200_000)
+    cells = 1 << 10
+    ab = pair_cells(pair_keys(a), pair_keys(b), cells)
+    assert np.array_equal(ab, pair_cells(pair_keys(b), pair_keys(a), cells))
+    assert ab.min() >= 0 and ab.max() < cells
+    counts = np.bincount(ab, minlength=cells)  # ~195 a cell; Poisson spread ~14
+    assert counts.min() > 130 and counts.max() < 260
+    x = np.arange(1, 1001)  # pairs of one row sum land apart (a linear hash would put them in one cell)
+    assert len(np.unique(pair_cells(pair_keys(x), pair_keys(5000 - x), cells))) > 550  # ~640 when random
+    for scheme in ("mixed-sum", "modulo"):
+        ours = pair_cells(pair_keys(a, scheme), pair_keys(b, scheme), cells, scheme)
+        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+        theirs = pair_cells(pair_keys(a_t, scheme), pair_keys(b_t, scheme), cells, scheme)
+        assert np.array_equal(ours, theirs.numpy())

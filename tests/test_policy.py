@@ -101,3 +101,16 @@ def test_unseen_components_are_served(trained):
         "sticker": ["s1", "s2", "s3"], "title": ["t1", "t2"], "badge": ["b1"]}})
     shown = Selector(model).select([request])[0]
     assert set(shown) == {"sticker", "title", "badge"} and shown["sticker"] in {"s1", "s2", "s3"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_samples_follow_each_pools_softmax(temperature):
+    requests = [SelectionRequest.model_validate({"request_id": f"r{i}", "ad_id": f"ad-{i}", "candidates": {
+        "title": ["a", "b", "c", "d"], "image": ["x", "y"]}}) for i in range(2000)]
+    batch = Featurizer().batch(requests)
+    logit = np.tile(np.array([0.0, 1.0, 2.0, -1.0, 0.5, -0.5], dtype=np.float32), len(requests))
+    draws = sample_combinations(batch, logit, k=16, temperature=temperature)[1:]
+    for pool, pool_logit in ((0, [0.0, 1.0, 2.0, -1.0]), (1, [0.5, -0.5])):
+        expected = np.exp(np.array(pool_logit) / temperature)
+        seen = np.bincount(draws[:, pool::2].ravel(), minlength=len(pool_logit)) / draws[:, pool::2].size
+        np.testing.assert_allclose(seen, expected / expected.sum(), atol=0.01)  # 30k draws: sd < 0.003

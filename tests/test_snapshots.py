@@ -99,7 +99,7 @@ def test_a_snapshot_from_before_the_context_and_pair_priors_loads_as_it_was_trai
     assert config.context_prior is False and config.pair_prior is False
 
 
-def test_a_snapshot_from_before_multiply_shift_keeps_finding_its_pair_counts(tmp_path, small_world):
+def test_a_snapshot_from_before_mixed_sum_keeps_finding_its_pair_counts(tmp_path, small_world):
     """Pair counts written under the modulo hash must be read under it, or every pair shift reads a stranger's."""
     _, bags = small_world
     learner = Learner(Preset(replace(SMALL, pair_hash="modulo"), TrainConfig(batch_size=256)))
@@ -121,7 +121,7 @@ def test_a_snapshot_from_before_multiply_shift_keeps_finding_its_pair_counts(tmp
 
     assert loaded.config.pair_hash == "modulo"
     assert torch.allclose(scores(loaded), scores(learner.model.eval()))
-    loaded.config = replace(loaded.config, pair_hash="multiply-shift")
+    loaded.config = replace(loaded.config, pair_hash="mixed-sum")
     assert not torch.allclose(scores(loaded), scores(learner.model)), "the wrong hash must show, or this is empty"
 
 
