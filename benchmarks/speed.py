@@ -4,7 +4,8 @@ Each figure is printed beside a floor measured in the same run on the same
 data (json.loads of the same lines), so machines of different speed compare
 as ratios. This machine's speed drifts by up to ~1.5x within minutes, so the
 floor and `genco train` are measured in turns, ``--repeats`` times, and their
-medians and ranges reported; batched selection likewise. Each preset (default:
+medians and ranges reported; batched selection likewise, with one thread and with
+two (``Selector(threads=2)``, as ``genco select --threads 2``). Each preset (default:
 the default and ``fast``, the default without the pair prior) runs in turn with
 the others at every stage, so their figures compare as ratios.
 Run: .venv/bin/python benchmarks/speed.py [--bags 100000] [--repeats 3] [--presets default fast]
@@ -56,6 +57,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     log = world.uniform_log(args.bags)
     bags_path = work / "bags.jsonl"
     bags_path.write_text("".join(json.dumps(b) + "\n" for b in log))
+    del log  # 100k dicts left alive would make every full collection during the timings walk them
 
     # Where the end-to-end time goes: parsing + featurising, and the training step alone.
     learners = {name: Learner(preset(name)) for name in args.presets}
@@ -88,8 +90,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                                  check=True)
             trains[name].append(json.loads(run.stdout.splitlines()[-1])["bags_per_s"])
 
-    requests = [SelectionRequest.model_validate(world.request(f"s-{i}")) for i in range(5000)]
-    selectors = {name: Selector(SnapshotStore(work / f"snap-{name}-0").load().model, k=16) for name in args.presets}
+    requests = [SelectionRequest.model_validate(world.request(f"s-{i}")) for i in range(6 * 1024)]
+    models = {name: SnapshotStore(work / f"snap-{name}-0").load().model for name in args.presets}
+    selectors = {name: Selector(model, k=16) for name, model in models.items()}
+    threaded = {name: Selector(model, k=16, threads=2) for name, model in models.items()}
     latencies = {}
     for name, selector in selectors.items():
         for request in requests[:200]:
@@ -101,18 +105,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             latencies[name].append(time.perf_counter() - t)
         latencies[name].sort()
         selector.select(requests[:1024])  # warm up the large-batch path too
-    batched_runs = {name: [] for name in args.presets}
-    for _ in range(args.repeats):
-        for name, selector in selectors.items():
-            started = time.perf_counter()
-            for start in range(0, len(requests), 1024):
-                selector.select(requests[start : start + 1024])
-            batched_runs[name].append(len(requests) / (time.perf_counter() - started))
+        threaded[name].select(requests[:2048])
+    batched_runs = {(name, threads): [] for name in args.presets for threads in (1, 2)}
+    for _ in range(args.repeats):  # six batches of 1,024, one thread and two in turn
+        for name in args.presets:
+            for threads, selector in ((1, selectors[name]), (2, threaded[name])):
+                started = time.perf_counter()
+                selector.select(requests)
+                batched_runs[name, threads].append(len(requests) / (time.perf_counter() - started))
 
     result = {"bags": args.bags, "json_loads_floor_per_s": round(statistics.median(floors)),
               "parse_featurize_per_s": round(parse), "torch_threads": torch.get_num_threads()}
     for name in args.presets:
-        lat, runs = latencies[name], batched_runs[name]
+        lat, runs, two = latencies[name], batched_runs[name, 1], batched_runs[name, 2]
         ratios = [t / f for t, f in zip(trains[name], floors, strict=True)]
         result[name] = {
             "train_bags_per_s": round(statistics.median(trains[name])),
@@ -123,6 +128,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             "select_single_p99_ms": round(1000 * lat[int(0.99 * len(lat))], 3),
             "select_batched_per_s": round(statistics.median(runs)),
             "select_batched_per_s_range": [round(min(runs)), round(max(runs))],
+            "select_batched_2_threads_per_s": round(statistics.median(two)),
+            "select_batched_2_threads_per_s_range": [round(min(two)), round(max(two))],
         }
     return result
 

@@ -155,16 +155,12 @@ class Batch:
         first = np.flatnonzero(self.arrays["group_slot"] == 0).tolist()
         return [range(a, b) for a, b in itertools.pairwise([*first, len(self.arrays["group_slot"])])]
 
-    def pool_grid(self, element_values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """(G, widest pool) grid of per-element values, one row per pool, -inf on padding; torch for
-        training, numpy for serving."""
+    def pool_grid(self, element_values: np.ndarray) -> np.ndarray:
+        """(G, widest pool) grid of per-element values, one row per pool, -inf on padding."""
         shape = (len(self.arrays["group_size"]), self.pool_width)
-        if isinstance(element_values, np.ndarray):
-            grid = np.full(shape[0] * shape[1], -np.inf, dtype=element_values.dtype)
-            grid[self.arrays["element_pool_cell"]] = element_values
-            return grid.reshape(shape)
-        grid = element_values.new_full((shape[0] * shape[1],), float("-inf"))
-        return grid.index_put((self.tensors.element_pool_cell,), element_values).view(shape)
+        grid = np.full(shape[0] * shape[1], -np.inf, dtype=element_values.dtype)
+        grid[self.arrays["element_pool_cell"]] = element_values
+        return grid.reshape(shape)
 
 
 def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, element_group: np.ndarray,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -95,17 +96,28 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
 
 
 class Selector:
-    """Picks combinations for contract SelectionRequests with the model as it was when the Selector was made."""
+    """Picks combinations for contract SelectionRequests with the model as it was when the Selector was made.
 
-    def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0) -> None:
+    Requests are scored in batches of ``batch_size``; with ``threads`` > 1 that many batches at once.
+    numpy releases the GIL inside its loops, so on two cores two threads answer ~1.4x the requests of
+    one (benchmarks/speed.py). The agents keep one: their processes share the cores (genco/compute.py).
+    """
+
+    def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
+                 batch_size: int = 1024) -> None:
         self.model = ServingModel(model)
         self.k = k
         self.temperature = temperature
+        self.batch_size = batch_size
         self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genco-select") if threads > 1 else None
 
     def select(self, requests: list) -> list[dict[str, str]]:
-        if not requests:
-            return []
+        batches = [requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
+        answers = self._pool.map(self._select_batch, batches) if self._pool else map(self._select_batch, batches)
+        return [answer for batch in answers for answer in batch]
+
+    def _select_batch(self, requests: list) -> list[dict[str, str]]:
         batch = self.featurizer.batch(requests)
         picks = choose(self.model, batch, self.k, self.temperature).tolist()
         return [
@@ -127,8 +139,8 @@ class ServingPolicy:
     """
 
     def __init__(self, model: GenCO | None, version: int = 0, explore: float = 0.0, k: int = 16,
-                 seed: int | None = None) -> None:
-        self.selector = Selector(model, k) if model is not None else None
+                 seed: int | None = None, threads: int = 1) -> None:
+        self.selector = Selector(model, k, threads=threads) if model is not None else None
         self.version = version if model is not None else 0
         self.explore = explore
         self.rng = random.Random(seed)

@@ -92,9 +92,14 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
 
 
 def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
-    """log π(e) within each (request, component) pool, for every element (L,)."""
-    grid = torch.log_softmax(batch.pool_grid(element_logit), 1)
-    return grid.view(-1).index_select(0, batch.tensors.element_pool_cell)
+    """log π(e) within each (request, component) pool, for every element (L,).
+
+    The grid holds one pool per column: torch's log_softmax along a short last axis (15 wide, one pool
+    per row) measured ~10x slower, forward and backward, than along the first."""
+    t, pools = batch.tensors, len(batch.arrays["group_size"])
+    cell = t.element_pos * pools + t.element_group
+    grid = element_logit.new_full((batch.pool_width * pools,), float("-inf")).index_put((cell,), element_logit)
+    return torch.log_softmax(grid.view(batch.pool_width, pools), 0).view(-1).index_select(0, cell)
 
 
 class Learner:

@@ -101,7 +101,8 @@ def test_select_with_explore_one_serves_the_uniform_slice(trained):
 def test_evaluate_equals_algorithm_1_on_select_output(trained):
     snapshots, held_out_path, _, held_out = trained
     requests = "".join(json.dumps({**b, "request_id": f"x-{i}"}) + "\n" for i, b in enumerate(held_out))
-    selected = genco("select", "--snapshot-dir", str(snapshots), "--batch-size", "97", stdin=requests.encode())
+    selected = genco("select", "--snapshot-dir", str(snapshots), "--batch-size", "97", "--threads", "3",
+                     stdin=requests.encode())
     selections = [json.loads(line)["shown"] for line in selected.stdout.decode().splitlines()]
     result = genco("evaluate", str(held_out_path), "--snapshot-dir", str(snapshots), "--json")
     reported = json.loads(result.stdout.decode().splitlines()[-1])

@@ -29,8 +29,10 @@ def test_a_request_gets_the_same_answer_alone_or_in_any_batch(trained):
     together = selector.select(requests)
     alone = [selector.select([r])[0] for r in requests[:40]]
     shuffled = selector.select(requests[::-1])[::-1]
+    threaded = Selector(model, k=16, threads=2, batch_size=37).select(requests)  # 9 batches on 2 threads
     assert alone == together[:40]
     assert shuffled == together
+    assert threaded == together
 
 
 def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
