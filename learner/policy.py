@@ -51,7 +51,7 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
     cumulative /= cumulative[-1]  # padding adds nothing, so each pool ends at exactly 1, above any uniform
     key = (a["seed"].take(a["group_request"]) * 1_000_003 + a["group_slot"])[None] + np.arange(1, k)[:, None] * 65_537
     uniform = hashed_uniform(key)  # (k - 1, G)
-    drawn = np.zeros(uniform.shape, dtype=np.int64)
+    drawn = np.zeros(uniform.shape, dtype=np.int16)  # 3x faster to add booleans into than int64
     for below in cumulative[:-1]:  # the drawn position is how many cumulative shares lie at or below u
         drawn += below <= uniform
     return np.concatenate([greedy[None], drawn])
@@ -64,12 +64,12 @@ def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarr
     a = batch.arrays
     sizes, width = a["group_size"], batch.combination_width
     group_start = np.cumsum(sizes) - sizes
-    present = np.zeros(batch.size * width, dtype=bool)
-    present[a["group_cell"]] = True
     # every (element, slot of another pool of its request): the same partners' slots in each sweep
-    element, slot = np.nonzero(present.reshape(batch.size, width).take(a["element_request"], axis=0))
-    other = slot != a["group_slot"].take(a["element_group"].take(element))
-    element, partner_cell = element[other], a["element_request"].take(element[other]) * width + slot[other]
+    partners = np.bincount(a["group_request"], minlength=batch.size).take(a["element_request"]) - 1
+    element = np.repeat(np.arange(len(partners)), partners)
+    nth = np.arange(len(element)) - np.repeat(np.cumsum(partners) - partners, partners)
+    slot = nth + (nth >= a["group_slot"].take(a["element_group"]).take(element))  # skipping its own
+    partner_cell = a["element_request"].take(element) * width + slot
     picks, results = start, []
     for _ in range(sweeps):
         dense = np.zeros(batch.size * width, dtype=np.int64)
