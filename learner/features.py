@@ -113,6 +113,9 @@ class Batch:
     - per (element, context value) cross (C): ``cross_element`` element (into L); ``cross_row`` its cell in the
       cross table (element row x age, gender or query-segment row, hashed); ``cross_weight`` 1 for age and
       gender, 1 / segments for a segment (the request's segments count as one)
+    - labelled only: ``shown_element`` the logged combination's elements (into L) and ``shown_request``
+      theirs; ``shown_cross`` their crosses (into C) and ``shown_cross_request``; ``shown_pair_first`` and
+      ``shown_pair_second`` every two of them in one request
     - training only (``add_distinct_rows``): ``element_rows`` distinct element-table rows and
       ``element_inverse`` (L) each element's index among them; ``context_table_rows`` and
       ``context_inverse`` (5B + S) the same for the context rows, then the segment rows
@@ -229,6 +232,27 @@ def mix64(x):
     x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
     x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
     return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _logged_layout(arrays: dict[str, np.ndarray], n: int, width: int) -> dict[str, np.ndarray]:
+    """Where the logged combination sits, for training (computed in the parser process, so the trainer
+    filters nothing): its elements and their requests, the context-prior crosses of those elements and
+    their requests, and every two elements of one request's combination (what the pair prior counts)."""
+    shown, cross_element = arrays["shown"], arrays["cross_element"]
+    logged = shown >= 0
+    element = shown[logged]
+    is_shown = np.zeros(len(arrays["element"]), dtype=bool)
+    is_shown[element] = True
+    cross = np.flatnonzero(is_shown[cross_element])
+    dense = np.full(n * width, -1, dtype=np.int64)
+    dense[arrays["group_cell"]] = shown
+    dense = dense.reshape(n, width)
+    i, j = np.triu_indices(width, 1)
+    first, second = dense[:, i], dense[:, j]
+    both = (first >= 0) & (second >= 0)
+    return {"shown_element": element, "shown_request": arrays["group_request"][logged],
+            "shown_cross": cross, "shown_cross_request": arrays["element_request"][cross_element[cross]],
+            "shown_pair_first": first[both], "shown_pair_second": second[both]}
 
 
 def pair_keys(rows, scheme: str = "mixed-sum"):
@@ -415,6 +439,8 @@ class Featurizer:
             "clicked": np.asarray(clicked, dtype=np.float32),
             "seed": np.asarray(seeds, dtype=np.int64),
         }
+        if labelled:
+            arrays.update(_logged_layout(arrays, n, combination_width))
         batch = Batch(arrays, blocks, pool_width, combination_width, candidate_ids, group_names)
         if labelled:
             batch.add_distinct_rows()

@@ -260,18 +260,12 @@ class GenCO(nn.Module):
         request_excess = t.clicked - self._ad_rate(t.context[:, 3])
         if self.config.pair_prior:
             self._observe_pairs(batch, request_excess)
-        valid = t.shown >= 0
-        request = t.group_request[valid]
-        excess = request_excess[request]
-        shown_rows = t.element[t.shown[valid]]
+        excess = request_excess.index_select(0, t.shown_request)
+        shown_rows = t.element.index_select(0, t.shown_element)
         self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(excess), excess], 1))
         if self.config.context_prior:  # every cell of a shown element counts the impression
-            element_excess = torch.full_like(t.element, float("nan"), dtype=excess.dtype)
-            element_excess[t.shown[valid]] = excess
-            cross_excess = element_excess.index_select(0, t.cross_element)
-            shown_cross = ~torch.isnan(cross_excess)
-            cross_excess = cross_excess[shown_cross]
-            self.cross_counts.index_add_(0, t.cross_row[shown_cross],
+            cross_excess = request_excess.index_select(0, t.shown_cross_request)
+            self.cross_counts.index_add_(0, t.cross_row.index_select(0, t.shown_cross),
                                          torch.stack([torch.ones_like(cross_excess), cross_excess], 1))
         ads = torch.stack([torch.ones_like(t.clicked), t.clicked], 1)
         self.ad_counts.index_add_(0, t.context[:, 3], ads)
@@ -297,10 +291,13 @@ class GenCO(nn.Module):
         """Every two pools' elements of each combination (index into L, -1 absent) and their pair cells."""
         i, j = torch.triu_indices(dense.shape[-1], dense.shape[-1], 1)
         first, second = dense[..., i], dense[..., j]
-        keys = pair_keys(batch.tensors.element, self.config.pair_hash)
-        cells = pair_cells(take_rows(keys, first.clamp(min=0)), take_rows(keys, second.clamp(min=0)),
-                           self.config.sizes.pair, self.config.pair_hash)
-        return first, second, cells
+        return first, second, self._pair_cells(batch, first.clamp(min=0), second.clamp(min=0))
+
+    def _pair_cells(self, batch: Batch, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """The pair-count cells of pairs of the batch's elements (indices into L)."""
+        rows, scheme = batch.tensors.element, self.config.pair_hash
+        return pair_cells(pair_keys(take_rows(rows, first), scheme), pair_keys(take_rows(rows, second), scheme),
+                          self.config.sizes.pair, scheme)
 
     def _observe_pairs(self, batch: Batch, excess: torch.Tensor, decay: float = 0.99) -> None:
         """Choose the pairs' shrinkage by how well each candidate strength predicted this batch's clicks
@@ -311,10 +308,8 @@ class GenCO(nn.Module):
         counts besides synergy (an element's rate in one ad against its rate across ads, an ad's rate
         drifting as its pools churn), and shrinking by it was ~10x too weak (README, Decision 5)."""
         t = batch.tensors
-        shown = t.shown.new_full((batch.size * batch.combination_width,), -1).index_copy(0, t.group_cell, t.shown)
-        first, second, cells = self._pairs(batch, shown.view(batch.size, -1))
-        both = (first >= 0) & (second >= 0)
-        first, second, cells = first[both], second[both], cells[both]
+        first, second = t.shown_pair_first, t.shown_pair_second
+        cells = self._pair_cells(batch, first, second)
         own = self.own_rates(self.element_counts.index_select(0, t.element))
         cell = self.pair_counts.index_select(0, cells)
         additive = own.index_select(0, first) + own.index_select(0, second)
@@ -322,8 +317,7 @@ class GenCO(nn.Module):
         shifts = (cell[:, 1:] - cell[:, :1] * additive[:, None]) / (cell[:, :1] + strengths)  # (pairs, strengths)
         request = t.element_request.index_select(0, first)
         predicted = shifts.new_zeros(batch.size, len(strengths)).index_add_(0, request, shifts)
-        valid = t.shown >= 0
-        own_sum = own.new_zeros(batch.size).index_add_(0, t.group_request[valid], own[t.shown[valid]])
+        own_sum = own.new_zeros(batch.size).index_add_(0, t.shown_request, own.index_select(0, t.shown_element))
         miss = ((excess - own_sum)[:, None] - predicted) ** 2
         gain = miss[:, -1:] - miss  # (B, strengths) squared error saved against the strongest, as good as off
         self.pair_gains.mul_(decay).add_(torch.stack([gain.new_full((len(strengths),), batch.size),

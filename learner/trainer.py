@@ -74,17 +74,15 @@ class StepResult:
 
 def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     enc, t = model.encode(batch), batch.tensors
-    clicked = t.clicked
-    valid = t.shown >= 0
-    shown = t.shown[valid]
-    request = t.group_request[valid]
+    clicked, shown, request = t.clicked, t.shown_element, t.shown_request
     s = model.combination_logit(batch, enc, t.shown.unsqueeze(0))[0]
-    parts = {"ele": F.binary_cross_entropy_with_logits(enc.element_logit[shown], clicked[request])}
+    parts = {"ele": F.binary_cross_entropy_with_logits(enc.element_logit.index_select(0, shown),
+                                                       clicked.index_select(0, request))}
     parts["comb"] = F.binary_cross_entropy_with_logits(s, clicked) if model.config.mil else s.new_zeros(())
     if model.config.rl_weight:
         log_pi = pool_log_softmax(batch, enc.element_logit)
         reward = torch.where(clicked > 0, CLICK_REWARD, NO_CLICK_REWARD)
-        parts["rl"] = -(reward[request] * log_pi[shown]).sum() / batch.size
+        parts["rl"] = -(reward.index_select(0, request) * log_pi.index_select(0, shown)).sum() / batch.size
     else:
         parts["rl"] = s.new_zeros(())
     total = parts["comb"] + parts["ele"] + model.config.rl_weight * parts["rl"]
