@@ -49,6 +49,21 @@ def test_pools_are_capped_but_the_shown_element_stays_trainable():
     assert f.batch([bag]).candidate_ids[0] == candidates[:15]  # serving never looks at what was shown
 
 
+def test_the_logged_combination_is_laid_out_for_training():
+    bags = [Bag.model_validate(b) for b in make_log(seed=5, n_ads=10, bags=200)[1]]
+    batch = Featurizer().batch(bags, labelled=True)
+    a = batch.arrays
+    shown = [[int(a["shown"][g]) for g in groups if a["shown"][g] >= 0] for groups in batch.request_groups()]
+    assert [len(s) for s in shown] == [len(bag.shown) for bag in bags]
+    assert a["shown_element"].tolist() == [e for s in shown for e in s]
+    assert a["shown_request"].tolist() == [r for r, s in enumerate(shown) for _ in s]
+    pairs = [(s[x], s[y]) for s in shown for x in range(len(s)) for y in range(x + 1, len(s))]
+    assert list(zip(a["shown_pair_first"].tolist(), a["shown_pair_second"].tolist(), strict=True)) == pairs
+    crosses = np.flatnonzero(np.isin(a["cross_element"], a["shown_element"]))
+    assert a["shown_cross"].tolist() == crosses.tolist() and len(crosses) >= 2 * len(a["shown_element"])
+    assert np.array_equal(a["shown_cross_request"], a["element_request"][a["cross_element"][crosses]])
+
+
 def test_parsing_good_and_bad_lines_leaves_no_reference_cycles():
     """genco train's parser process runs without the cycle collector; garbage in cycles would pile up."""
     _, log = make_log(seed=3, n_ads=10, bags=3000)
