@@ -280,18 +280,18 @@ class GenCO(nn.Module):
     @torch.no_grad()
     def _pair_prior(self, batch: Batch, dense: torch.Tensor) -> torch.Tensor:
         """(K, B) Σ over each combination's pairs of how much better the pair does together than its two
-        elements' own excess rates add up to, shrunk, in log-odds. dense: (K, B, M) elements, -1 absent."""
-        first, second, cells = self._pairs(batch, dense)
-        own = self.own_rates(self.element_counts.index_select(0, batch.tensors.element))
-        shift = pair_shift(take_rows(self.pair_counts, cells), take_rows(own, first.clamp(min=0)),
-                           take_rows(own, second.clamp(min=0)), self._base_rate(), self.pair_strength)
-        return (shift * ((first >= 0) & (second >= 0))).sum(-1)
-
-    def _pairs(self, batch: Batch, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every two pools' elements of each combination (index into L, -1 absent) and their pair cells."""
-        i, j = torch.triu_indices(dense.shape[-1], dense.shape[-1], 1)
+        elements' own excess rates add up to, shrunk, in log-odds. dense: (K, B, M) elements, -1 absent;
+        only the pairs of pools a request has are looked up (about a third of the M·(M−1)/2 slots)."""
+        k, n, width = dense.shape
+        i, j = torch.triu_indices(width, width, 1)
         first, second = dense[..., i], dense[..., j]
-        return first, second, self._pair_cells(batch, first.clamp(min=0), second.clamp(min=0))
+        combination, request, pair = torch.nonzero((first >= 0) & (second >= 0), as_tuple=True)
+        first, second = first[combination, request, pair], second[combination, request, pair]
+        own = self.own_rates(self.element_counts.index_select(0, batch.tensors.element))
+        shift = pair_shift(take_rows(self.pair_counts, self._pair_cells(batch, first, second)),
+                           own.index_select(0, first), own.index_select(0, second), self._base_rate(),
+                           self.pair_strength)
+        return shift.new_zeros(k * n).index_add_(0, combination * n + request, shift).view(k, n)
 
     def _pair_cells(self, batch: Batch, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """The pair-count cells of pairs of the batch's elements (indices into L)."""
