@@ -5,7 +5,8 @@ data (json.loads of the same lines), so machines of different speed compare
 as ratios. This machine's speed drifts by up to ~1.5x within minutes, so the
 floor and `genco train` are measured in turns, ``--repeats`` times, and their
 medians and ranges reported; batched selection likewise, with one thread and with
-two (``Selector(threads=2)``, as ``genco select --threads 2``). Each preset (default:
+two (``Selector(threads=2)``, as ``genco select --threads 2``), in a process of its own that does
+nothing else, as the selector agent's. Each preset (default:
 the default and ``fast``, the default without the pair prior) runs in turn with
 the others at every stage, so their figures compare as ratios.
 Run: .venv/bin/python benchmarks/speed.py [--bags 100000] [--repeats 3] [--presets default fast]
@@ -42,8 +43,12 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["default", "fast"], choices=list(PRESETS),
                         help="measured in turns, so their figures compare as ratios")
     parser.add_argument("--out", default="bench-out/speed.json")
+    parser.add_argument("--selection", nargs=2, metavar=("SNAPSHOTS", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_compute()
+    if args.selection:  # the child process that times selection (see measure_selection)
+        print(json.dumps(measure_selection(args, *map(Path, args.selection))))
+        return
     with tempfile.TemporaryDirectory(prefix="genco-speed-") as work:
         result = measure(args, Path(work))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -84,14 +89,38 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     for repeat in range(args.repeats):
         floors.append(_json_loads_floor(bags_path))
         for name in args.presets:
-            snapshots = work / f"snap-{name}-{repeat}"
+            snapshots = work / f"snap-{name}-{repeat}"  # the first of each is what selection loads
             run = subprocess.run([sys.executable, "-m", "genco.cli", "train", str(bags_path), "--snapshot-dir",
                                   str(snapshots), "--preset", name, "--json"], capture_output=True, text=True,
                                  check=True)
             trains[name].append(json.loads(run.stdout.splitlines()[-1])["bags_per_s"])
 
-    requests = [SelectionRequest.model_validate(world.request(f"s-{i}")) for i in range(6 * 1024)]
-    models = {name: SnapshotStore(work / f"snap-{name}-0").load().model for name in args.presets}
+    requests_path = work / "requests.jsonl"
+    requests_path.write_text("".join(json.dumps(world.request(f"s-{i}")) + "\n" for i in range(6 * 1024)))
+    run = subprocess.run([sys.executable, __file__, "--selection", str(work / "snap"), str(requests_path),
+                          "--repeats", str(args.repeats), "--presets", *args.presets],
+                         capture_output=True, text=True, check=True)
+    selection = json.loads(run.stdout.splitlines()[-1])
+
+    result = {"bags": args.bags, "json_loads_floor_per_s": round(statistics.median(floors)),
+              "parse_featurize_per_s": round(parse), "torch_threads": torch.get_num_threads()}
+    for name in args.presets:
+        ratios = [t / f for t, f in zip(trains[name], floors, strict=True)]
+        result[name] = {
+            "train_bags_per_s": round(statistics.median(trains[name])),
+            "train_bags_per_s_range": [round(min(trains[name])), round(max(trains[name]))],
+            "train_ratio_to_floor": round(statistics.median(ratios), 4),
+            "train_step_only_per_s": round(stepped / step_seconds[name]),
+            **selection[name],
+        }
+    return result
+
+
+def measure_selection(args: argparse.Namespace, snapshots: Path, requests_path: Path) -> dict:
+    """Selection timed in a process that does nothing else, as the selector agent is: in the process that
+    had parsed and trained, the same selections ran ~20% slower (its heap, not the arithmetic)."""
+    requests = [SelectionRequest.model_validate_json(line) for line in requests_path.read_bytes().splitlines()]
+    models = {name: SnapshotStore(f"{snapshots}-{name}-0").load().model for name in args.presets}
     selectors = {name: Selector(model, k=16) for name, model in models.items()}
     threaded = {name: Selector(model, k=16, threads=2) for name, model in models.items()}
     latencies = {}
@@ -114,17 +143,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                 started = time.perf_counter()
                 selector.select(requests)
                 batched_runs[name, threads].append(len(requests) / (time.perf_counter() - started))
-
-    result = {"bags": args.bags, "json_loads_floor_per_s": round(statistics.median(floors)),
-              "parse_featurize_per_s": round(parse), "torch_threads": torch.get_num_threads()}
+    result = {}
     for name in args.presets:
         lat, runs, two = latencies[name], batched_runs[name, 1], batched_runs[name, 2]
-        ratios = [t / f for t, f in zip(trains[name], floors, strict=True)]
         result[name] = {
-            "train_bags_per_s": round(statistics.median(trains[name])),
-            "train_bags_per_s_range": [round(min(trains[name])), round(max(trains[name]))],
-            "train_ratio_to_floor": round(statistics.median(ratios), 4),
-            "train_step_only_per_s": round(stepped / step_seconds[name]),
             "select_single_p50_ms": round(1000 * statistics.median(lat), 3),
             "select_single_p99_ms": round(1000 * lat[int(0.99 * len(lat))], 3),
             "select_batched_per_s": round(statistics.median(runs)),
