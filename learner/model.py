@@ -79,10 +79,9 @@ class ModelConfig:
         return cls(**data)
 
 
-def pair_shift(cell: torch.Tensor, own_first: torch.Tensor, own_second: torch.Tensor, base: torch.Tensor,
-               strength: torch.Tensor) -> torch.Tensor:
-    """Log-odds shift of pairs: the cell's excess rate shrunk towards the sum of its elements' own."""
-    additive = own_first + own_second
+def pair_shift(cell: torch.Tensor, additive: torch.Tensor, base: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    """Log-odds shift of pairs: the cell's excess rate shrunk towards ``additive``, the sum of its two
+    elements' own excess rates."""
     rate = (cell[..., 1] + strength * additive) / (cell[..., 0] + strength)
     return torch.logit((base + rate).clamp(1e-4, 1 - 1e-4)) - torch.logit((base + additive).clamp(1e-4, 1 - 1e-4))
 
@@ -127,6 +126,17 @@ def _mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
                 layers.append(nn.BatchNorm1d(b))
             layers.append(nn.ReLU(inplace=True))  # in place: one allocation and memory pass less a layer
     return nn.Sequential(*layers)
+
+
+@dataclass
+class LoggedPairs:
+    """The logged combination's pairs, looked up once a step: the loss scores them, ``observe`` counts them."""
+
+    cells: torch.Tensor  # (P,) each pair's cell in ``pair_counts``
+    counts: torch.Tensor  # (P, 2) those cells' counts before this batch
+    additive: torch.Tensor  # (P,) the sum of the pair's two elements' own excess rates
+    request: torch.Tensor  # (P,) the request each pair was shown in
+    own_sum: torch.Tensor  # (B,) the own excess rates of each request's shown elements, summed
 
 
 @dataclass
@@ -252,14 +262,15 @@ class GenCO(nn.Module):
         return torch.logit(rate) - torch.logit(base)
 
     @torch.no_grad()
-    def observe(self, batch: Batch) -> None:
-        """Count the batch's shown elements and ads; called after the step so a label never sees itself."""
+    def observe(self, batch: Batch, logged: LoggedPairs | None = None) -> None:
+        """Count the batch's shown elements and ads; called after the step so a label never sees itself.
+        ``logged``: the batch's ``logged_pairs``, if the step already looked them up."""
         if not self.config.prior:
             return
         t = batch.tensors
         request_excess = t.clicked - self._ad_rate(t.context[:, 3])
         if self.config.pair_prior:
-            self._observe_pairs(batch, request_excess)
+            self._observe_pairs(batch, request_excess, logged or self.logged_pairs(batch))
         excess = request_excess.index_select(0, t.shown_request)
         shown_rows = t.element.index_select(0, t.shown_element)
         self.element_counts.index_add_(0, shown_rows, torch.stack([torch.ones_like(excess), excess], 1))
@@ -289,9 +300,26 @@ class GenCO(nn.Module):
         first, second = first[combination, request, pair], second[combination, request, pair]
         own = self.own_rates(self.element_counts.index_select(0, batch.tensors.element))
         shift = pair_shift(take_rows(self.pair_counts, self._pair_cells(batch, first, second)),
-                           own.index_select(0, first), own.index_select(0, second), self._base_rate(),
+                           own.index_select(0, first) + own.index_select(0, second), self._base_rate(),
                            self.pair_strength)
         return shift.new_zeros(k * n).index_add_(0, combination * n + request, shift).view(k, n)
+
+    @torch.no_grad()
+    def logged_pairs(self, batch: Batch) -> LoggedPairs:
+        t = batch.tensors
+        first, second = t.shown_pair_first, t.shown_pair_second
+        cells = self._pair_cells(batch, first, second)
+        own = self.own_rates(self.element_counts.index_select(0, t.element))
+        own_sum = own.new_zeros(batch.size).index_add_(0, t.shown_request, own.index_select(0, t.shown_element))
+        return LoggedPairs(cells, self.pair_counts.index_select(0, cells),
+                           own.index_select(0, first) + own.index_select(0, second),
+                           t.element_request.index_select(0, first), own_sum)
+
+    @torch.no_grad()
+    def logged_pair_prior(self, batch: Batch, logged: LoggedPairs) -> torch.Tensor:
+        """(B,) ``_pair_prior`` of the logged combination, from its pairs as the featurizer laid them out."""
+        shift = pair_shift(logged.counts, logged.additive, self._base_rate(), self.pair_strength)
+        return shift.new_zeros(batch.size).index_add_(0, logged.request, shift)
 
     def _pair_cells(self, batch: Batch, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """The pair-count cells of pairs of the batch's elements (indices into L)."""
@@ -299,7 +327,7 @@ class GenCO(nn.Module):
         return pair_cells(pair_keys(take_rows(rows, first), scheme), pair_keys(take_rows(rows, second), scheme),
                           self.config.sizes.pair, scheme)
 
-    def _observe_pairs(self, batch: Batch, excess: torch.Tensor, decay: float = 0.99) -> None:
+    def _observe_pairs(self, batch: Batch, excess: torch.Tensor, logged: LoggedPairs, decay: float = 0.99) -> None:
         """Choose the pairs' shrinkage by how well each candidate strength predicted this batch's clicks
         from the counts so far, then count the batch's shown pairs. ``excess``: (B,) each request's click
         less its ad's CTR.
@@ -307,18 +335,10 @@ class GenCO(nn.Module):
         Prequential, not empirical Bayes: the spread of pair cells' excess also holds what persists in the
         counts besides synergy (an element's rate in one ad against its rate across ads, an ad's rate
         drifting as its pools churn), and shrinking by it was ~10x too weak (README, Decision 5)."""
-        t = batch.tensors
-        first, second = t.shown_pair_first, t.shown_pair_second
-        cells = self._pair_cells(batch, first, second)
-        own = self.own_rates(self.element_counts.index_select(0, t.element))
-        cell = self.pair_counts.index_select(0, cells)
-        additive = own.index_select(0, first) + own.index_select(0, second)
-        strengths = self.pair_strengths
-        shifts = (cell[:, 1:] - cell[:, :1] * additive[:, None]) / (cell[:, :1] + strengths)  # (pairs, strengths)
-        request = t.element_request.index_select(0, first)
+        cell, request, strengths = logged.counts, logged.request, self.pair_strengths
+        shifts = (cell[:, 1:] - cell[:, :1] * logged.additive[:, None]) / (cell[:, :1] + strengths)  # (P, strengths)
         predicted = shifts.new_zeros(batch.size, len(strengths)).index_add_(0, request, shifts)
-        own_sum = own.new_zeros(batch.size).index_add_(0, t.shown_request, own.index_select(0, t.shown_element))
-        miss = ((excess - own_sum)[:, None] - predicted) ** 2
+        miss = ((excess - logged.own_sum)[:, None] - predicted) ** 2
         gain = miss[:, -1:] - miss  # (B, strengths) squared error saved against the strongest, as good as off
         self.pair_gains.mul_(decay).add_(torch.stack([gain.new_full((len(strengths),), batch.size),
                                                       gain.sum(0), (gain * gain).sum(0)]))
@@ -330,7 +350,7 @@ class GenCO(nn.Module):
         # summing ~15 pair shifts, so noise that costs little in prediction costs more in the argmax.
         self.pair_strength.copy_(strengths[min(best + 1, len(strengths) - 1)])
         pair_excess = excess.index_select(0, request)
-        self.pair_counts.index_add_(0, cells, torch.stack([torch.ones_like(pair_excess), pair_excess], 1))
+        self.pair_counts.index_add_(0, logged.cells, torch.stack([torch.ones_like(pair_excess), pair_excess], 1))
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
         """Each element attends to itself and every candidate of the *other* components of its request,
@@ -351,8 +371,10 @@ class GenCO(nn.Module):
         return torch.cat(outputs).index_select(0, t.element_attention_cell)
 
     # -- 5: combination scores ------------------------------------------------------------------
-    def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor) -> torch.Tensor:
-        """s for K combinations per request. picks: (K, G) element index per pool, -1 where absent."""
+    def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor,
+                          pair_prior: torch.Tensor | None = None) -> torch.Tensor:
+        """s for K combinations per request. picks: (K, G) element index per pool, -1 where absent;
+        ``pair_prior``: their (K, B) ``_pair_prior``, where the caller has it already."""
         c = self.config
         k, n, width = picks.shape[0], batch.size, batch.combination_width
         dense = picks.new_full((k, n * width), -1).index_copy(1, batch.tensors.group_cell, picks).view(k, n, width)
@@ -370,7 +392,7 @@ class GenCO(nn.Module):
         else:  # without MIL a combination scores as the sum of its element scores
             logit = (take_rows(enc.element_logit, index) * present).sum(2)
         if c.prior and c.pair_prior:
-            logit = logit + self._pair_prior(batch, dense)
+            logit = logit + (self._pair_prior(batch, dense) if pair_prior is None else pair_prior)
         if enc.request_prior is not None:
             logit = logit + enc.request_prior
         return logit

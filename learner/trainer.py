@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.features import Batch, Featurizer
-from learner.model import GenCO, ModelConfig
+from learner.model import GenCO, LoggedPairs, ModelConfig
 
 CLICK_REWARD, NO_CLICK_REWARD = 1.0, -0.1
 
@@ -72,10 +72,14 @@ class StepResult:
     predicted: torch.Tensor  # (B,) click probability of the logged combination, before this step
 
 
-def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+def losses(model: GenCO, batch: Batch,
+           logged: LoggedPairs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The step's loss, its parts and the logged combinations' logits s. ``logged``: the batch's
+    ``model.logged_pairs``, where the model has a pair prior."""
     enc, t = model.encode(batch), batch.tensors
     clicked, shown, request = t.clicked, t.shown_element, t.shown_request
-    s = model.combination_logit(batch, enc, t.shown.unsqueeze(0))[0]
+    pair_prior = None if logged is None else model.logged_pair_prior(batch, logged)[None]
+    s = model.combination_logit(batch, enc, t.shown.unsqueeze(0), pair_prior)[0]
     parts = {"ele": F.binary_cross_entropy_with_logits(enc.element_logit.index_select(0, shown),
                                                        clicked.index_select(0, request))}
     parts["comb"] = F.binary_cross_entropy_with_logits(s, clicked) if model.config.mil else s.new_zeros(())
@@ -136,13 +140,15 @@ class Learner:
         self.model.train()
         if batch.size < 2:  # BatchNorm cannot estimate statistics from one example
             self.model.encoder.eval()
-        total, parts, s = losses(self.model, batch)
+        config = self.model.config
+        logged = self.model.logged_pairs(batch) if config.prior and config.pair_prior else None  # scored, then counted
+        total, parts, s = losses(self.model, batch, logged)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total.backward()
         for opt in self.optimizers:
             opt.step()
-        self.model.observe(batch)
+        self.model.observe(batch, logged)
         self.bags_seen += batch.size
         self.steps += 1
         return StepResult(total.item(), parts["comb"].item(), parts["ele"].item(), parts["rl"].item(),
