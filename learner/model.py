@@ -193,7 +193,8 @@ class GenCO(nn.Module):
         c, t = self.config, batch.tensors
         n, d = batch.size, c.dim
         context_rows = gather_rows(self.context_table.weight, t.context_table_rows, t.context_inverse)
-        ctx, seg_rows = context_rows[: n * len(CONTEXT_KINDS)].view(n, -1), context_rows[n * len(CONTEXT_KINDS) :]
+        ctx, seg_rows = context_rows.split([n * len(CONTEXT_KINDS), len(context_rows) - n * len(CONTEXT_KINDS)])
+        ctx = ctx.view(n, -1)
         seg = ctx.new_zeros(n, d).index_add(0, t.segment_request, seg_rows) / t.segment_count.clamp(min=1)[:, None]
         h = self.encoder(torch.cat([ctx, seg, t.pool_stats], 1))
 
@@ -358,13 +359,13 @@ class GenCO(nn.Module):
         an additive bias, so it rides in the score matmul (baddbmm) instead of a pass of its own."""
         hidden, t = self.config.attention_hidden, batch.tensors
         qkv = emb @ torch.cat([self.query.weight * hidden**-0.5, self.key.weight, self.value.weight]).T
-        last = batch.attention_blocks[-1]
-        padded = qkv.new_zeros(last.start + last.rows * last.width, 3 * hidden)
-        padded = padded.index_copy(0, t.element_attention_cell, qkv)
+        sizes = [block.rows * block.width for block in batch.attention_blocks]
+        padded = qkv.new_zeros(sum(sizes), 3 * hidden).index_copy(0, t.element_attention_cell, qkv)
         outputs = []
-        for block in batch.attention_blocks:
+        # split, not sliced: the backward joins the blocks' gradients in one pass instead of a zeroed copy each
+        for block, part in zip(batch.attention_blocks, padded.split(sizes), strict=True):
             rows, width = block.rows, block.width
-            q, k, v = padded[block.start : block.start + rows * width].view(rows, width, 3 * hidden).split(hidden, 2)
+            q, k, v = part.view(rows, width, 3 * hidden).split(hidden, 2)
             bias = t.attention_bias[block.mask_start : block.mask_start + rows * width * width]
             scores = torch.baddbmm(bias.view(rows, width, width), q, k.transpose(1, 2))
             outputs.append(torch.bmm(torch.softmax(scores, 2), v).view(rows * width, hidden))
