@@ -108,7 +108,9 @@ class Batch:
     - per candidate element (L): ``element`` element-table row; ``element_group``, ``element_request``,
       ``element_component``; ``element_pos`` position in its pool; ``element_slot`` position in its
       request; ``element_pool_cell`` flat cell in the (G, pool_width) grid; ``element_attention_cell``
-      flat cell in the padded attention buffer
+      flat cell of its attention output in the padded buffer (shared by requests with the same pools)
+    - per attended element (A, the elements of requests whose pools differ from every earlier request's):
+      ``attended`` element (into L); ``attended_cell`` its cell in the padded attention buffer
     - ``attention_bias``: every block's (rows, width, width) score bias, flattened: -inf where not attended
     - per (element, context value) cross (C): ``cross_element`` element (into L); ``cross_row`` its cell in the
       cross table (element row x age, gender or query-segment row, hashed); ``cross_weight`` 1 for age and
@@ -166,8 +168,33 @@ class Batch:
         return grid.reshape(shape)
 
 
-def _attention_layout(element_request: np.ndarray, element_slot: np.ndarray, element_group: np.ndarray,
-                      n: int) -> tuple[np.ndarray, np.ndarray, list[AttentionBlock]]:
+def _attention_layout(element: np.ndarray, element_component: np.ndarray, element_request: np.ndarray,
+                      element_slot: np.ndarray, element_group: np.ndarray, first_element: np.ndarray,
+                      n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[AttentionBlock]]:
+    """Where cross-component attention reads and writes, for requests with distinct pools only.
+
+    Attention depends on a request's pools alone, not on its user or query, and the impressions of one
+    ad share their pools: a request whose pools hold the same elements as an earlier one's in the batch
+    reads that request's outputs instead of being attended again (a batch of 1,024 impressions of 200
+    ads attends ~200). Returns the attended elements (into L), their cells in the padded buffer, every
+    element's output cell (its twin's, for a repeated request), the score biases and the blocks.
+    """
+    codes = np.stack([element, element_component], 1)  # a pool's component and elements, in order
+    spans = itertools.pairwise([*first_element.tolist(), len(element)])
+    seen: dict[bytes, int] = {}
+    twin = np.fromiter((seen.setdefault(codes[a:b].tobytes(), r) for r, (a, b) in enumerate(spans)), np.int64, n)
+    distinct = twin == np.arange(n)
+    attended = np.flatnonzero(distinct[element_request])
+    renumbered = np.cumsum(distinct) - 1
+    cell, bias, blocks = _padded_blocks(renumbered[element_request[attended]], element_slot[attended],
+                                        element_group[attended], int(distinct.sum()))
+    cell_of = np.empty(len(element), dtype=np.int64)
+    cell_of[attended] = cell
+    return attended, cell, cell_of[first_element[twin[element_request]] + element_slot], bias, blocks
+
+
+def _padded_blocks(element_request: np.ndarray, element_slot: np.ndarray, element_group: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray, list[AttentionBlock]]:
     """Requests sorted by element count, cut into blocks of ``ATTENTION_ROWS``, each padded to its widest.
 
     Returns each element's cell in the padded buffer, the blocks' score biases (-inf: not attended)
@@ -406,7 +433,9 @@ class Featurizer:
         segment_count = np.diff(np.append(np.asarray(segment_offsets, dtype=np.int64), len(segments)))
         group_component = np.asarray(group_component, dtype=np.int64)
         pool_width, combination_width = int(sizes.max()), int(per_request.max())
-        attention_cell, attention_bias, blocks = _attention_layout(element_request, element_slot, element_group, n)
+        element_component = group_component[element_group]
+        attended, attention_cell, element_attention_cell, attention_bias, blocks = _attention_layout(
+            element_array, element_component, element_request, element_slot, element_group, first_element, n)
         segment_request = np.repeat(np.arange(n), segment_count)
         cross_element, cross_row, cross_weight = _context_crosses(
             element_array, element_request, context_array, segment_array, segment_request, segment_count,
@@ -421,11 +450,13 @@ class Featurizer:
             "element": element_array,
             "element_group": element_group,
             "element_request": element_request,
-            "element_component": group_component[element_group],
+            "element_component": element_component,
             "element_pos": element_pos,
             "element_slot": element_slot,
             "element_pool_cell": element_group * pool_width + element_pos,
-            "element_attention_cell": attention_cell,
+            "element_attention_cell": element_attention_cell,
+            "attended": attended,
+            "attended_cell": attention_cell,
             "attention_bias": attention_bias,
             "cross_element": cross_element,
             "cross_row": cross_row,

@@ -355,12 +355,14 @@ class GenCO(nn.Module):
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
         """Each element attends to itself and every candidate of the *other* components of its request,
-        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``). The mask is
+        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``); requests with
+        the same pools as an earlier one read its outputs (``features._attention_layout``). The mask is
         an additive bias, so it rides in the score matmul (baddbmm) instead of a pass of its own."""
         hidden, t = self.config.attention_hidden, batch.tensors
-        qkv = emb @ torch.cat([self.query.weight * hidden**-0.5, self.key.weight, self.value.weight]).T
+        qkv = emb.index_select(0, t.attended) @ torch.cat([self.query.weight * hidden**-0.5, self.key.weight,
+                                                           self.value.weight]).T
         sizes = [block.rows * block.width for block in batch.attention_blocks]
-        padded = qkv.new_zeros(sum(sizes), 3 * hidden).index_copy(0, t.element_attention_cell, qkv)
+        padded = qkv.new_zeros(sum(sizes), 3 * hidden).index_copy(0, t.attended_cell, qkv)
         outputs = []
         # split, not sliced: the backward joins the blocks' gradients in one pass instead of a zeroed copy each
         for block, part in zip(batch.attention_blocks, padded.split(sizes), strict=True):

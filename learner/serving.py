@@ -181,13 +181,14 @@ class ServingModel:
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,
-        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``). Scores are
-        laid out (keys, queries), so the softmax reduces along the axis numpy reduces fastest."""
-        hidden, cells = self.config.attention_hidden, batch.arrays["element_attention_cell"]
+        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``), once per distinct
+        set of pools. Scores are laid out (keys, queries), so the softmax reduces along the axis numpy
+        reduces fastest."""
+        hidden, a = self.config.attention_hidden, batch.arrays
         last = batch.attention_blocks[-1]
         padded = np.zeros((last.start + last.rows * last.width, 3 * hidden), dtype=np.float32)
-        padded[cells] = emb @ self.qkv
-        bias = batch.arrays["attention_bias"]
+        padded[a["attended_cell"]] = emb.take(a["attended"], axis=0) @ self.qkv
+        bias = a["attention_bias"]
         outputs = []
         for block in batch.attention_blocks:
             rows, width = block.rows, block.width
@@ -199,7 +200,7 @@ class ServingModel:
             weights = np.exp(scores, out=scores)
             weights /= weights.sum(1, keepdims=True)
             outputs.append((weights.transpose(0, 2, 1) @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
-        return np.concatenate(outputs).take(cells, axis=0)
+        return np.concatenate(outputs).take(a["element_attention_cell"], axis=0)
 
     def combination_logit(self, batch: Batch, enc: Encoded, picks: np.ndarray) -> np.ndarray:
         """s for K combinations per request. picks: (K, G) element index per pool.

@@ -13,6 +13,7 @@ import torch
 from genco.jsonl import BadLines
 from learner.features import Featurizer, pair_cells, pair_keys
 from learner.offline import SLOTS, bag_batches, file_batches
+from learner.trainer import Learner
 from stream.events import Bag, SelectionRequest
 from tests.conftest import make_log
 
@@ -123,3 +124,34 @@ def test_pair_cells_ignore_order_spread_evenly_and_agree_between_numpy_and_torch
         a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
         theirs = pair_cells(pair_keys(a_t, scheme), pair_keys(b_t, scheme), cells, scheme)
         assert np.array_equal(ours, theirs.numpy())
+
+
+def test_requests_with_the_same_pools_are_attended_once_with_the_outputs_and_gradients_of_each_alone():
+    """Impressions of one ad share its pools; attention reads only pools, so repeats reuse one request's."""
+    _, log = make_log(seed=6, n_ads=5, bags=60)
+    bags = [Bag.model_validate(b) for b in log]
+    bags[3] = bags[3].model_copy(update={"candidates": {**bags[3].candidates, "title": ["t-only-here"]}})
+    featurizer = Featurizer()
+    batch = featurizer.batch(bags, labelled=True)
+    pools = {json.dumps(bag.candidates, sort_keys=True) for bag in bags}
+    attended_requests = np.unique(batch.arrays["element_request"][batch.arrays["attended"]])
+    assert len(attended_requests) == len(pools) < len(bags) // 4
+
+    torch.manual_seed(0)
+    model = Learner().model
+    weight = torch.randn(len(batch.arrays["element"]), model.config.attention_hidden)
+    emb = model.element_table.weight.index_select(0, torch.from_numpy(batch.arrays["element"]))
+    z = model._cross_component_attention(batch, emb)
+    (z * weight).sum().backward()
+    together = model.element_table.weight.grad.to_dense().clone()
+    model.zero_grad()
+    alone, start = [], 0
+    for bag in bags:  # the same requests, one batch each: nothing to share
+        one = featurizer.batch([bag], labelled=True)
+        emb = model.element_table.weight.index_select(0, torch.from_numpy(one.arrays["element"]))
+        alone.append(model._cross_component_attention(one, emb))
+        (alone[-1] * weight[start : start + len(alone[-1])]).sum().backward()
+        start += len(alone[-1])
+    torch.testing.assert_close(z, torch.cat(alone))
+    torch.testing.assert_close(together, model.element_table.weight.grad.to_dense())
+    assert together.abs().sum() > 0
