@@ -9,7 +9,7 @@ two (``Selector(threads=2)``, as ``genco select --threads 2``), in a process of 
 nothing else, as the selector agent's. Each preset (default:
 the default and ``fast``, the default without the pair prior) runs in turn with
 the others at every stage, so their figures compare as ratios.
-Run: .venv/bin/python benchmarks/speed.py [--bags 100000] [--repeats 3] [--presets default fast]
+Run: .venv/bin/python benchmarks/speed.py [--bags 100000] [--ads 200] [--repeats 3] [--presets default fast]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from stream.events import SelectionRequest
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bags", type=int, default=100_000)
+    parser.add_argument("--ads", type=int, default=200, help="the world's ads; impressions of one ad share its pools")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--presets", nargs="+", default=["default", "fast"], choices=list(PRESETS),
                         help="measured in turns, so their figures compare as ratios")
@@ -58,7 +59,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
-    world = World(WorldConfig(seed=0, n_ads=200))
+    world = World(WorldConfig(seed=0, n_ads=args.ads))
     log = world.uniform_log(args.bags)
     bags_path = work / "bags.jsonl"
     bags_path.write_text("".join(json.dumps(b) + "\n" for b in log))
@@ -102,7 +103,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                          capture_output=True, text=True, check=True)
     selection = json.loads(run.stdout.splitlines()[-1])
 
-    result = {"bags": args.bags, "json_loads_floor_per_s": round(statistics.median(floors)),
+    result = {"bags": args.bags, "ads": args.ads, "json_loads_floor_per_s": round(statistics.median(floors)),
               "parse_featurize_per_s": round(parse), "torch_threads": torch.get_num_threads()}
     for name in args.presets:
         ratios = [t / f for t, f in zip(trains[name], floors, strict=True)]
