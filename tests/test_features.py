@@ -48,6 +48,10 @@ def test_pools_are_capped_but_the_shown_element_stays_trainable():
     assert labelled.arrays["group_size"].tolist() == [15]
     assert labelled.candidate_ids[0][int(labelled.arrays["element_pos"][labelled.arrays["shown"][0]])] == "t33"
     assert f.batch([bag]).candidate_ids[0] == candidates[:15]  # serving never looks at what was shown
+    within = bag.model_copy(update={"shown": {"title": "t3"}})  # the same ad's pools, listed once a batch
+    both = f.batch([within, bag, within], labelled=True)
+    assert both.candidate_ids == [candidates[:15], [*candidates[:14], "t33"], candidates[:15]]
+    assert both.arrays["element_pos"][both.arrays["shown"]].tolist() == [3, 14, 3]
 
 
 def test_the_logged_combination_is_laid_out_for_training():
