@@ -8,10 +8,11 @@ import random
 import pytest
 import torch
 
+from learner import trainer
 from learner.baselines import Counter
 from learner.model import PAIR_STRENGTHS
 from learner.policy import Selector
-from learner.trainer import Learner, preset
+from learner.trainer import Learner, RowAdam, preset
 from stream.events import Bag, SelectionRequest
 
 
@@ -127,3 +128,21 @@ def test_the_pair_prior_switches_itself_off_where_pairs_carry_nothing():
     learner = Learner(preset("default"))
     learner.learn(bags)
     assert learner.model.pair_strength == max(PAIR_STRENGTHS)
+
+
+def test_row_adam_updates_the_hash_tables_exactly_as_sparse_adam(small_world, monkeypatch):
+    """RowAdam is only a faster SparseAdam: weights and moments must agree bit for bit, resumable either way."""
+    _, bags = small_world
+    trained = []
+    for sparse_adam in (RowAdam, torch.optim.SparseAdam):
+        monkeypatch.setattr(trainer, "RowAdam", sparse_adam)
+        torch.manual_seed(0)
+        learner = Learner(preset("default", train={"batch_size": 256}))
+        learner.learn(bags[:2048])
+        assert type(learner.optimizers[1]) is sparse_adam
+        trained.append((learner.model.state_dict(), learner.optimizer_state()))
+    (ours, our_moments), (theirs, their_moments) = trained
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert our_moments.keys() == their_moments.keys()
+    assert all(torch.equal(our_moments[name], their_moments[name]) for name in their_moments)
+    assert ours["element_table.weight"].abs().sum() != torch.zeros(())  # the tables did move
