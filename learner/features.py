@@ -168,27 +168,24 @@ class Batch:
         return grid.reshape(shape)
 
 
-def _attention_layout(element: np.ndarray, element_component: np.ndarray, element_request: np.ndarray,
-                      element_slot: np.ndarray, element_group: np.ndarray, first_element: np.ndarray,
-                      n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[AttentionBlock]]:
-    """Where cross-component attention reads and writes, for requests with distinct pools only.
+def _attention_layout(twin: np.ndarray, element_request: np.ndarray, element_slot: np.ndarray,
+                      element_group: np.ndarray, first_element: np.ndarray,
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[AttentionBlock]]:
+    """Where cross-component attention reads and writes, for requests with pools of their own only.
 
     Attention depends on a request's pools alone, not on its user or query, and the impressions of one
-    ad share their pools: a request whose pools hold the same elements as an earlier one's in the batch
-    reads that request's outputs instead of being attended again (a batch of 1,024 impressions of 200
-    ads attends ~200). Returns the attended elements (into L), their cells in the padded buffer, every
+    ad share their pools: a request whose ``twin`` (B) is an earlier request with the same pools reads
+    that request's outputs instead of being attended again (a batch of 1,024 impressions of 200 ads
+    attends ~200). Returns the attended elements (into L), their cells in the padded buffer, every
     element's output cell (its twin's, for a repeated request), the score biases and the blocks.
     """
-    codes = np.stack([element, element_component], 1)  # a pool's component and elements, in order
-    spans = itertools.pairwise([*first_element.tolist(), len(element)])
-    seen: dict[bytes, int] = {}
-    twin = np.fromiter((seen.setdefault(codes[a:b].tobytes(), r) for r, (a, b) in enumerate(spans)), np.int64, n)
-    distinct = twin == np.arange(n)
-    attended = np.flatnonzero(distinct[element_request])
-    renumbered = np.cumsum(distinct) - 1
+    n = len(twin)
+    own = twin == np.arange(n)
+    attended = np.flatnonzero(own[element_request])
+    renumbered = np.cumsum(own) - 1
     cell, bias, blocks = _padded_blocks(renumbered[element_request[attended]], element_slot[attended],
-                                        element_group[attended], int(distinct.sum()))
-    cell_of = np.empty(len(element), dtype=np.int64)
+                                        element_group[attended], int(own.sum()))
+    cell_of = np.empty(len(element_request), dtype=np.int64)
     cell_of[attended] = cell
     return attended, cell, cell_of[first_element[twin[element_request]] + element_slot], bias, blocks
 
@@ -393,10 +390,12 @@ class Featurizer:
         context, segments, segment_offsets, groups_per_request = [], [], [], []
         element, group_size, shown_pos, seeds, candidate_ids, group_names = [], [], [], [], [], []
         # The impressions of one ad mostly share its pools, so each is listed once a batch: a request whose
-        # candidates equal those of the last request of its ad copies that one's span of the lists. Spans
-        # and request numbers, not objects per request: allocating those made the collector run ~2x as often.
+        # candidates equal those of the last request of its ad copies that one's span of the lists, and
+        # reads its attention outputs (``twins``). Spans and request numbers, not objects per request:
+        # allocating those made the collector run ~2x as often.
         listed: dict[str, int] = {}  # ad id -> the last request that listed its pools plainly
-        first_group, first_element = [], []  # per request: where its pools and their elements start
+        group_at, element_at = [], []  # per request: where its pools and their elements start
+        twins = []  # per request: the earlier request whose listing it copied, else itself
         for r, record in enumerate(records):
             user, query = record.user, record.query
             context.append(context_rows(record))
@@ -404,20 +403,21 @@ class Featurizer:
             if query:
                 segments.extend(map(segment_row, query.segments))
             seeds.append(stable_hash(record.ad_id, f"{user and user.id}|{query and query.id}") & 0x7FFFFFFF)
-            first_group.append(len(group_size))
-            first_element.append(len(element))
+            group_at.append(len(group_size))
+            element_at.append(len(element))
             groups_per_request.append(len(record.candidates))
             twin = listed.get(record.ad_id)
             if twin is not None and records[twin].candidates == record.candidates:
-                pools = slice(first_group[twin], first_group[twin] + groups_per_request[twin])
+                pools = slice(group_at[twin], group_at[twin] + groups_per_request[twin])
                 positions = (list(map(_position, candidate_ids[pools], map(record.shown.get, group_names[pools])))
                              if labelled else [-1] * groups_per_request[twin])
                 if None not in positions:  # else a logged element the listing lacks: listed on its own below
                     shown_pos.extend(positions)
-                    element.extend(element[first_element[twin] : first_element[twin + 1]])
+                    element.extend(element[element_at[twin] : element_at[twin + 1]])
                     group_size.extend(group_size[pools])
                     candidate_ids.extend(candidate_ids[pools])
                     group_names.extend(group_names[pools])
+                    twins.append(twin)
                     continue
             plain = True
             for component, ids in record.candidates.items():
@@ -433,6 +433,7 @@ class Featurizer:
                 group_names.append(component)
             if plain:
                 listed[record.ad_id] = r
+            twins.append(r)
         group_component, group_stat = zip(*map(self._components.__getitem__, group_names), strict=True)
 
         n = len(records)
@@ -457,9 +458,8 @@ class Featurizer:
         segment_count = np.diff(np.append(np.asarray(segment_offsets, dtype=np.int64), len(segments)))
         group_component = np.asarray(group_component, dtype=np.int64)
         pool_width, combination_width = int(sizes.max()), int(per_request.max())
-        element_component = group_component[element_group]
         attended, attention_cell, element_attention_cell, attention_bias, blocks = _attention_layout(
-            element_array, element_component, element_request, element_slot, element_group, first_element, n)
+            np.asarray(twins, dtype=np.int64), element_request, element_slot, element_group, first_element)
         segment_request = np.repeat(np.arange(n), segment_count)
         cross_element, cross_row, cross_weight = _context_crosses(
             element_array, element_request, context_array, segment_array, segment_request, segment_count,
@@ -474,7 +474,7 @@ class Featurizer:
             "element": element_array,
             "element_group": element_group,
             "element_request": element_request,
-            "element_component": element_component,
+            "element_component": group_component[element_group],
             "element_pos": element_pos,
             "element_slot": element_slot,
             "element_pool_cell": element_group * pool_width + element_pos,
