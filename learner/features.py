@@ -109,8 +109,9 @@ class Batch:
       ``element_component``; ``element_pos`` position in its pool; ``element_slot`` position in its
       request; ``element_pool_cell`` flat cell in the (G, pool_width) grid; ``element_attention_cell``
       flat cell of its attention output in the padded buffer (shared by requests with the same pools)
-    - per attended element (A, the elements of requests whose pools differ from every earlier request's):
-      ``attended`` element (into L); ``attended_cell`` its cell in the padded attention buffer
+    - per attended element (A, the elements of requests that listed their own pools rather than copying an
+      earlier impression's of the same ad): ``attended`` element (into L); ``attended_cell`` its cell in the
+      padded attention buffer
     - ``attention_bias``: every block's (rows, width, width) score bias, flattened: -inf where not attended
     - per (element, context value) cross (C): ``cross_element`` element (into L); ``cross_row`` its cell in the
       cross table (element row x age, gender or query-segment row, hashed); ``cross_weight`` 1 for age and

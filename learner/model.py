@@ -307,6 +307,7 @@ class GenCO(nn.Module):
 
     @torch.no_grad()
     def logged_pairs(self, batch: Batch) -> LoggedPairs:
+        """The logged combination's pairs (as the featurizer laid them out for training), looked up."""
         t = batch.tensors
         first, second = t.shown_pair_first, t.shown_pair_second
         cells = self._pair_cells(batch, first, second)
