@@ -441,12 +441,11 @@ class Featurizer:
         sizes = np.asarray(group_size, dtype=np.int64)
         per_request = np.asarray(groups_per_request, dtype=np.int64)
         group_request = np.repeat(np.arange(n), per_request)
-        first_group = np.cumsum(per_request) - per_request
+        first_group, first_element = np.asarray(group_at, dtype=np.int64), np.asarray(element_at, dtype=np.int64)
         group_start = np.cumsum(sizes) - sizes
         group_slot = np.arange(len(sizes)) - first_group[group_request]
         element_group = np.repeat(np.arange(len(sizes)), sizes)
         element_request = group_request[element_group]
-        first_element = group_start[first_group]  # every request has at least one pool
         element_pos = np.arange(len(element)) - group_start[element_group]
         element_slot = np.arange(len(element)) - first_element[element_request]
         columns = len(PAPER_COMPONENTS) + 1
