@@ -1,16 +1,17 @@
-"""Quality: how much of the oracle's CTR gain each policy captures on simulated worlds.
+"""Quality: how much of the oracle's CTR gain each policy captures on worlds of the zoo (sim/zoo.py).
 
-For each world size (bags of uniform-random log) and seed, every policy learns
-from the same chronological log, then serves 3,000 fresh requests; the world
-scores the served combinations with its true CTR. captured = (policy − uniform)
-/ (oracle − uniform); lift = policy / uniform − 1. Seeds give the noise.
+For each family and seed a world is drawn; every policy learns from the same chronological
+uniform-random log, fed to all of them in the same mini-batches, and at each checkpoint (bags
+learned so far) serves fresh requests, which the world scores with its true CTR.
+captured = (policy − uniform) / (oracle − uniform); lift = policy / uniform − 1.
 
-Worlds: "table1" has every effect (element quality, user context, synergy);
-"additive" has element quality only, "context" adds user context, "synergy"
-adds cross-component synergy: the GenCO − counter margin on each shows where
-the gain comes from.
+Figures and defaults come from held-out seeds only (``--seeds held-out``, the default); the
+tuning seeds are for trying things. Tables: per family and checkpoint, every policy's captured
+share, and genco against the *best* baseline (the one with the highest mean there), paired by seed.
 
-Run: .venv/bin/python benchmarks/quality.py [--sizes 100000 400000] [--seeds 0 1 2]
+Run: .venv/bin/python benchmarks/quality.py [--families paper churn] [--seeds held-out | tuning | 1000 1001]
+     [--sizes 100000 400000] [--policies genco hierarchical] [--out bench-out/quality.json]
+     .venv/bin/python benchmarks/quality.py --summarise bench-out/quality.json
 """
 
 from __future__ import annotations
@@ -25,120 +26,137 @@ from pathlib import Path
 import torch
 
 from genco.compute import configure_compute
-from learner.baselines import DCO, Counter, MLPBaseline, Uniform
+from learner.baselines import ClickCounter, ContextLogReg, HierarchicalCounter, Uniform
 from learner.policy import Selector
 from learner.trainer import Learner, preset
-from sim.world import World, WorldConfig
+from sim.zoo import FAMILIES, HELD_OUT_SEEDS, TUNING_SEEDS, draw_world
 from stream.events import Bag, SelectionRequest
 
-WORLDS = {
-    "table1": {},
-    "additive": {"context": 0.0, "synergy": 0.0},
-    "context": {"synergy": 0.0},
-    "synergy": {"context": 0.0, "synergy": 0.25},
-}
+BATCH = 1024
+EVAL_REQUESTS = 3000
 
 
 class GenCOPolicy:
-    """Adapter giving a Learner the baselines' learn/select interface."""
+    """A Learner behind the baselines' learn/select interface."""
 
-    def __init__(self, name: str, **overrides) -> None:
-        self.learner = Learner(preset(name, **overrides))
+    def __init__(self, name: str, train: dict | None = None, **overrides) -> None:
+        self.learner = Learner(preset(name, train, **overrides))
 
     def learn(self, bags: list) -> None:
         self.learner.learn(bags)
 
     def select(self, requests: list) -> list[dict[str, str]]:
-        selector = Selector(self.learner.model)  # a frozen copy of the model as trained so far
-        return [s for i in range(0, len(requests), 1024) for s in selector.select(requests[i : i + 1024])]
+        return Selector(self.learner.model).select(requests)  # a frozen copy of the model as trained so far
 
 
+GENCO = "genco"
 POLICIES: dict[str, Callable[[], object]] = {
-    "genco": lambda: GenCOPolicy("default"),
-    "genco-paper": lambda: GenCOPolicy("paper"),
+    GENCO: lambda: GenCOPolicy("default"),
     "genco w/o MIL": lambda: GenCOPolicy("default", mil=False),
     "genco w/o RL": lambda: GenCOPolicy("default", rl_weight=0.0),
-    "genco w/o context": lambda: GenCOPolicy("default", attention=False),
-    "genco w/o all": lambda: GenCOPolicy("default", mil=False, rl_weight=0.0, attention=False),
-    "genco w/o context prior": lambda: GenCOPolicy("default", context_prior=False),
-    "genco w/o pair prior": lambda: GenCOPolicy("fast"),
-    "counter": Counter,
-    "dco": DCO,
-    "mlp": MLPBaseline,
+    "genco w/o attention": lambda: GenCOPolicy("default", attention=False),
+    "genco w/o priors": lambda: GenCOPolicy("default", prior=False),
+    "genco-paper": lambda: GenCOPolicy("paper"),
+    "hierarchical": HierarchicalCounter,
+    "logreg": ContextLogReg,
+    "counter": ClickCounter,
     "uniform": Uniform,
 }
+BASELINES = ("hierarchical", "logreg", "counter")
+DEFAULT_POLICIES = (GENCO, *BASELINES)
 
 
-def run(world_name: str, size: int, seed: int, policies: list[str], n_ads: int) -> dict[str, dict]:
-    world = World(WorldConfig(seed=seed, n_ads=n_ads, **WORLDS[world_name]))
-    bags = [Bag.model_validate(b) for b in world.uniform_log(size)]
-    raw_requests = [world.request(f"eval-{i}") for i in range(3000)]
-    requests = [SelectionRequest.model_validate(r) for r in raw_requests]
-    results = {}
-    for name in policies:
+def run(family: str, seed: int, sizes: list[int], names: list[str]) -> list[dict]:
+    """Rows of (family, seed, size, policy) scores: all policies learn the same log in lockstep."""
+    world = draw_world(family, seed)
+    print(f"{family} {seed}: {world.describe()}", flush=True)
+    policies = {}
+    for name in names:
         torch.manual_seed(seed)
-        policy = POLICIES[name]()
-        started = time.perf_counter()
-        for start in range(0, len(bags), 1024):
-            policy.learn(bags[start : start + 1024])
-        seconds = time.perf_counter() - started
-        score = world.score(raw_requests, policy.select(requests))
-        results[name] = {**score, "train_s": round(seconds, 1)}
-        print(f"{world_name:<9}{size:>8}{seed:>3}  {name:<18} captured {score['captured']:+.3f}  "
-              f"lift {score['lift']:+.3f}  ({seconds:.0f} s)", flush=True)
-    return results
+        policies[name] = POLICIES[name]()
+    seconds = dict.fromkeys(names, 0.0)
+    rows, learned = [], 0
+    for size in sorted(sizes):
+        while learned < size:
+            bags = [Bag.model_validate(b) for b in world.uniform_log(min(BATCH, size - learned), start=learned)]
+            for name, policy in policies.items():
+                started = time.perf_counter()
+                policy.learn(bags)
+                seconds[name] += time.perf_counter() - started
+            learned += len(bags)
+        raw = [world.request(f"eval-{size}-{i}") for i in range(EVAL_REQUESTS)]
+        requests = [SelectionRequest.model_validate(r) for r in raw]
+        for name, policy in policies.items():
+            score = world.score(raw, policy.select(requests))
+            rows.append({"family": family, "seed": seed, "size": size, "policy": name,
+                         "learn_s": round(seconds[name], 1), **score})
+            print(f"{family:<8}{seed:>6}{size:>8}  {name:<22} captured {score['captured']:+.3f}  "
+                  f"lift {score['lift']:+.3f}  ({seconds[name]:.0f} s)", flush=True)
+    return rows
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):+.3f}{sd}"
 
 
 def summarise(rows: list[dict]) -> str:
-    table = ["| world | bags | policy | captured (mean ± sd over seeds) | lift | seeds |", "|---|---|---|---|---|---|"]
-    keys = sorted({(r["world"], r["size"], r["policy"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    order = list(POLICIES)
-    keys.sort(key=lambda k: (list(WORLDS).index(k[0]), k[1], order.index(k[2])))
-    for world, size, policy in keys:
-        values = [r for r in rows if (r["world"], r["size"], r["policy"]) == (world, size, policy)]
-        cap = [v["captured"] for v in values]
-        lift = [v["lift"] for v in values]
-        sd = f" ± {statistics.stdev(cap):.3f}" if len(cap) > 1 else ""
-        table.append(f"| {world} | {size} | {policy} | {statistics.mean(cap):.3f}{sd} | "
-                     f"{statistics.mean(lift):+.3f} | {len(cap)} |")
-    table += ["", "GenCO's margin over the click counter, paired by seed (same world, same log):", "",
-              "| world | bags | genco − counter (mean ± sd) | seeds |", "|---|---|---|---|"]
-    for world, size in sorted({(r["world"], r["size"]) for r in rows}, key=lambda k: (list(WORLDS).index(k[0]), k[1])):
-        by_seed = {}
-        for r in rows:
-            if (r["world"], r["size"]) == (world, size) and r["policy"] in ("genco", "counter"):
-                by_seed.setdefault(r["seed"], {})[r["policy"]] = r["captured"]
-        margins = [v["genco"] - v["counter"] for v in by_seed.values() if len(v) == 2]
-        if margins:
-            sd = f" ± {statistics.stdev(margins):.3f}" if len(margins) > 1 else ""
-            table.append(f"| {world} | {size} | {statistics.mean(margins):+.3f}{sd} | {len(margins)} |")
-    return "\n".join(table)
+    """Per family and size: every policy's captured share, then genco − best baseline paired by seed."""
+    out = []
+    cells = sorted({(r["family"], r["size"]) for r in rows}, key=lambda k: (list(FAMILIES).index(k[0]), k[1]))
+    for family, size in cells:
+        here = [r for r in rows if (r["family"], r["size"]) == (family, size)]
+        by_policy: dict[str, dict[int, float]] = {}
+        for r in here:
+            by_policy.setdefault(r["policy"], {})[r["seed"]] = r["captured"]
+        seeds = sorted({r["seed"] for r in here})
+        out += [f"### {family}, {size:,} bags (seeds {', '.join(map(str, seeds))})", "",
+                "| policy | captured (mean ± sd) | per seed |", "|---|---|---|"]
+        for name in sorted(by_policy, key=lambda p: list(POLICIES).index(p)):
+            values = [by_policy[name][s] for s in seeds if s in by_policy[name]]
+            out.append(f"| {name} | {_mean_sd(values)} | {', '.join(f'{v:+.3f}' for v in values)} |")
+        baselines = [b for b in BASELINES if b in by_policy]
+        if GENCO in by_policy and baselines:
+            best = max(baselines, key=lambda b: statistics.mean(by_policy[b].values()))
+            paired = [by_policy[GENCO][s] - by_policy[best][s] for s in seeds
+                      if s in by_policy[GENCO] and s in by_policy[best]]
+            out += ["", f"genco − best baseline ({best}), paired by seed: {_mean_sd(paired)} "
+                        f"(min {min(paired):+.3f}, {sum(p > 0 for p in paired)}/{len(paired)} seeds ahead)"]
+        out.append("")
+    return "\n".join(out)
+
+
+def seeds_from(spec: list[str]) -> list[int]:
+    """``held-out`` or ``tuning`` (their first five), or explicit seeds."""
+    if spec == ["held-out"]:
+        return list(HELD_OUT_SEEDS)[:5]
+    if spec == ["tuning"]:
+        return list(TUNING_SEEDS)[:5]
+    return [int(s) for s in spec]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--seeds", nargs="+", default=["held-out"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--worlds", nargs="+", default=["table1"], choices=list(WORLDS))
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    parser.add_argument("--ads", type=int, default=200)
+    parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=list(POLICIES))
     parser.add_argument("--out", default="bench-out/quality.json")
     parser.add_argument("--summarise", nargs="+", metavar="JSON", help="print the tables of earlier runs and stop")
     args = parser.parse_args()
     if args.summarise:
-        rows = {(r["world"], r["size"], r["seed"], r["policy"]): r  # a later file's run of the same cell wins
+        rows = {(r["family"], r["size"], r["seed"], r["policy"]): r  # a later file's run of the same cell wins
                 for path in args.summarise for r in json.loads(Path(path).read_text())}
         print(summarise(list(rows.values())))
         return
     configure_compute()
     rows = []
-    for world in args.worlds:
-        for size in args.sizes:
-            for seed in args.seeds:
-                for policy, score in run(world, size, seed, args.policies, args.ads).items():
-                    rows.append({"world": world, "size": size, "seed": seed, "policy": policy, **score})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for family in args.families:
+        for seed in seeds_from(args.seeds):
+            rows += run(family, seed, args.sizes, args.policies)
+            out.write_text(json.dumps(rows, indent=1))  # after every world: a long run keeps what it measured
     print(summarise(rows))
 
 

@@ -6,7 +6,10 @@ returns one element per requested component, always one of that component's
 candidates, for components never seen before too.
 
 - :class:`Uniform`: the logging policy; the floor any learner must beat.
-- :class:`Counter`: smoothed per-element click rates; context-free and additive.
+- :class:`ClickCounter`: smoothed per-element click rates; context-free and additive.
+- :class:`HierarchicalCounter`: empirical-Bayes (ad, element) rates shrunk towards the element across ads;
+  :class:`ThompsonCounter` serves it by posterior sampling.
+- :class:`ContextLogReg`: river's logistic regression on element x ad and element x context crosses.
 - :class:`DCO`: the paper's bandit baseline, successive elimination per (ad, component).
 - :class:`MLPBaseline`: the paper's "MLP": a network scoring whole combinations.
 """
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from river import linear_model, optim
 from torch import nn
 
 from learner.features import PAPER_COMPONENTS, Featurizer, HashSizes
@@ -53,7 +57,7 @@ class Uniform:
         ]
 
 
-class Counter:
+class ClickCounter:
     """Smoothed click rate per (component, element), blind to context, ad and other components.
 
     Why: the simplest learner that exploits element quality. Shrinking towards the running
@@ -91,6 +95,197 @@ class Counter:
         # max() keeps the first of equal scores, so ties go to the first candidate
         return [
             {c: max(ids, key=lambda e, c=c: self.score(c, e)) for c, ids in r.candidates.items()}
+            for r in requests
+        ]
+
+
+class _Counts:
+    """Impressions and summed excess clicks per key, in numpy arrays that grow; a key gets a row on first sight
+    and remembers its parent's row in the level above (for the hierarchy's shrinkage)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Hashable, int] = {}
+        self.n = np.zeros(0)
+        self.s = np.zeros(0)
+        self.parent = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lookup(self, keys: list, parents: np.ndarray | None = None) -> np.ndarray:
+        """Rows of ``keys``, adding the unseen ones (with their ``parents``' rows)."""
+        rows = self.rows
+        found = np.fromiter((rows.setdefault(k, len(rows)) for k in keys), dtype=np.int64, count=len(keys))
+        if len(rows) > len(self.n):
+            grow = max(len(rows), 2 * len(self.n)) - len(self.n)
+            self.n, self.s = np.append(self.n, np.zeros(grow)), np.append(self.s, np.zeros(grow))
+            self.parent = np.append(self.parent, np.zeros(grow, dtype=np.int64))
+        if parents is not None:
+            self.parent[found] = parents
+        return found
+
+    def find(self, keys: list) -> np.ndarray:
+        """Rows of ``keys``, -1 for keys never seen (nothing is added)."""
+        get = self.rows.get
+        return np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+
+    def add(self, rows: np.ndarray, values: np.ndarray) -> None:
+        self.n += np.bincount(rows, minlength=len(self.n))
+        self.s += np.bincount(rows, weights=values, minlength=len(self.s))
+
+    def get(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, s) of ``rows``, zeros where a row is -1."""
+        seen = rows >= 0
+        safe = np.where(seen, rows, 0)
+        return np.where(seen, self.n[safe], 0.0), np.where(seen, self.s[safe], 0.0)
+
+
+def _between_variance(n: np.ndarray, s: np.ndarray, prior: np.ndarray, noise: float, extra: np.ndarray | float = 0.0,
+                      floor: float = 1e-6) -> float:
+    """Method-of-moments variance of true rates around ``prior`` among rows shown at least once:
+    E[(mean − prior)²] = τ² + ``extra`` + noise / n, weighted by impressions."""
+    seen = n > 0
+    if not seen.any():
+        return floor
+    n, d = n[seen], s[seen] / n[seen] - prior[seen]
+    extra = extra[seen] if isinstance(extra, np.ndarray) else extra
+    return max(float((n * (d * d - extra) - noise).sum() / n.sum()), floor)
+
+
+class HierarchicalCounter:
+    """Empirical-Bayes click counter: each (ad, element) shrunk towards the element in other ads, which is shrunk
+    towards its component's mean, all counted as clicks in excess of the ad's own CTR.
+
+    Why: the strongest simple learner of additive element quality. Counting against the ad's CTR keeps product
+    appeal out of an element's credit; the element's record in *other* ads is what a new (ad, element) cell is
+    worth before it has data of its own (a template shared across ads), and an ad-specific element, with no
+    other ads, starts from its component's mean. The shrinkage strengths are not tuned but estimated from the
+    data (method of moments on the spread of each level around its parent), refit whenever the counts change.
+    """
+
+    def __init__(self, ad_strength: float = 50.0, seed: int = 0) -> None:
+        self.ad_strength = ad_strength  # pseudo-impressions at the overall CTR for an ad's own CTR
+        self.rng = np.random.default_rng(seed)
+        self.ads, self.components, self.elements, self.cells = _Counts(), _Counts(), _Counts(), _Counts()
+        self.bags = self.clicks = 0
+        self._fitted: tuple[float, float, float] | None = None  # (noise, τ² of elements, τ² of cells)
+
+    @property
+    def p0(self) -> float:
+        return (self.clicks + 1.0) / (self.bags + 20.0)
+
+    def _ad_rate(self, rows: np.ndarray) -> np.ndarray:
+        n, clicks = self.ads.get(rows)
+        return (clicks + self.ad_strength * self.p0) / (n + self.ad_strength)
+
+    def learn(self, bags: list[Bag]) -> None:
+        if not bags:
+            return
+        ads = self.ads.lookup([b.ad_id for b in bags])
+        clicked = np.array([b.clicked for b in bags], dtype=np.float64)
+        excess = clicked - self._ad_rate(ads)  # measured before this batch, so a label never sees itself
+        shown = [(i, b.ad_id, c, e) for i, b in enumerate(bags) for c, e in b.shown.items()]
+        request = np.array([i for i, *_ in shown])
+        components = self.components.lookup([c for _, _, c, _ in shown])
+        elements = self.elements.lookup([(c, e) for _, _, c, e in shown], components)
+        cells = self.cells.lookup([(a, c, e) for _, a, c, e in shown], elements)
+        for table, rows in ((self.components, components), (self.elements, elements), (self.cells, cells)):
+            table.add(rows, excess[request])
+        self.ads.add(ads, clicked)
+        self.bags += len(bags)
+        self.clicks += int(clicked.sum())
+        self._fitted = None
+
+    def _fit(self) -> tuple[float, float, float]:
+        if self._fitted is None:
+            noise = self.p0 * (1 - self.p0)
+            component_mean = self.components.s / np.maximum(self.components.n, 1)
+            el = self.elements
+            tau_element = _between_variance(el.n, el.s, component_mean[el.parent], noise)
+            cells = self.cells
+            mean, var = self._element_prior(cells.parent, cells.n, cells.s, noise, tau_element)
+            tau_cell = _between_variance(cells.n, cells.s, mean, noise, extra=var)
+            self._fitted = noise, tau_element, tau_cell
+        return self._fitted
+
+    def _element_prior(self, elements: np.ndarray, n_own: np.ndarray, s_own: np.ndarray, noise: float,
+                       tau_element: float) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and variance of each element's excess rate from the *other* ads' counts (the ad's
+        own ``n_own``, ``s_own`` left out), shrunk towards its component's mean; -1 elements: the overall 0."""
+        n, s = self.elements.get(elements)
+        components = np.where(elements >= 0, self.elements.parent[np.maximum(elements, 0)], -1)
+        n_c, s_c = self.components.get(components)
+        component_mean = s_c / np.maximum(n_c, 1)
+        strength = noise / tau_element
+        others = n - n_own
+        return ((s - s_own + strength * component_mean) / (others + strength), noise / (others + strength))
+
+    def posterior(self, ad_id: str, component: str, candidates: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and variance of each candidate's excess click rate in this ad."""
+        noise, tau_element, tau_cell = self._fit()
+        cells = self.cells.find([(ad_id, component, e) for e in candidates])
+        elements = self.elements.find([(component, e) for e in candidates])
+        n, s = self.cells.get(cells)
+        mean, var = self._element_prior(elements, n, s, noise, tau_element)
+        strength = noise / (tau_cell + var)
+        return (s + strength * mean) / (n + strength), noise / (n + strength)
+
+    def _draw(self, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        return mean
+
+    def select(self, requests: Sequence[Request]) -> list[Selection]:
+        out = []
+        for r in requests:
+            pick = {}
+            for component, ids in r.candidates.items():
+                pick[component] = ids[int(np.argmax(self._draw(*self.posterior(r.ad_id, component, ids))))]
+            out.append(pick)
+        return out
+
+
+class ThompsonCounter(HierarchicalCounter):
+    """:class:`HierarchicalCounter` serving by Thompson sampling: each candidate's score is drawn from its
+    posterior, so an element with little data is tried in proportion to its chance of being the best."""
+
+    def _draw(self, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        return mean + np.sqrt(var) * self.rng.standard_normal(len(mean))
+
+
+class ContextLogReg:
+    """river's online logistic regression on each shown element crossed with the ad and with the request's age,
+    gender and query segments (a request's segments weigh as one value).
+
+    Why: the simple learner that sees context. Scores add up over components, so the best combination is each
+    component's best candidate for this request.
+    """
+
+    def __init__(self, lr: float = 0.05, l2: float = 0.0) -> None:
+        self.model = linear_model.LogisticRegression(optimizer=optim.AdaGrad(lr), l2=l2)
+
+    @staticmethod
+    def _features(record: Request, component: str, element: str) -> dict[str, float]:
+        e = f"{component}={element}"
+        x = {e: 1.0, f"ad={record.ad_id}|{e}": 1.0}
+        if record.user:
+            x[f"age={record.user.age}|{e}"] = 1.0
+            x[f"gender={record.user.gender}|{e}"] = 1.0
+        if record.query and record.query.segments:
+            for segment in record.query.segments:
+                x[f"segment={segment}|{e}"] = 1.0 / len(record.query.segments)
+        return x
+
+    def learn(self, bags: list[Bag]) -> None:
+        for bag in bags:
+            x = {f"ad={bag.ad_id}": 1.0}
+            for component, element in bag.shown.items():
+                x.update(self._features(bag, component, element))
+            self.model.learn_one(x, bag.clicked)
+
+    def select(self, requests: Sequence[Request]) -> list[Selection]:
+        score = self.model.predict_proba_one  # monotone in the candidate's own terms: the rest is shared
+        return [
+            {c: max(ids, key=lambda e, c=c, r=r: score(self._features(r, c, e))[True])
+             for c, ids in r.candidates.items()}
             for r in requests
         ]
 

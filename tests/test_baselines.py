@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner.baselines import DCO, Counter, MLPBaseline, Policy, Uniform
+from learner.baselines import DCO, ClickCounter, MLPBaseline, Policy, Uniform
 from sim.world import World, WorldConfig
 from stream.events import Bag, SelectionRequest
 
@@ -41,7 +41,7 @@ def _trained(policy: Policy, bags: list[Bag], chunk: int) -> Policy:
 
 
 def _all_policies() -> list[Policy]:
-    return [Uniform(), Counter(), DCO(), MLPBaseline()]
+    return [Uniform(), ClickCounter(), DCO(), MLPBaseline()]
 
 
 def test_every_baseline_serves_one_candidate_per_component(world_log):
@@ -74,7 +74,7 @@ def test_every_baseline_serves_one_candidate_per_component(world_log):
     ("make", "chunk", "low", "high"),
     [
         (Uniform, 1024, -0.1, 0.1),
-        (Counter, 1024, 0.15, 1.0),  # measured 0.28
+        (ClickCounter, 1024, 0.15, 1.0),  # measured 0.28
         # Measured -0.01: with ~1000 bags per ad and CTR ~9 %, every Hoeffding radius (>0.1) dwarfs the
         # CTR gaps between elements, so nothing is eliminated yet and DCO still serves uniformly.
         (DCO, 1024, -0.1, 0.1),
@@ -99,7 +99,7 @@ def test_counter_score_matches_hand_computation():
         _bag(2, {"title": "t2", "image": "i1"}, False),
         _bag(3, {"title": "t1", "image": "i1"}, False),
     ]
-    counter = Counter(strength=2.0)
+    counter = ClickCounter(strength=2.0)
     counter.learn(bags[:1])
     counter.learn(bags[1:])  # state carries over between calls
     assert counter.p0 == pytest.approx(0.25)

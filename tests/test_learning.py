@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from learner import trainer
-from learner.baselines import Counter
+from learner.baselines import ClickCounter
 from learner.model import PAIR_STRENGTHS
 from learner.policy import Selector
 from learner.trainer import Learner, RowAdam, preset
@@ -28,7 +28,7 @@ def scored(small_world):
         learner = Learner(preset(name))
         learner.learn(bags)
         scores[name] = world.score(raw, Selector(learner.model).select(requests))
-    counter = Counter()
+    counter = ClickCounter()
     counter.learn(bags)
     scores["counter"] = world.score(raw, counter.select(requests))
     return scores
