@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train offline on a BAGS.jsonl file, in file order, and write a snapshot")
     train.add_argument("bags")
     train.add_argument("--snapshot-dir", required=True)
-    train.add_argument("--preset", default="default", choices=["default", "fast", "paper", "pairs"])
+    train.add_argument("--preset", default="default", choices=["default", "fast", "paper"])
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--json", action="store_true")
     train.set_defaults(run=cmd_train)

@@ -421,7 +421,7 @@ class MLPBaseline:
         self.model.train()
         items, offsets = self._bags([b.shown for b in bags])
         logit = self.model(
-            torch.tensor([self.featurizer.context_rows(b) for b in bags]), torch.tensor(items), torch.tensor(offsets)
+            torch.from_numpy(np.stack([self.featurizer.context_rows(b) for b in bags])), torch.tensor(items), torch.tensor(offsets)
         )
         label = torch.tensor([float(b.clicked) for b in bags])
         loss = nn.functional.binary_cross_entropy_with_logits(logit, label)

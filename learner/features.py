@@ -1,12 +1,11 @@
 """Turn requests and bags into the tensors the GenCO model reads.
 
-Hashing: every id kind (user, age, gender, ad, query, query segment, and the
-elements of each component) has its own hash embedding, realised as its own
-row range of one table so a single gather serves them all. The hash is CRC32
-of the UTF-8 id salted by its kind: stable across processes and restarts,
-unlike Python's salted ``hash()``. Components outside the paper's six share
-one element range, salted by the component name, so an unseen component is
-served rather than rejected.
+Keys and rows: every id becomes a 64-bit key of its kind (user, age, gender, ad,
+query, query segment, or the component of an element; ``ops.id_key``). The count
+priors index those keys collision-free; the embeddings take a key's low bits as its
+row in the kind's own row range of one table, so a single gather serves every kind.
+Components outside the paper's six share one element range, keyed by the component
+name, so an unseen component is served rather than rejected.
 
 Layout: elements are ragged, not padded to 6 x 15. A *group* is one
 (request, component) pool; each element knows its group, its position in the
@@ -17,8 +16,6 @@ group and its position in the request. With Table-1 pools ~75% of a dense
 from __future__ import annotations
 
 import itertools
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import SimpleNamespace
@@ -27,6 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from learner.ops import combine, id_key, mix64, pair_key
+
 PAPER_COMPONENTS = ("title", "image", "marketing", "highlight", "attribute", "structure_attribute")
 CONTEXT_KINDS = ("user", "age", "gender", "ad", "query")
 _STAT_COLUMN = {name: i for i, name in enumerate(PAPER_COMPONENTS)}
@@ -34,7 +33,8 @@ _STAT_COLUMN = {name: i for i, name in enumerate(PAPER_COMPONENTS)}
 
 @dataclass(frozen=True)
 class HashSizes:
-    """Rows per id kind; the paper sizes them by distinct ids seen, we fix them up front."""
+    """Embedding rows per id kind, each a power of two (a key's low bits are its row), and the cells of the
+    priors' hashed tables; the paper sizes embeddings by distinct ids seen, we fix them up front."""
 
     user: int = 1 << 17
     age: int = 64
@@ -49,12 +49,10 @@ class HashSizes:
     pair: int = 1 << 20  # (element, element) cells of the pair prior; a power of two
 
     def __post_init__(self) -> None:
-        for kind in ("cross", "pair"):
+        for kind in (*CONTEXT_KINDS, "segment", "element", "other_element", "cross", "pair"):
             rows = getattr(self, kind)
             if rows < 2 or rows & (rows - 1):
                 raise ValueError(f"sizes.{kind} must be a power of two, not {rows}")
-        if self.element_rows > 1 << 20:
-            raise ValueError("element rows must stay below 2^20, the pair prior's hash key assumes it")
 
     def context_offsets(self) -> dict[str, int]:
         offsets, start = {}, 0
@@ -71,10 +69,6 @@ class HashSizes:
     @property
     def element_rows(self) -> int:
         return self.element * len(PAPER_COMPONENTS) + self.other_element
-
-
-def stable_hash(salt: str, value: str) -> int:
-    return zlib.crc32(value.encode("utf-8"), zlib.crc32(salt.encode("utf-8")))
 
 
 ATTENTION_ROWS = 256  # requests attended in one block: sorted by size, so padding stays near each block's own
@@ -229,34 +223,22 @@ def _padded_blocks(element_request: np.ndarray, element_slot: np.ndarray, elemen
     return cell, bias, blocks
 
 
-def _context_crosses(element: np.ndarray, element_request: np.ndarray, context: np.ndarray,
-                     segments: np.ndarray, segment_request: np.ndarray, segment_count: np.ndarray,
-                     cross_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every element paired with its request's age, gender and each query segment: (element, cell, weight)."""
-    n_elements = np.bincount(element_request, minlength=len(context))
+def _context_crosses(element_key: np.ndarray, element_request: np.ndarray, context_key: np.ndarray,
+                     segment_key: np.ndarray, segment_request: np.ndarray, segment_count: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every element paired with its request's age, gender and each query segment: (element, key, weight)."""
+    n_elements = np.bincount(element_request, minlength=len(context_key))
     first_element = np.cumsum(n_elements) - n_elements
     per_segment = n_elements[segment_request]  # a segment crosses every element of its request
     starts = np.repeat(np.cumsum(per_segment) - per_segment, per_segment)
     segment_element = np.repeat(first_element[segment_request], per_segment) + np.arange(len(starts)) - starts
-    every = np.arange(len(element))
+    every = np.arange(len(element_key))
     cross_element = np.concatenate([every, every, segment_element])
-    value = np.concatenate([context[element_request, 1], context[element_request, 2],
-                            np.repeat(segments, per_segment)])
-    weight = np.concatenate([np.ones(2 * len(element), dtype=np.float32),
-                             np.repeat(1 / segment_count[segment_request], per_segment).astype(np.float32)])
-    mixed = (element[cross_element].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ \
-        (value.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
-    cell = (mixed >> np.uint64(64 - (cross_rows.bit_length() - 1))).astype(np.int64)
-    return cross_element, cell, weight
-
-
-def mix64(x):
-    """splitmix64 of int64 keys, numpy arrays or torch tensors alike: every output bit depends on every
-    input bit. Products wrap, as intended; the masks make the signed right shifts logical."""
-    x = x * GOLDEN
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
+    value = np.concatenate([context_key[element_request, 1], context_key[element_request, 2],
+                            np.repeat(segment_key, per_segment)])
+    weight = np.concatenate([np.ones(2 * len(element_key)),
+                             np.repeat(1 / segment_count[segment_request], per_segment)])
+    return cross_element, combine(element_key[cross_element], value), weight
 
 
 def _logged_layout(arrays: dict[str, np.ndarray], n: int, width: int) -> dict[str, np.ndarray]:
@@ -275,51 +257,27 @@ def _logged_layout(arrays: dict[str, np.ndarray], n: int, width: int) -> dict[st
     i, j = np.triu_indices(width, 1)
     first, second = dense[:, i], dense[:, j]
     both = (first >= 0) & (second >= 0)
+    first, second, keys = first[both], second[both], arrays["element_key"]
     return {"shown_element": element, "shown_request": arrays["group_request"][logged],
             "shown_cross": cross, "shown_cross_request": arrays["element_request"][cross_element[cross]],
-            "shown_pair_first": first[both], "shown_pair_second": second[both]}
+            "shown_pair_first": first, "shown_pair_second": second,
+            "shown_pair_key": pair_key(keys[first], keys[second])}
 
 
-def pair_keys(rows, scheme: str = "mixed-sum"):
-    """Each element row's key, which ``pair_cells`` combines with a partner's: taken once per element, not
-    once per pair."""
-    return rows if scheme == "modulo" else mix64(rows)
+class _Keys(dict):
+    """id -> its 64-bit key (``ops.id_key``) for one kind of id, computed on first sight. Lookups of known ids
+    stay in C (``map(keys.__getitem__, ids)``), which is most of featurisation's speed; the cache starts
+    over past ``limit`` ids so memory stays bounded."""
 
-
-def pair_cells(keys_a, keys_b, cells: int, scheme: str = "mixed-sum"):
-    """Cell of each (element, element) pair, either order, in a table of ``cells`` (a power of two), from
-    the two elements' ``pair_keys``: numpy arrays or torch tensors alike.
-
-    Mixed-sum takes the top bits of the (wrapping) sum of the two mixed keys: symmetric, and one add and
-    one shift a pair. Modulo, which snapshots written before it used, packs both rows (below 2^20) into
-    a 40-bit key and reduces it modulo a prime; it is kept to serve them."""
-    if scheme == "modulo":
-        high = (keys_a > keys_b) * (keys_a - keys_b) + keys_b
-        key = (keys_a + keys_b - high) * (1 << 20) + high
-        return (key * 40_503 + (key >> 20)) % _PAIR_PRIME % cells
-    return ((keys_a + keys_b) >> (65 - cells.bit_length())) & (cells - 1)
-
-
-_PAIR_PRIME = 2_147_483_629  # key * 40_503 stays below 2^63 for keys below 2^40
-GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's constants as signed int64
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-PAIR_HASHES = ("mixed-sum", "modulo")
-
-
-class _Rows(dict):
-    """id -> hash row, computed on first sight. Lookups of known ids stay in C (``map(rows.__getitem__, ids)``),
-    which is most of featurisation's speed; the cache starts over past ``limit`` ids so memory stays bounded."""
-
-    def __init__(self, compute: Callable[[str], int], limit: int = 1 << 20) -> None:
+    def __init__(self, kind: str, limit: int = 1 << 20) -> None:
         super().__init__()
-        self.compute, self.limit = compute, limit
+        self.kind, self.limit = kind, limit
 
-    def __missing__(self, key: str) -> int:
+    def __missing__(self, value: str) -> int:
         if len(self) >= self.limit:
             self.clear()
-        row = self[key] = self.compute(key)
-        return row
+        key = self[value] = id_key(self.kind, value)
+        return key
 
 
 def _position(considered: list[str], pick: str | None) -> int | None:
@@ -335,50 +293,64 @@ class Featurizer:
     def __init__(self, sizes: HashSizes | None = None, max_candidates: int = 15) -> None:
         self.sizes = sizes or HashSizes()
         self.max_candidates = max_candidates
-        self._ctx = self.sizes.context_offsets()
-        self._context = {kind: self._context_table(kind) for kind in (*CONTEXT_KINDS, "segment")}
-        self._elements: dict[str, _Rows] = {}
-        self._components = _Rows(self._component_row)
+        offsets = self.sizes.context_offsets()
+        self._context_offset = np.array([offsets[kind] for kind in CONTEXT_KINDS], dtype=np.int64)
+        self._context_mask = np.array([getattr(self.sizes, kind) - 1 for kind in CONTEXT_KINDS], dtype=np.int64)
+        self._segment_offset, self._segment_mask = offsets["segment"], self.sizes.segment - 1
+        self._context = {kind: _Keys(kind) for kind in (*CONTEXT_KINDS, "segment")}
+        self._elements: dict[str, _Keys] = {}
+        self._components: dict[str, tuple[int, int]] = {}
 
-    def _context_table(self, kind: str) -> _Rows:
-        start, rows = self._ctx[kind], getattr(self.sizes, kind)
-        return _Rows(lambda value: start + stable_hash(kind, value) % rows)
-
-    def _element_table(self, component: str) -> _Rows:
+    def _element_keys(self, component: str) -> _Keys:
         table = self._elements.get(component)
         if table is None:
             if len(self._elements) >= 4096:  # component names are open strings: bound them too
                 self._elements.clear()
-            if component in PAPER_COMPONENTS:
-                start, rows = PAPER_COMPONENTS.index(component) * self.sizes.element, self.sizes.element
-                salt = component
-            else:
-                start, rows = len(PAPER_COMPONENTS) * self.sizes.element, self.sizes.other_element
-                salt = f"element:{component}"
-            table = self._elements[component] = _Rows(lambda element: start + stable_hash(salt, element) % rows)
+            table = self._elements[component] = _Keys(component)
         return table
 
-    def _component_row(self, component: str) -> tuple[int, int]:
+    def _component(self, component: str) -> tuple[int, int]:
         """(component-table row, pool-stats column) of a component name."""
-        if component in PAPER_COMPONENTS:
-            return PAPER_COMPONENTS.index(component), _STAT_COLUMN[component]
-        spare = self.sizes.component - len(PAPER_COMPONENTS)
-        return len(PAPER_COMPONENTS) + stable_hash("component", component) % spare, len(PAPER_COMPONENTS)
+        found = self._components.get(component)
+        if found is None:
+            if len(self._components) >= 4096:
+                self._components.clear()
+            if component in PAPER_COMPONENTS:
+                found = PAPER_COMPONENTS.index(component), _STAT_COLUMN[component]
+            else:
+                spare = self.sizes.component - len(PAPER_COMPONENTS)
+                found = len(PAPER_COMPONENTS) + id_key("component", component) % spare, len(PAPER_COMPONENTS)
+            self._components[component] = found
+        return found
 
-    def context_row(self, kind: str, value: str) -> int:
-        return self._context[kind][value]
+    def element_rows(self, keys: np.ndarray, component_rows: np.ndarray) -> np.ndarray:
+        """Element-table rows of element keys, by their components' rows: each paper component has a range
+        of its own, the other components share one."""
+        paper = component_rows < len(PAPER_COMPONENTS)
+        start = np.where(paper, component_rows, len(PAPER_COMPONENTS)) * self.sizes.element
+        return start + (keys & np.where(paper, self.sizes.element - 1, self.sizes.other_element - 1))
 
     def element_row(self, component: str, element: str) -> int:
-        return self._element_table(component)[element]
+        key = np.array([self._element_keys(component)[element]])
+        return int(self.element_rows(key, np.array([self._component(component)[0]]))[0])
 
-    def context_rows(self, record) -> tuple[int, int, int, int, int]:
-        """Rows of the record's user, age, gender, ad and query; absent parts hash as empty ids."""
+    def context_row(self, kind: str, value: str) -> int:
+        """The context-table row of one id of a context kind (or ``"segment"``)."""
+        offsets = self.sizes.context_offsets()
+        return offsets[kind] + (self._context[kind][value] & (getattr(self.sizes, kind) - 1))
+
+    def context_keys(self, record) -> tuple[int, int, int, int, int]:
+        """Keys of the record's user, age, gender, ad and query; absent parts as empty ids."""
         ctx, user, query = self._context, record.user, record.query
         if user:
-            user_rows = ctx["user"][user.id or ""], ctx["age"][str(user.age)], ctx["gender"][str(user.gender)]
+            user_keys = ctx["user"][user.id or ""], ctx["age"][str(user.age)], ctx["gender"][str(user.gender)]
         else:
-            user_rows = ctx["user"][""], ctx["age"][""], ctx["gender"][""]
-        return (*user_rows, ctx["ad"][record.ad_id], ctx["query"][(query.id or "") if query else ""])
+            user_keys = ctx["user"][""], ctx["age"][""], ctx["gender"][""]
+        return (*user_keys, ctx["ad"][record.ad_id], ctx["query"][(query.id or "") if query else ""])
+
+    def context_rows(self, record) -> np.ndarray:
+        """Context-table rows of the record's user, age, gender, ad and query."""
+        return self._context_offset + (np.array(self.context_keys(record), dtype=np.int64) & self._context_mask)
 
     def batch(self, records: list, labelled: bool = False) -> Batch:
         """Featurize requests; ``labelled`` Bags also carry their shown combination and click label.
@@ -386,10 +358,10 @@ class Featurizer:
         The Python loop collects only what needs a per-id lookup; every index layout is then
         derived from the pool sizes with numpy, which keeps featurisation off the training path.
         """
-        cap, tables, new_table = self.max_candidates, self._elements, self._element_table
-        context_rows, segment_row = self.context_rows, self._context["segment"].__getitem__
+        cap, tables, new_table = self.max_candidates, self._elements, self._element_keys
+        context_keys, segment_key = self.context_keys, self._context["segment"].__getitem__
         context, segments, segment_offsets, groups_per_request = [], [], [], []
-        element, group_size, shown_pos, seeds, candidate_ids, group_names = [], [], [], [], [], []
+        element, group_size, shown_pos, candidate_ids, group_names = [], [], [], [], []
         # The impressions of one ad mostly share its pools, so each is listed once a batch: a request whose
         # candidates equal those of the last request of its ad copies that one's span of the lists, and
         # reads its attention outputs (``twins``). Spans and request numbers, not objects per request:
@@ -398,12 +370,11 @@ class Featurizer:
         group_at, element_at = [], []  # per request: where its pools and their elements start
         twins = []  # per request: the earlier request whose listing it copied, else itself
         for r, record in enumerate(records):
-            user, query = record.user, record.query
-            context.append(context_rows(record))
+            query = record.query
+            context.extend(context_keys(record))
             segment_offsets.append(len(segments))
             if query:
-                segments.extend(map(segment_row, query.segments))
-            seeds.append(stable_hash(record.ad_id, f"{user and user.id}|{query and query.id}") & 0x7FFFFFFF)
+                segments.extend(map(segment_key, query.segments))
             group_at.append(len(group_size))
             element_at.append(len(element))
             groups_per_request.append(len(record.candidates))
@@ -435,7 +406,7 @@ class Featurizer:
             if plain:
                 listed[record.ad_id] = r
             twins.append(r)
-        group_component, group_stat = zip(*map(self._components.__getitem__, group_names), strict=True)
+        group_component, group_stat = zip(*map(self._component, group_names), strict=True)
 
         n = len(records)
         sizes = np.asarray(group_size, dtype=np.int64)
@@ -453,28 +424,32 @@ class Featurizer:
                             minlength=n * columns).reshape(n, columns).astype(np.float32)
         shown = np.asarray(shown_pos, dtype=np.int64)
         clicked = [1.0 if r.clicked else 0.0 for r in records] if labelled else [0.0] * n
-        context_array = np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))
-        segment_array, element_array = np.asarray(segments, dtype=np.int64), np.asarray(element, dtype=np.int64)
+        context_key = np.asarray(context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))
+        segment_key, element_key = np.asarray(segments, dtype=np.int64), np.asarray(element, dtype=np.int64)
         segment_count = np.diff(np.append(np.asarray(segment_offsets, dtype=np.int64), len(segments)))
         group_component = np.asarray(group_component, dtype=np.int64)
+        element_component = group_component[element_group]
+        ad_key = context_key[:, 3]
         pool_width, combination_width = int(sizes.max()), int(per_request.max())
         attended, attention_cell, element_attention_cell, attention_bias, blocks = _attention_layout(
             np.asarray(twins, dtype=np.int64), element_request, element_slot, element_group, first_element)
         segment_request = np.repeat(np.arange(n), segment_count)
-        cross_element, cross_row, cross_weight = _context_crosses(
-            element_array, element_request, context_array, segment_array, segment_request, segment_count,
-            self.sizes.cross)
+        cross_element, cross_key, cross_weight = _context_crosses(
+            element_key, element_request, context_key, segment_key, segment_request, segment_count)
         arrays = {
-            "context": context_array,
-            "segments": segment_array,
+            "context": self._context_offset + (context_key & self._context_mask),
+            "context_key": context_key,
+            "segments": self._segment_offset + (segment_key & self._segment_mask),
             "segment_offsets": np.asarray(segment_offsets, dtype=np.int64),
             "segment_request": segment_request,
             "segment_count": segment_count,
             "pool_stats": np.log1p(stats),
-            "element": element_array,
+            "element": self.element_rows(element_key, element_component),
+            "element_key": element_key,
+            "cell_key": combine(element_key, ad_key[element_request]),
             "element_group": element_group,
             "element_request": element_request,
-            "element_component": group_component[element_group],
+            "element_component": element_component,
             "element_pos": element_pos,
             "element_slot": element_slot,
             "element_pool_cell": element_group * pool_width + element_pos,
@@ -483,7 +458,7 @@ class Featurizer:
             "attended_cell": attention_cell,
             "attention_bias": attention_bias,
             "cross_element": cross_element,
-            "cross_row": cross_row,
+            "cross_key": cross_key,
             "cross_weight": cross_weight,
             "group_request": group_request,
             "group_slot": group_slot,
@@ -492,7 +467,8 @@ class Featurizer:
             "group_size": sizes,
             "shown": np.where(shown >= 0, group_start + shown, -1),
             "clicked": np.asarray(clicked, dtype=np.float32),
-            "seed": np.asarray(seeds, dtype=np.int64),
+            # stable per request, so that sampling does not depend on the batch
+            "seed": mix64(combine(ad_key, combine(context_key[:, 0], context_key[:, 4]))) & 0x7FFFFFFF,
         }
         if labelled:
             arrays.update(_logged_layout(arrays, n, combination_width))

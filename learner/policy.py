@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from learner.features import Batch, Featurizer, mix64
+from learner.features import Batch, Featurizer
 from learner.model import GenCO
+from learner.ops import mix64
 from learner.serving import Encoded, ServingModel
 
 
@@ -74,7 +75,7 @@ def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarr
     for _ in range(sweeps):
         dense = np.zeros(batch.size * width, dtype=np.int64)
         dense[a["group_cell"]] = group_start + picks
-        shift = model.pair_shift(enc, element, dense.take(partner_cell))
+        shift = model.pair_shift(batch, enc, element, dense.take(partner_cell))
         shift = np.bincount(element, weights=shift, minlength=len(enc.element_logit)).astype(np.float32)
         picks = batch.pool_grid(enc.element_logit + shift).argmax(1)
         results.append(picks)
@@ -87,7 +88,7 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
-    if model.config.prior and model.config.pair_prior:
+    if model.priors is not None and model.config.pair_prior:
         candidates = np.concatenate([candidates, np.stack(pair_ascent(model, batch, enc, candidates[0]))])
     sizes = batch.arrays["group_size"]
     combo_score = model.combination_logit(batch, enc, np.cumsum(sizes) - sizes + candidates)  # (k, B)

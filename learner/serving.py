@@ -11,14 +11,17 @@ of 4-64 floats) ``take`` measured 3-18x faster.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from learner.features import Batch, pair_cells, pair_keys
+from learner.features import Batch
 from learner.model import GenCO
+from learner.ops import logit, mix64
+from learner.priors import PriorKeys, PriorScores
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # (weight (in, out), bias, ReLU after)
 
@@ -83,11 +86,6 @@ def _mlp(layers: list[Layer], x: np.ndarray) -> np.ndarray:
     return x.reshape(*shape, x.shape[-1])
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-4, 1 - 1e-4)
-    return np.log(p / (1 - p))
-
-
 def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int) -> np.ndarray:
     scores = np.where(allowed, scores, -np.inf)
     scores = np.exp(scores - scores.max(axis, keepdims=True))
@@ -104,8 +102,8 @@ class Encoded:
     element_logit: np.ndarray
     element_prior: np.ndarray | None
     request_prior: np.ndarray | None
-    own_rate: np.ndarray | None = None  # each element's excess click rate, shrunk (the priors' rate)
-    pair_key: np.ndarray | None = None  # each element's ``features.pair_keys`` (with the pair prior)
+    prior: PriorScores | None = None
+    mixed_key: np.ndarray | None = None  # each element's key mixed once, for its pairs' keys (with the pair prior)
 
 
 class ServingModel:
@@ -121,63 +119,46 @@ class ServingModel:
         self.mil_weight = SplitMLP.freeze(model.mil_weight, c.encoder[-1])
         self.qkv = np.concatenate([_array(m.weight).T for m in (model.query, model.key, model.value)], 1)
         self.qkv[:, : c.attention_hidden] *= c.attention_hidden**-0.5  # the score scale, folded into the query
-        if c.prior:  # the counts are frozen too, so every row's prior is computed once, here
-            element_prior, request_prior, base_logit = model.prior_tables()
-            self.element_prior, self.request_prior = _array(element_prior), _array(request_prior)
-            self.base_logit = np.float32(base_logit.item())
-            self.own_rate = _array(model.own_rates())
-            self.base_rate = np.float32(model._base_rate().item())
-        if c.prior and c.context_prior:
-            self.cross_counts = _array(model.cross_counts)
-            self.context_prior_weight = np.float32(model.context_prior_weight.item())
-        if c.prior and c.pair_prior:
-            self.pair_counts = _array(model.pair_counts)
-            self.pair_strength = np.float32(model.pair_strength.item())
+        self.priors = copy.deepcopy(model.priors)  # frozen: the learner keeps counting into its own
+        if self.priors is not None:
+            self.element_weight, self.ad_weight = (float(w) for w in model.prior_weight.detach())
+            self.context_weight = float(model.context_prior_weight.detach()) if c.context_prior else 0.0
+            self.base_logit = float(logit(np.array(self.priors.base_rate())))
 
     def encode(self, batch: Batch) -> Encoded:
-        c = self.config
+        c, a = self.config, batch.arrays
         n, d = batch.size, c.dim
-        context, segments = batch.arrays["context"], batch.arrays["segments"]
+        context, segments = a["context"], a["segments"]
         seg = np.zeros((n, d), dtype=np.float32)
         if len(segments):  # the mean of each request's segments; requests without any keep zeros
-            count = batch.arrays["segment_count"]
+            count = a["segment_count"]
             has = np.flatnonzero(count)
-            seg[has] = np.add.reduceat(self.context_table.take(segments, axis=0), batch.arrays["segment_offsets"][has])
+            seg[has] = np.add.reduceat(self.context_table.take(segments, axis=0), a["segment_offsets"][has])
             seg[has] /= count[has, None]
         ctx = self.context_table.take(context.ravel(), axis=0).reshape(n, -1)
-        h = _mlp(self.encoder, np.concatenate([ctx, seg, batch.arrays["pool_stats"]], 1))
+        h = _mlp(self.encoder, np.concatenate([ctx, seg, a["pool_stats"]], 1))
 
-        element_request = batch.arrays["element_request"]
-        emb = self.element_table.take(batch.arrays["element"], axis=0)
-        comp = self.component_table.take(batch.arrays["element_component"], axis=0)
+        element_request = a["element_request"]
+        emb = self.element_table.take(a["element"], axis=0)
+        comp = self.component_table.take(a["element_component"], axis=0)
         if c.attention:
             z = self._cross_component_attention(batch, emb)
         else:
             z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
         features = np.concatenate([emb, comp, z], 1)
         phi_h = self.phi.h_share(h)
-        logit = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
-        if not c.prior:
-            return Encoded(h, phi_h, features, logit, None, None)
-        element_prior = self.element_prior.take(batch.arrays["element"])
-        own_rate = self.own_rate.take(batch.arrays["element"])
-        if c.context_prior:
-            element_prior = element_prior + self._context_prior(batch, own_rate)
-        request_prior = self.request_prior.take(context[:, 3])
-        pair_key = pair_keys(batch.arrays["element"], c.pair_hash) if c.pair_prior else None
-        return Encoded(h, phi_h, features, logit + element_prior + self.base_logit, element_prior, request_prior,
-                       own_rate, pair_key)
-
-    def _context_prior(self, batch: Batch, own_rate: np.ndarray) -> np.ndarray:
-        """``GenCO._context_prior``, its weight applied: each element's shift for this request's context."""
-        a, m = batch.arrays, np.float32(self.config.context_prior_strength)
-        cell = self.cross_counts.take(a["cross_row"], axis=0)
-        cell_rate = (cell[:, 1] + m * own_rate.take(a["cross_element"])) / (cell[:, 0] + m)
-        weighted = np.bincount(a["cross_element"], weights=_logit(self.base_rate + cell_rate) * a["cross_weight"],
-                               minlength=len(own_rate))
-        weights = np.bincount(a["cross_element"], weights=a["cross_weight"], minlength=len(own_rate))
-        shift = weighted - weights * _logit(self.base_rate + own_rate)
-        return (self.context_prior_weight * shift).astype(np.float32)
+        element_logit = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
+        if self.priors is None:
+            return Encoded(h, phi_h, features, element_logit, None, None)
+        prior = self.priors.scores(PriorKeys.of(a))
+        element_prior = self.element_weight * prior.element
+        if prior.context is not None:
+            element_prior += self.context_weight * prior.context
+        request_prior = (self.base_logit + self.ad_weight * (prior.request - self.base_logit)).astype(np.float32)
+        element_logit += element_prior + request_prior.take(element_request)
+        mixed_key = mix64(a["element_key"]) if c.pair_prior else None
+        return Encoded(h, phi_h, features, element_logit, element_prior.astype(np.float32), request_prior, prior,
+                       mixed_key)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,
@@ -222,15 +203,18 @@ class ServingModel:
             logit = self.phi(combined @ self.phi.f_weight, enc.phi_h[:, None])[..., 0]
             if enc.element_prior is not None:
                 logit += (enc.element_prior.take(index) * present).sum(0)
-        else:
-            logit = (enc.element_logit.take(index) * present).sum(0)
-        if self.config.prior and self.config.pair_prior:
-            logit += self._pair_sum(enc, dense)
+        else:  # the sum of the element scores over the ad's level, as in the torch model
+            own = enc.element_logit
+            if enc.request_prior is not None:
+                own = own - enc.request_prior.take(batch.arrays["element_request"])
+            logit = (own.take(index) * present).sum(0)
+        if self.priors is not None and self.config.pair_prior:
+            logit += self._pair_sum(batch, enc, dense)
         if enc.request_prior is not None:
             logit += enc.request_prior[:, None]
         return logit.T
 
-    def _pair_sum(self, enc: Encoded, dense: np.ndarray) -> np.ndarray:
+    def _pair_sum(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
         """(B, K) each combination's pair shifts summed. dense: (width, B, K) elements, -1 where the request
         has no pool; every combination fills the same slots, so the real pairs are found once for all K."""
         width, n, k = dense.shape
@@ -238,20 +222,14 @@ class ServingModel:
         present = dense[:, :, 0] >= 0
         pair, request = np.nonzero(present[i] & present[j])
         rows = dense.reshape(width * n, k)
-        shift = self.pair_shift(enc, rows.take(i[pair] * n + request, axis=0).ravel(),
+        shift = self.pair_shift(batch, enc, rows.take(i[pair] * n + request, axis=0).ravel(),
                                 rows.take(j[pair] * n + request, axis=0).ravel())
         cell = (request[:, None] * k + np.arange(k)).ravel()
         return np.bincount(cell, weights=shift, minlength=n * k).reshape(n, k).astype(np.float32)
 
-    def pair_shift(self, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """``model.pair_shift`` of pairs of the batch's elements (indices into them, both real), the two
-        log-odds taken as one log of their odds ratio."""
-        key = enc.pair_key
-        cell = self.pair_counts.take(pair_cells(key.take(first), key.take(second), len(self.pair_counts),
-                                                self.config.pair_hash), axis=0)
-        excess = enc.own_rate.take(first) + enc.own_rate.take(second)
-        apart = self.base_rate + excess
-        together = apart + (cell[:, 1] - cell[:, 0] * excess) / (cell[:, 0] + self.pair_strength)
-        together = np.clip(together, 1e-4, 1 - 1e-4)
-        apart = np.clip(apart, 1e-4, 1 - 1e-4)
-        return np.log(together * (1 - apart) / (apart * (1 - together)))
+    def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """``Priors.pair_shift`` of pairs of the batch's elements (indices into them, both real)."""
+        prior = enc.prior
+        return self.priors.pair_shift(enc.mixed_key.take(first) + enc.mixed_key.take(second),
+                                      prior.rate.take(first) + prior.rate.take(second),
+                                      prior.ad_rate.take(batch.arrays["element_request"].take(first)))

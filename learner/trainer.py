@@ -6,7 +6,8 @@ in arrival order: the paper's recency-first, single-pass schedule.
 Losses (paper eq. 11, 12, 20, 22, 23), each averaged over its terms:
   L_comb  binary cross-entropy of the combination score s on the click label
   L_ele   binary cross-entropy of each shown element's score p_e on the same label
-  L_RL    REINFORCE on the logged combination: -r · Σ_j log π(c_j), r = 1 if clicked else -0.1
+  L_RL    REINFORCE on the logged combination: -(r - r̂) · Σ_j log π(c_j), r = 1 if clicked else -0.1,
+          r̂ the reward the combination head expected (a baseline the paper does not have; see losses)
   L = L_comb + L_ele + λ·L_RL
 The paper writes L_comb and L_ele with only the y·log σ term; taken literally that
 pushes every score to +∞, so we read them as the full cross-entropy.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.features import Batch, Featurizer
-from learner.model import GenCO, LoggedPairs, ModelConfig
+from learner.model import Encoded, GenCO, ModelConfig
 
 CLICK_REWARD, NO_CLICK_REWARD = 1.0, -0.1
 
@@ -53,7 +54,6 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(ModelConfig(dim=4, prior=False), TrainConfig("sgd", 5e-3, "sgd", 5e-3)),
     # The default without the pair prior: ~1.3x batched selection, no gain where elements go together.
     "fast": Preset(ModelConfig(pair_prior=False)),
-    "pairs": Preset(),  # what the default became; the name stays so earlier commands still run
 }
 
 
@@ -73,13 +73,13 @@ class StepResult:
     predicted: torch.Tensor  # (B,) click probability of the logged combination, before this step
 
 
-def losses(model: GenCO, batch: Batch,
-           logged: LoggedPairs | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """The step's loss, its parts and the logged combinations' logits s. ``logged``: the batch's
-    ``model.logged_pairs``, where the model has a pair prior."""
+def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, Encoded]:
+    """The step's loss, its parts, the logged combinations' logits s and the batch's encoding."""
     enc, t = model.encode(batch), batch.tensors
     clicked, shown, request = t.clicked, t.shown_element, t.shown_request
-    pair_prior = None if logged is None else model.logged_pair_prior(batch, logged)[None]
+    pair_prior = None
+    if model.priors is not None and model.config.pair_prior:
+        pair_prior = torch.from_numpy(model.logged_pair_prior(batch, enc)).float()[None]
     s = model.combination_logit(batch, enc, t.shown.unsqueeze(0), pair_prior)[0]
     parts = {"ele": F.binary_cross_entropy_with_logits(enc.element_logit.index_select(0, shown),
                                                        clicked.index_select(0, request))}
@@ -87,11 +87,15 @@ def losses(model: GenCO, batch: Batch,
     if model.config.rl_weight:
         log_pi = pool_log_softmax(batch, enc.element_logit)
         reward = torch.where(clicked > 0, CLICK_REWARD, NO_CLICK_REWARD)
-        parts["rl"] = -(reward.index_select(0, request) * log_pi.index_select(0, shown)).sum() / batch.size
+        # The reward the combination head expected is the baseline: without it the mostly negative rewards
+        # of a log make the loss unbounded below and the policy drifts (docs/decisions.md, "RL baseline").
+        expected = NO_CLICK_REWARD + (CLICK_REWARD - NO_CLICK_REWARD) * torch.sigmoid(s.detach())
+        advantage = (reward - expected).index_select(0, request)
+        parts["rl"] = -(advantage * log_pi.index_select(0, shown)).sum() / batch.size
     else:
         parts["rl"] = s.new_zeros(())
     total = parts["comb"] + parts["ele"] + model.config.rl_weight * parts["rl"]
-    return total, parts, s
+    return total, parts, s, enc
 
 
 def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
@@ -171,15 +175,13 @@ class Learner:
         self.model.train()
         if batch.size < 2:  # BatchNorm cannot estimate statistics from one example
             self.model.encoder.eval()
-        config = self.model.config
-        logged = self.model.logged_pairs(batch) if config.prior and config.pair_prior else None  # scored, then counted
-        total, parts, s = losses(self.model, batch, logged)
+        total, parts, s, enc = losses(self.model, batch)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total.backward()
         for opt in self.optimizers:
             opt.step()
-        self.model.observe(batch, logged)
+        self.model.observe(batch, enc)
         self.bags_seen += batch.size
         self.steps += 1
         return StepResult(total.item(), parts["comb"].item(), parts["ele"].item(), parts["rl"].item(),

@@ -89,7 +89,7 @@ class SnapshotStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.directory))
         try:
             weights = staging / "model.safetensors"
-            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
+            save_file({k: v.detach().contiguous() for k, v in model.weights().items()}, str(weights))
             if optimizer_state:
                 save_file({k: v.contiguous() for k, v in optimizer_state.items()},
                           str(staging / "optimizer.safetensors"))
@@ -127,7 +127,7 @@ class SnapshotStore:
         if not weights.exists() or _sha256(weights) != manifest.sha256:
             raise SnapshotError(f"{weights}: missing or checksum mismatch")
         model = GenCO(ModelConfig.from_dict(manifest.model_config))
-        model.load_state_dict(load_file(str(weights)))
+        model.load_weights(load_file(str(weights)))
         model.eval()
         optimizer = folder / "optimizer.safetensors"
         state = load_file(str(optimizer)) if with_optimizer and optimizer.exists() else None

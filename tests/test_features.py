@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from genco.jsonl import BadLines
-from learner.features import Featurizer, pair_cells, pair_keys
+from learner.features import Featurizer
 from learner.offline import SLOTS, bag_batches, file_batches
+from learner.ops import pair_key
+from learner.priors import CountTable
 from learner.trainer import Learner
 from stream.events import Bag, SelectionRequest
 from tests.conftest import make_log
@@ -112,22 +114,16 @@ def test_the_parser_process_sends_what_parsing_in_process_gives(tmp_path):
     assert all(same(got, want) for got, want in zip(held, expected, strict=True))
 
 
-def test_pair_cells_ignore_order_spread_evenly_and_agree_between_numpy_and_torch():
+def test_pair_keys_ignore_order_and_hashed_tables_spread_them_evenly():
     rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 1 << 20, 200_000), rng.integers(0, 1 << 20, 200_000)
-    cells = 1 << 10
-    ab = pair_cells(pair_keys(a), pair_keys(b), cells)
-    assert np.array_equal(ab, pair_cells(pair_keys(b), pair_keys(a), cells))
-    assert ab.min() >= 0 and ab.max() < cells
-    counts = np.bincount(ab, minlength=cells)  # ~195 a cell; Poisson spread ~14
-    assert counts.min() > 130 and counts.max() < 260
-    x = np.arange(1, 1001)  # pairs of one row sum land apart (a linear hash would put them in one cell)
-    assert len(np.unique(pair_cells(pair_keys(x), pair_keys(5000 - x), cells))) > 550  # ~640 when random
-    for scheme in ("mixed-sum", "modulo"):
-        ours = pair_cells(pair_keys(a, scheme), pair_keys(b, scheme), cells, scheme)
-        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
-        theirs = pair_cells(pair_keys(a_t, scheme), pair_keys(b_t, scheme), cells, scheme)
-        assert np.array_equal(ours, theirs.numpy())
+    a, b = rng.integers(-(1 << 63), 1 << 63, 200_000), rng.integers(-(1 << 63), 1 << 63, 200_000)
+    assert np.array_equal(pair_key(a, b), pair_key(b, a))
+    assert np.array_equal(pair_key(a, b), pair_key(torch.from_numpy(a), torch.from_numpy(b)).numpy())
+    rows = CountTable(cells=1 << 10).rows(pair_key(a, b))
+    counts = np.bincount(rows, minlength=1 << 10)  # ~195 a cell; Poisson spread ~14
+    assert rows.min() >= 0 and counts.min() > 130 and counts.max() < 260
+    x = np.arange(1, 1001)  # pairs of one key sum land apart (a linear hash would put them in one cell)
+    assert len(np.unique(CountTable(cells=1 << 10).rows(pair_key(x, 5000 - x)))) > 550  # ~640 when random
 
 
 def test_requests_with_the_same_pools_are_attended_once_with_the_outputs_and_gradients_of_each_alone():

@@ -10,8 +10,8 @@ import torch
 
 from learner import trainer
 from learner.baselines import ClickCounter
-from learner.model import PAIR_STRENGTHS
 from learner.policy import Selector
+from learner.priors import PAIR_STRENGTHS
 from learner.trainer import Learner, RowAdam, preset
 from stream.events import Bag, SelectionRequest
 
@@ -105,7 +105,7 @@ def test_the_pair_prior_serves_elements_that_go_together(pair_prior):
     matched = sum((p["title"] == "t-a") == (p["image"] == "i-1") for p in picks) / len(picks)
     if pair_prior:
         assert matched == 1.0
-        assert learner.model.pair_strength < 1000  # the strength that predicted clicks best trusts the pairs
+        assert learner.model.priors.pair_strength < 1000  # the strength that predicted clicks best trusts the pairs
     else:  # an additive model sees no difference between the elements: about half its picks match
         assert matched < 0.9
 
@@ -127,7 +127,7 @@ def test_the_pair_prior_switches_itself_off_where_pairs_carry_nothing():
             "shown": {"title": title, "image": image}, "clicked": rng.random() < rate}))
     learner = Learner(preset("default"))
     learner.learn(bags)
-    assert learner.model.pair_strength == max(PAIR_STRENGTHS)
+    assert learner.model.priors.pair_strength == max(PAIR_STRENGTHS)
 
 
 def test_row_adam_updates_the_hash_tables_exactly_as_sparse_adam(small_world, monkeypatch):

@@ -51,7 +51,7 @@ def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"pair_hash": "modulo"}, {"pair_prior": False}, {"mil": False, "attention": False, "prior": False}],
+    [{}, {"pair_prior": False}, {"mil": False}, {"mil": False, "attention": False, "prior": False}],
 )
 def test_the_numpy_serving_copy_scores_like_the_torch_model_it_was_taken_from(small_world, overrides):
     world, bags = small_world

@@ -1,0 +1,84 @@
+"""Small operations the learner is built from: one hash family, and gathers with cheap gradients.
+
+Hashing: an id string becomes a 64-bit key once (``id_key``, BLAKE2b salted by the id's kind: stable
+across processes and machines, unlike Python's ``hash``); everything derived from keys (table rows,
+the keys of an element in an ad, of an element with a context value, of a pair) mixes them with
+splitmix64 (``mix64``), in numpy or torch alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's constants as signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def id_key(kind: str, value: str) -> int:
+    """The 64-bit key (signed) of an id of one kind (``"ad"``, ``"title"``, ``"segment"``...)."""
+    digest = hashlib.blake2b(f"{len(kind)}:{kind}{value}".encode(), digest_size=8)  # the kind's length: no
+    return int.from_bytes(digest.digest(), "little", signed=True)  # (kind, value) pair spells another
+
+
+def mix64(x):
+    """splitmix64 of int64 keys, numpy arrays or torch tensors alike: every output bit depends on every
+    input bit. Products wrap, as intended; the masks make the signed right shifts logical."""
+    x = x * GOLDEN
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def combine(a, b):
+    """The key of an ordered pair of keys (an element in an ad, an element with a context value)."""
+    return mix64(a ^ mix64(b))
+
+
+def pair_key(a, b):
+    """The key of an unordered pair of element keys: the wrapping sum of their mixes."""
+    return mix64(a) + mix64(b)
+
+
+def low_bits(keys, bits: int):
+    """A key's row in a table of 2**bits rows: its low bits (keys are uniform already)."""
+    return keys & ((1 << bits) - 1)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+class _GatherRows(torch.autograd.Function):
+    """``weight[rows][inverse]`` whose gradient is sparse over the distinct ``rows``, already coalesced.
+
+    nn.Embedding's sparse gradient has one row per lookup, and SparseAdam sorts it to coalesce; the
+    featurizer already knows each batch's distinct rows, so the sort is not repeated.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows, inverse)
+        ctx.shape = weight.shape
+        return weight.index_select(0, rows).index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, inverse = ctx.saved_tensors
+        values = grad.new_zeros(len(rows), grad.shape[1]).index_add_(0, inverse, grad)
+        return (torch.sparse_coo_tensor(rows[None], values, ctx.shape, is_coalesced=True, check_invariants=False),
+                None, None)
+
+
+def gather_rows(weight: torch.Tensor, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(weight, rows, inverse)
+
+
+def take_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an index of any shape, by ``index_select``, which is faster than advanced
+    indexing forward and backward (an ``index_add``)."""
+    return values.index_select(0, index.reshape(-1)).view(*index.shape, *values.shape[1:])

@@ -1,0 +1,370 @@
+"""Count-based priors: what counting clicks knows about each candidate, added to the network's scores.
+
+Not in the paper (docs/model.md says why): one pass of SGD over hashed embeddings learns an element's
+quality far more slowly than counting its clicks does, and an element new to an ad has to start from
+what is known about it rather than from an untrained embedding. Training adds these priors to the
+network's logits, so the network learns what counting misses; serving adds the same priors, computed
+by the same numpy code from the same tables.
+
+Impressions are counted as (n, Σ excess, Σ variance): an impression's excess is its click less its ad's
+own CTR, so a product's appeal stays out of its creatives' credit, and its variance is that CTR's
+Bernoulli variance, so each row knows how noisy its mean is. Levels:
+
+    ad        the ad's CTR (plain clicks), shrunk towards the overall CTR
+    component a component's mean excess
+    element   an element across every ad that lists it (a template shared by many ads)
+    cell      an element in one ad
+    cross     an element with one context value: an age, a gender, a query segment
+    pair      two elements shown together
+
+Shrinkage is hierarchical and empirical-Bayes (normal approximations): a cell is shrunk towards its
+element's record in the *other* ads, which is shrunk towards its component's mean; so a new element in
+an ad starts from its template's history across ads, else from its component's mean. The spread of
+each level around its parent is estimated from the counts (method of moments, refit as they grow),
+not tuned. A cross is shrunk the same way towards its element's own rate; a pair towards the sum of
+its two elements' rates, with a strength chosen by how well each candidate strength predicts the next
+batch (``_choose_pair_strength``; docs/decisions.md).
+
+Counts fade with a half-life in impressions (``ModelConfig.prior_half_life``), so retired elements and
+drifted CTRs let go, as the paper's recency-first training intends. Ads, elements and cells are indexed
+collision-free (``idmap.KeyIndex``); crosses and pairs, whose key spaces grow as elements × values and
+elements², hash into fixed tables, where only keys with many impressions carry weight anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from learner.idmap import KeyIndex
+from learner.ops import logit, mix64
+
+PAIR_STRENGTHS = tuple(float(round(10 ** (1.5 + x / 2))) for x in range(8))  # pseudo-impressions; the last ~ off
+COMPONENT_ROWS = 64
+_REFIT_EVERY = 8  # steps between two refits of the spreads
+_REFIT_SAMPLE = 1 << 16  # rows of a hashed table the cross spread is measured on
+_RESCALE_AT = 1e60  # the fading weight's bound before every table is rescaled
+_FLOOR = 1e-6  # the smallest spread: no detectable differences shrink a level (almost) to its parent
+_TINY = 1e-12
+
+
+class CountTable:
+    """(n, Σ excess, Σ variance) per int64 key, each row remembering its parent's key (a cell's element,
+    an element's component, a cross's element): exact rows from a KeyIndex, or ``cells`` hashed cells
+    (where colliding keys share a row, and the last one to count sets its parent)."""
+
+    def __init__(self, cells: int | None = None) -> None:
+        self.index = KeyIndex() if cells is None else None
+        self.cells = cells
+        self.counts = np.zeros((cells or 1024, 3))
+        self.parents = np.zeros(len(self.counts), dtype=np.int64)
+
+    def rows(self, keys: np.ndarray, add: bool = False) -> np.ndarray:
+        """Each key's row; -1 for an exact table's unknown keys unless ``add``."""
+        if self.index is None:
+            return (mix64(keys) >> (64 - (self.cells.bit_length() - 1))) & (self.cells - 1)
+        rows = self.index.add(keys) if add else self.index.find(keys)
+        if len(self.index) > len(self.counts):
+            size = max(len(self.index), 2 * len(self.counts))
+            self.counts = np.concatenate([self.counts, np.zeros((size - len(self.counts), 3))])
+            self.parents = np.concatenate([self.parents, np.zeros(size - len(self.parents), dtype=np.int64)])
+        return rows
+
+    def get(self, keys: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n, Σ excess, Σ variance) of each key divided by ``scale``, zeros for unknown keys."""
+        rows = self.rows(keys)
+        counts = self.counts.take(np.maximum(rows, 0), axis=0)
+        counts[rows < 0] = 0.0
+        counts /= scale
+        return counts[:, 0], counts[:, 1], counts[:, 2]
+
+    def add(self, keys: np.ndarray, weights: np.ndarray | float, excess: np.ndarray, variance: np.ndarray,
+            parents: np.ndarray) -> None:
+        rows = self.rows(keys, add=True)
+        weights = np.broadcast_to(weights, excess.shape)
+        np.add.at(self.counts, rows, np.stack([weights, weights * excess, weights * variance], 1))
+        self.parents[rows] = parents
+
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        """The counts and parents of the rows in use (every row, for a hashed table)."""
+        used = len(self.index) if self.index is not None else len(self.counts)
+        return self.counts[:used], self.parents[:used]
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        counts, parents = self.used()
+        state = {f"{prefix}.counts": counts, f"{prefix}.parents": parents}
+        if self.index is not None:
+            state[f"{prefix}.keys"] = self.index.keys
+        return state
+
+    def load(self, prefix: str, state: dict[str, np.ndarray]) -> None:
+        counts, parents = state[f"{prefix}.counts"], state[f"{prefix}.parents"]
+        size = len(counts) if self.index is None else max(len(counts), 1024)
+        self.counts, self.parents = np.zeros((size, 3)), np.zeros(size, dtype=np.int64)
+        self.counts[: len(counts)], self.parents[: len(counts)] = counts, parents
+        if self.index is not None:
+            self.index = KeyIndex(state[f"{prefix}.keys"])
+
+
+@dataclass
+class PriorKeys:
+    """What the priors read of a batch: keys from the featurizer (``features.Batch.arrays``)."""
+
+    ad: np.ndarray  # (B,) each request's ad
+    element: np.ndarray  # (L,) each candidate element, keyed with its component
+    cell: np.ndarray  # (L,) the element in its request's ad
+    component: np.ndarray  # (L,) the element's component row (< COMPONENT_ROWS)
+    element_request: np.ndarray  # (L,)
+    cross: np.ndarray  # (C,) an element with one of its request's context values
+    cross_element: np.ndarray  # (C,) that element (into L)
+    cross_weight: np.ndarray  # (C,) 1 for age and gender, 1 / segments for a query segment
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray]) -> PriorKeys:
+        return cls(arrays["context_key"][:, 3], arrays["element_key"], arrays["cell_key"],
+                   arrays["element_component"], arrays["element_request"], arrays["cross_key"],
+                   arrays["cross_element"], arrays["cross_weight"])
+
+
+@dataclass
+class LoggedKeys:
+    """The logged combinations' keys, which ``observe`` counts, and what pairs are measured against."""
+
+    request: np.ndarray  # (S,) the request of each shown element
+    element: np.ndarray  # (S,)
+    cell: np.ndarray  # (S,)
+    component: np.ndarray  # (S,)
+    cross: np.ndarray  # (X,) the shown elements' crosses
+    cross_element: np.ndarray  # (X,) their elements' keys
+    cross_request: np.ndarray  # (X,)
+    cross_weight: np.ndarray  # (X,)
+    pair: np.ndarray  # (P,) every two shown elements of one request
+    pair_request: np.ndarray  # (P,)
+    pair_additive: np.ndarray  # (P,) the sum of the pair's two elements' excess rates, before this batch
+    rate_sum: np.ndarray  # (B,) the excess rates of each request's shown elements, summed
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray], rate: np.ndarray) -> LoggedKeys:
+        """From a labelled batch's layout and its elements' excess rates (``PriorScores.rate``)."""
+        shown, request, cross = arrays["shown_element"], arrays["shown_request"], arrays["shown_cross"]
+        first, second = arrays["shown_pair_first"], arrays["shown_pair_second"]
+        element_key = arrays["element_key"]
+        return cls(request, element_key[shown], arrays["cell_key"][shown], arrays["element_component"][shown],
+                   arrays["cross_key"][cross], element_key[arrays["cross_element"][cross]],
+                   arrays["shown_cross_request"], arrays["cross_weight"][cross], arrays["shown_pair_key"],
+                   arrays["element_request"][first], rate[first] + rate[second],
+                   np.bincount(request, weights=rate[shown], minlength=len(arrays["context_key"])))
+
+
+@dataclass
+class PriorScores:
+    """A batch's priors: what ``GenCO.encode`` adds to the network's scores (log-odds unless said)."""
+
+    request: np.ndarray  # (B,) the ad's CTR
+    element: np.ndarray  # (L,) the element in this ad, over the ad's CTR
+    context: np.ndarray | None  # (L,) how much better the element does with this request's context
+    rate: np.ndarray  # (L,) the element's excess click rate in this ad (rate units; pairs add up to it)
+    ad_rate: np.ndarray  # (B,) the ad's CTR (rate units)
+    variance: np.ndarray  # (L,) of ``element``, for Thompson sampling
+
+
+def _information(n: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """How precisely n impressions with Σ Bernoulli variance ``variance`` pin their mean: n² / variance."""
+    return n * n / (variance + _TINY)
+
+
+class Priors:
+    """The count tables and the spreads fitted to them; ``scores`` before a batch, ``observe`` after."""
+
+    def __init__(self, context: bool = True, pairs: bool = True, half_life: float | None = None,
+                 ad_strength: float = 20.0, cross_cells: int = 1 << 20, pair_cells: int = 1 << 20) -> None:
+        self.half_life, self.ad_strength = half_life, ad_strength
+        self.ads, self.elements, self.cells = CountTable(), CountTable(), CountTable()
+        self.components = np.zeros((COMPONENT_ROWS, 3))
+        self.crosses = CountTable(cross_cells) if context else None
+        self.pairs = CountTable(pair_cells) if pairs else None
+        self.total = np.zeros(2)  # (n, clicks)
+        self.weight = 1.0  # an impression counted now, against one counted at the last rescale
+        self.spreads = np.full(3, _FLOOR)  # τ² of elements around components, cells around elements, crosses
+        self.pair_strength = PAIR_STRENGTHS[-1]
+        self.pair_gains = np.zeros((3, len(PAIR_STRENGTHS)))  # per strength, decayed: (batches, Σ gain, Σ gain²)
+        self.steps = 0
+
+    # -- reading ------------------------------------------------------------------------------
+    def base_rate(self) -> float:
+        n, clicks = self.total / self.weight
+        return (clicks + 1.0) / (n + 20.0)
+
+    def ad_rate(self, ad_keys: np.ndarray) -> np.ndarray:
+        n, clicks, _ = self.ads.get(ad_keys, self.weight)
+        return (clicks + self.ad_strength * self.base_rate()) / (n + self.ad_strength)
+
+    def element_posterior(self, element_keys: np.ndarray, components: np.ndarray,
+                          n_own: np.ndarray, s_own: np.ndarray, v_own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each element's excess click rate from the ads *other* than the one whose counts are given
+        (``n_own``, ``s_own``, ``v_own``), shrunk towards its component's mean: mean and variance."""
+        n, s, v = self.elements.get(element_keys, self.weight)
+        n_c, s_c, _ = (self.components[components] / self.weight).T
+        others, s, v = np.maximum(n - n_own, 0.0), s - s_own, np.maximum(v - v_own, 0.0)
+        precision = _information(others, v) + 1 / self.spreads[0]
+        mean = (others * s / (v + _TINY) + (s_c / (n_c + 1.0)) / self.spreads[0]) / precision
+        return mean, 1 / precision
+
+    def cell_posterior(self, element_keys: np.ndarray, cell_keys: np.ndarray,
+                       components: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each element's excess click rate in its ad: mean and variance (rate units)."""
+        n, s, v = self.cells.get(cell_keys, self.weight)
+        element_mean, element_variance = self.element_posterior(element_keys, components, n, s, v)
+        prior_variance = self.spreads[1] + element_variance
+        precision = _information(n, v) + 1 / prior_variance
+        return (n * s / (v + _TINY) + element_mean / prior_variance) / precision, 1 / precision
+
+    def pooled_rate(self, element_keys: np.ndarray) -> np.ndarray:
+        """Each element's excess click rate over every ad, shrunk towards zero (what crosses deviate from)."""
+        n, s, v = self.elements.get(element_keys, self.weight)
+        return (n * s / (v + _TINY)) / (_information(n, v) + 1 / self.spreads[0])
+
+    def cross_deviation(self, cross_keys: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        """How much better each (element, context value) does than its element's ``pooled`` rate, shrunk."""
+        n, s, v = self.crosses.get(cross_keys, self.weight)
+        return (n * (s - n * pooled) / (v + _TINY)) / (_information(n, v) + 1 / self.spreads[2])
+
+    def scores(self, keys: PriorKeys) -> PriorScores:
+        ad_rate = self.ad_rate(keys.ad)
+        element_ad_rate = ad_rate[keys.element_request]
+        rate, variance = self.cell_posterior(keys.element, keys.cell, keys.component)
+        element = logit(element_ad_rate + rate) - logit(element_ad_rate)
+        context = None
+        if self.crosses is not None:
+            pooled = self.pooled_rate(keys.element)
+            deviation = self.cross_deviation(keys.cross, pooled[keys.cross_element])
+            shift = np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(rate))
+            context = logit(element_ad_rate + rate + shift) - logit(element_ad_rate + rate)
+        p = np.clip(element_ad_rate + rate, 1e-4, 1 - 1e-4)
+        return PriorScores(logit(ad_rate), element, context, rate, ad_rate, variance / (p * (1 - p)) ** 2)
+
+    def pair_shift(self, pair_keys: np.ndarray, additive: np.ndarray, ad_rate: np.ndarray) -> np.ndarray:
+        """Log-odds by which each pair does better together than its two elements' excess rates (summed in
+        ``additive``) say: its own excess rate shrunk towards that sum."""
+        n, s, _ = self.pairs.get(pair_keys, self.weight)
+        together = ad_rate + (s + self.pair_strength * additive) / (n + self.pair_strength)
+        return logit(together) - logit(ad_rate + additive)
+
+    # -- counting -----------------------------------------------------------------------------
+    def observe(self, keys: PriorKeys, clicked: np.ndarray, logged: LoggedKeys) -> None:
+        """Count a batch (after the step that learned from it, so a label never sees itself)."""
+        self.ads.add(keys.ad, self.weight, clicked, np.zeros(len(clicked)), keys.ad)
+        self.total += self.weight * np.array([len(clicked), clicked.sum()])
+        # against the ad's CTR with this batch in: a lagging one would credit every element of an ad whose
+        # CTR is still rising from the prior with clicks that are the ad's
+        ad_rate = self.ad_rate(keys.ad)
+        excess, variance = clicked - ad_rate, ad_rate * (1 - ad_rate)
+        if self.pairs is not None:
+            self._choose_pair_strength(excess, logged)
+            self.pairs.add(logged.pair, self.weight, excess[logged.pair_request], variance[logged.pair_request],
+                           logged.pair_request)
+        shown_excess, shown_variance = excess[logged.request], variance[logged.request]
+        self.elements.add(logged.element, self.weight, shown_excess, shown_variance, logged.component)
+        self.cells.add(logged.cell, self.weight, shown_excess, shown_variance, logged.element)
+        np.add.at(self.components, logged.component, self.weight * np.stack(
+            [np.ones(len(shown_excess)), shown_excess, shown_variance], 1))
+        if self.crosses is not None:
+            self.crosses.add(logged.cross, self.weight * logged.cross_weight, excess[logged.cross_request],
+                             variance[logged.cross_request], logged.cross_element)
+        self._fade(len(clicked))
+        self.steps += 1
+        if self.steps < 4 * _REFIT_EVERY or self.steps % _REFIT_EVERY == 0:  # while the tables are small, always
+            self.refit()
+
+    def _fade(self, impressions: int) -> None:
+        """Later impressions weigh more: 2× per half-life. Kept as one growing weight, not a pass per table."""
+        if self.half_life is None:
+            return
+        self.weight *= 2.0 ** (impressions / self.half_life)
+        if self.weight > _RESCALE_AT:
+            for table in (self.ads, self.elements, self.cells, self.crosses, self.pairs):
+                if table is not None:
+                    table.counts /= self.weight
+            self.components /= self.weight
+            self.total /= self.weight
+            self.weight = 1.0
+
+    def refit(self) -> None:
+        """Each level's spread around its parent: the variance of the rows' means beyond their noise (and
+        beyond the parent's own uncertainty), weighted by impressions."""
+        n_c, s_c, _ = (self.components / self.weight).T
+        component_mean = s_c / (n_c + 1.0)
+        elements, element_components = self.elements.used()
+        n, s, v = (elements / self.weight).T
+        element_spread = between_variance(n, s, v, component_mean[element_components])
+        self.spreads[0] = element_spread
+        cells, cell_elements = self.cells.used()
+        n, s, v = (cells / self.weight).T
+        components = self.elements.parents[np.maximum(self.elements.rows(cell_elements), 0)]
+        mean, mean_variance = self.element_posterior(cell_elements, components, n, s, v)
+        self.spreads[1] = between_variance(n, s, v, mean, mean_variance)
+        if self.crosses is not None:
+            crosses, cross_elements = self.crosses.used()
+            seen = np.flatnonzero(crosses[:, 0] > 0)
+            if len(seen) > _REFIT_SAMPLE:
+                seen = seen[:: len(seen) // _REFIT_SAMPLE + 1]
+            n, s, v = (crosses[seen] / self.weight).T
+            self.spreads[2] = between_variance(n, s, v, self.pooled_rate(cross_elements[seen]))
+
+    def _choose_pair_strength(self, excess: np.ndarray, logged: LoggedKeys, decay: float = 0.99) -> None:
+        """Take the pairs' shrinkage by how well each candidate strength predicts this batch's clicks from
+        the counts so far: a weaker one only when clearly better than the strongest (z > 2), and then one
+        step stronger than the best predictor, since serving's argmax over summed pair shifts pays more for
+        noise than prediction does. Prequential, not empirical Bayes: the spread of pair cells also holds
+        what persists besides synergy (docs/decisions.md)."""
+        n, s, _ = self.pairs.get(logged.pair, self.weight)
+        strengths = np.array(PAIR_STRENGTHS)
+        shifts = (s - n * logged.pair_additive)[:, None] / (n[:, None] + strengths)
+        predicted = np.zeros((len(excess), len(strengths)))
+        np.add.at(predicted, logged.pair_request, shifts)
+        miss = ((excess - logged.rate_sum)[:, None] - predicted) ** 2
+        gain = miss[:, -1:] - miss  # squared error saved against the strongest, as good as off
+        self.pair_gains = decay * self.pair_gains + np.stack([np.full(len(strengths), len(excess)),
+                                                              gain.sum(0), (gain * gain).sum(0)])
+        count, total, squares = self.pair_gains
+        z = total / np.sqrt(np.maximum(squares - total * total / np.maximum(count, 1), 1e-12))
+        trusted = np.where(z > 2, total, 0.0)
+        best = int(trusted.argmax()) if (trusted > 0).any() else len(strengths) - 1
+        self.pair_strength = float(strengths[min(best + 1, len(strengths) - 1)])
+
+    # -- persistence --------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        state = {"components": self.components, "total": self.total, "spreads": self.spreads,
+                 "pair_gains": self.pair_gains,
+                 "scalars": np.array([self.weight, self.pair_strength, self.steps], dtype=np.float64)}
+        for name in ("ads", "elements", "cells", "crosses", "pairs"):
+            table = getattr(self, name)
+            if table is not None:
+                state |= table.state(name)
+        return state
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        for name in ("ads", "elements", "cells", "crosses", "pairs"):
+            table = getattr(self, name)
+            if table is not None:
+                table.load(name, state)
+        self.components = np.array(state["components"], dtype=np.float64)
+        self.total, self.spreads = np.array(state["total"]), np.array(state["spreads"])
+        self.pair_gains = np.array(state["pair_gains"])
+        self.weight, self.pair_strength, steps = (float(x) for x in state["scalars"])
+        self.steps = int(steps)
+
+
+def between_variance(n: np.ndarray, s: np.ndarray, v: np.ndarray, prior: np.ndarray | float,
+                     prior_variance: np.ndarray | float = 0.0) -> float:
+    """Method-of-moments variance of true rates around ``prior`` among rows counted at all: a row's mean
+    s/n deviates from it by τ² + ``prior_variance`` + v/n² in expectation; weighted by impressions."""
+    seen = n > 1e-9
+    if not seen.any():
+        return _FLOOR
+    n, s, v = n[seen], s[seen], v[seen]
+    prior = prior[seen] if isinstance(prior, np.ndarray) else prior
+    prior_variance = prior_variance[seen] if isinstance(prior_variance, np.ndarray) else prior_variance
+    d = s / n - prior
+    return max(float((n * (d * d - prior_variance) - v / n).sum() / n.sum()), _FLOOR)
