@@ -420,9 +420,8 @@ class MLPBaseline:
             return
         self.model.train()
         items, offsets = self._bags([b.shown for b in bags])
-        logit = self.model(
-            torch.from_numpy(np.stack([self.featurizer.context_rows(b) for b in bags])), torch.tensor(items), torch.tensor(offsets)
-        )
+        context = torch.from_numpy(np.stack([self.featurizer.context_rows(b) for b in bags]))
+        logit = self.model(context, torch.tensor(items), torch.tensor(offsets))
         label = torch.tensor([float(b.clicked) for b in bags])
         loss = nn.functional.binary_cross_entropy_with_logits(logit, label)
         self.dense.zero_grad()
