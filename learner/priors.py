@@ -50,8 +50,8 @@ _TINY = 1e-12
 
 
 class CountTable:
-    """(n, Σ excess, Σ variance) per int64 key, each row remembering its parent's key (a cell's element,
-    an element's component, a cross's element): exact rows from a KeyIndex, or ``cells`` hashed cells
+    """(n, Σ excess, Σ variance) per int64 key, each row remembering its parent's row (a cell's element's,
+    an element's component's, a cross's element's): exact rows from a KeyIndex, or ``cells`` hashed cells
     (where colliding keys share a row, and the last one to count sets its parent)."""
 
     def __init__(self, cells: int | None = None) -> None:
@@ -71,20 +71,24 @@ class CountTable:
             self.parents = np.concatenate([self.parents, np.zeros(size - len(self.parents), dtype=np.int64)])
         return rows
 
-    def get(self, keys: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(n, Σ excess, Σ variance) of each key divided by ``scale``, zeros for unknown keys."""
+    def get(self, keys: np.ndarray, scale: float) -> np.ndarray:
+        """(len(keys), 3) counts of the keys divided by ``scale``, zeros for unknown keys."""
         rows = self.rows(keys)
         counts = self.counts.take(np.maximum(rows, 0), axis=0)
         counts[rows < 0] = 0.0
         counts /= scale
-        return counts[:, 0], counts[:, 1], counts[:, 2]
+        return counts
 
     def add(self, keys: np.ndarray, weights: np.ndarray | float, excess: np.ndarray, variance: np.ndarray,
-            parents: np.ndarray) -> None:
+            parents: np.ndarray) -> np.ndarray:
+        """Count one impression (of ``weights``) per key; returns the keys' rows."""
         rows = self.rows(keys, add=True)
+        distinct, inverse = np.unique(rows, return_inverse=True)
         weights = np.broadcast_to(weights, excess.shape)
-        np.add.at(self.counts, rows, np.stack([weights, weights * excess, weights * variance], 1))
+        for column, values in enumerate((weights, weights * excess, weights * variance)):
+            self.counts[distinct, column] += np.bincount(inverse, weights=values, minlength=len(distinct))
         self.parents[rows] = parents
+        return rows
 
     def used(self) -> tuple[np.ndarray, np.ndarray]:
         """The counts and parents of the rows in use (every row, for a hashed table)."""
@@ -136,7 +140,7 @@ class LoggedKeys:
     cell: np.ndarray  # (S,)
     component: np.ndarray  # (S,)
     cross: np.ndarray  # (X,) the shown elements' crosses
-    cross_element: np.ndarray  # (X,) their elements' keys
+    cross_shown: np.ndarray  # (X,) their shown element (into S)
     cross_request: np.ndarray  # (X,)
     cross_weight: np.ndarray  # (X,)
     pair: np.ndarray  # (P,) every two shown elements of one request
@@ -149,11 +153,13 @@ class LoggedKeys:
         """From a labelled batch's layout and its elements' excess rates (``PriorScores.rate``)."""
         shown, request, cross = arrays["shown_element"], arrays["shown_request"], arrays["shown_cross"]
         first, second = arrays["shown_pair_first"], arrays["shown_pair_second"]
-        element_key = arrays["element_key"]
-        return cls(request, element_key[shown], arrays["cell_key"][shown], arrays["element_component"][shown],
-                   arrays["cross_key"][cross], element_key[arrays["cross_element"][cross]],
-                   arrays["shown_cross_request"], arrays["cross_weight"][cross], arrays["shown_pair_key"],
-                   arrays["element_request"][first], rate[first] + rate[second],
+        position = np.full(len(arrays["element_key"]), -1)
+        position[shown] = np.arange(len(shown))
+        return cls(request, arrays["element_key"][shown], arrays["cell_key"][shown],
+                   arrays["element_component"][shown], arrays["cross_key"][cross],
+                   position[arrays["cross_element"][cross]], arrays["shown_cross_request"],
+                   arrays["cross_weight"][cross], arrays["shown_pair_key"], arrays["element_request"][first],
+                   rate[first] + rate[second],
                    np.bincount(request, weights=rate[shown], minlength=len(arrays["context_key"])))
 
 
@@ -197,64 +203,66 @@ class Priors:
         return (clicks + 1.0) / (n + 20.0)
 
     def ad_rate(self, ad_keys: np.ndarray) -> np.ndarray:
-        n, clicks, _ = self.ads.get(ad_keys, self.weight)
+        n, clicks, _ = self.ads.get(ad_keys, self.weight).T
         return (clicks + self.ad_strength * self.base_rate()) / (n + self.ad_strength)
 
-    def element_posterior(self, element_keys: np.ndarray, components: np.ndarray,
-                          n_own: np.ndarray, s_own: np.ndarray, v_own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each element's excess click rate from the ads *other* than the one whose counts are given
-        (``n_own``, ``s_own``, ``v_own``), shrunk towards its component's mean: mean and variance."""
-        n, s, v = self.elements.get(element_keys, self.weight)
-        n_c, s_c, _ = (self.components[components] / self.weight).T
-        others, s, v = np.maximum(n - n_own, 0.0), s - s_own, np.maximum(v - v_own, 0.0)
-        precision = _information(others, v) + 1 / self.spreads[0]
-        mean = (others * s / (v + _TINY) + (s_c / (n_c + 1.0)) / self.spreads[0]) / precision
-        return mean, 1 / precision
+    def element_posterior(self, element: np.ndarray, component: np.ndarray, own: np.ndarray,
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Each element's excess click rate from its counts ``element`` (rows of n, Σ excess, Σ variance)
+        less one ad's ``own``, shrunk towards its ``component``'s mean: posterior mean and variance."""
+        n_c, s_c, _ = (self.components[component] / self.weight).T
+        other = element - own
+        n, s, v = np.maximum(other[:, 0], 0.0), other[:, 1], np.maximum(other[:, 2], 0.0)
+        precision = _information(n, v) + 1 / self.spreads[0]
+        return (n * s / (v + _TINY) + (s_c / (n_c + 1.0)) / self.spreads[0]) / precision, 1 / precision
 
-    def cell_posterior(self, element_keys: np.ndarray, cell_keys: np.ndarray,
-                       components: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each element's excess click rate in its ad: mean and variance (rate units)."""
-        n, s, v = self.cells.get(cell_keys, self.weight)
-        element_mean, element_variance = self.element_posterior(element_keys, components, n, s, v)
+    def cell_posterior(self, cell: np.ndarray, element: np.ndarray, component: np.ndarray,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Each element's excess click rate in its ad, from the counts of the cell and of its element:
+        posterior mean and variance (rate units)."""
+        element_mean, element_variance = self.element_posterior(element, component, cell)
         prior_variance = self.spreads[1] + element_variance
+        n, s, v = cell.T
         precision = _information(n, v) + 1 / prior_variance
         return (n * s / (v + _TINY) + element_mean / prior_variance) / precision, 1 / precision
 
-    def pooled_rate(self, element_keys: np.ndarray) -> np.ndarray:
+    def pooled_rate(self, element: np.ndarray) -> np.ndarray:
         """Each element's excess click rate over every ad, shrunk towards zero (what crosses deviate from)."""
-        n, s, v = self.elements.get(element_keys, self.weight)
+        n, s, v = element.T
         return (n * s / (v + _TINY)) / (_information(n, v) + 1 / self.spreads[0])
 
-    def cross_deviation(self, cross_keys: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    def cross_deviation(self, cross: np.ndarray, pooled: np.ndarray) -> np.ndarray:
         """How much better each (element, context value) does than its element's ``pooled`` rate, shrunk."""
-        n, s, v = self.crosses.get(cross_keys, self.weight)
+        n, s, v = cross.T
         return (n * (s - n * pooled) / (v + _TINY)) / (_information(n, v) + 1 / self.spreads[2])
 
     def scores(self, keys: PriorKeys) -> PriorScores:
         ad_rate = self.ad_rate(keys.ad)
         element_ad_rate = ad_rate[keys.element_request]
-        rate, variance = self.cell_posterior(keys.element, keys.cell, keys.component)
-        element = logit(element_ad_rate + rate) - logit(element_ad_rate)
+        element = self.elements.get(keys.element, self.weight)
+        rate, variance = self.cell_posterior(self.cells.get(keys.cell, self.weight), element, keys.component)
+        shifted = logit(element_ad_rate + rate)
         context = None
         if self.crosses is not None:
-            pooled = self.pooled_rate(keys.element)
-            deviation = self.cross_deviation(keys.cross, pooled[keys.cross_element])
+            pooled = self.pooled_rate(element)[keys.cross_element]
+            deviation = self.cross_deviation(self.crosses.get(keys.cross, self.weight), pooled)
             shift = np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(rate))
-            context = logit(element_ad_rate + rate + shift) - logit(element_ad_rate + rate)
+            context = logit(element_ad_rate + rate + shift) - shifted
         p = np.clip(element_ad_rate + rate, 1e-4, 1 - 1e-4)
-        return PriorScores(logit(ad_rate), element, context, rate, ad_rate, variance / (p * (1 - p)) ** 2)
+        return PriorScores(logit(ad_rate), shifted - logit(element_ad_rate), context, rate, ad_rate,
+                           variance / (p * (1 - p)) ** 2)
 
     def pair_shift(self, pair_keys: np.ndarray, additive: np.ndarray, ad_rate: np.ndarray) -> np.ndarray:
         """Log-odds by which each pair does better together than its two elements' excess rates (summed in
         ``additive``) say: its own excess rate shrunk towards that sum."""
-        n, s, _ = self.pairs.get(pair_keys, self.weight)
+        n, s, _ = self.pairs.get(pair_keys, self.weight).T
         together = ad_rate + (s + self.pair_strength * additive) / (n + self.pair_strength)
         return logit(together) - logit(ad_rate + additive)
 
     # -- counting -----------------------------------------------------------------------------
     def observe(self, keys: PriorKeys, clicked: np.ndarray, logged: LoggedKeys) -> None:
         """Count a batch (after the step that learned from it, so a label never sees itself)."""
-        self.ads.add(keys.ad, self.weight, clicked, np.zeros(len(clicked)), keys.ad)
+        self.ads.add(keys.ad, self.weight, clicked, np.zeros(len(clicked)), np.zeros(len(clicked), dtype=np.int64))
         self.total += self.weight * np.array([len(clicked), clicked.sum()])
         # against the ad's CTR with this batch in: a lagging one would credit every element of an ad whose
         # CTR is still rising from the prior with clicks that are the ad's
@@ -265,13 +273,14 @@ class Priors:
             self.pairs.add(logged.pair, self.weight, excess[logged.pair_request], variance[logged.pair_request],
                            logged.pair_request)
         shown_excess, shown_variance = excess[logged.request], variance[logged.request]
-        self.elements.add(logged.element, self.weight, shown_excess, shown_variance, logged.component)
-        self.cells.add(logged.cell, self.weight, shown_excess, shown_variance, logged.element)
-        np.add.at(self.components, logged.component, self.weight * np.stack(
-            [np.ones(len(shown_excess)), shown_excess, shown_variance], 1))
+        elements = self.elements.add(logged.element, self.weight, shown_excess, shown_variance, logged.component)
+        self.cells.add(logged.cell, self.weight, shown_excess, shown_variance, elements)
+        for column, values in enumerate((np.ones(len(shown_excess)), shown_excess, shown_variance)):
+            self.components[:, column] += self.weight * np.bincount(logged.component, weights=values,
+                                                                    minlength=COMPONENT_ROWS)
         if self.crosses is not None:
             self.crosses.add(logged.cross, self.weight * logged.cross_weight, excess[logged.cross_request],
-                             variance[logged.cross_request], logged.cross_element)
+                             variance[logged.cross_request], elements[logged.cross_shown])
         self._fade(len(clicked))
         self.steps += 1
         if self.steps < 4 * _REFIT_EVERY or self.steps % _REFIT_EVERY == 0:  # while the tables are small, always
@@ -296,13 +305,14 @@ class Priors:
         n_c, s_c, _ = (self.components / self.weight).T
         component_mean = s_c / (n_c + 1.0)
         elements, element_components = self.elements.used()
-        n, s, v = (elements / self.weight).T
-        element_spread = between_variance(n, s, v, component_mean[element_components])
-        self.spreads[0] = element_spread
+        elements = elements / self.weight
+        n, s, v = elements.T
+        self.spreads[0] = between_variance(n, s, v, component_mean[element_components])
         cells, cell_elements = self.cells.used()
-        n, s, v = (cells / self.weight).T
-        components = self.elements.parents[np.maximum(self.elements.rows(cell_elements), 0)]
-        mean, mean_variance = self.element_posterior(cell_elements, components, n, s, v)
+        cells = cells / self.weight
+        mean, mean_variance = self.element_posterior(elements[cell_elements], element_components[cell_elements],
+                                                     cells)
+        n, s, v = cells.T
         self.spreads[1] = between_variance(n, s, v, mean, mean_variance)
         if self.crosses is not None:
             crosses, cross_elements = self.crosses.used()
@@ -310,7 +320,7 @@ class Priors:
             if len(seen) > _REFIT_SAMPLE:
                 seen = seen[:: len(seen) // _REFIT_SAMPLE + 1]
             n, s, v = (crosses[seen] / self.weight).T
-            self.spreads[2] = between_variance(n, s, v, self.pooled_rate(cross_elements[seen]))
+            self.spreads[2] = between_variance(n, s, v, self.pooled_rate(elements[cross_elements[seen]]))
 
     def _choose_pair_strength(self, excess: np.ndarray, logged: LoggedKeys, decay: float = 0.99) -> None:
         """Take the pairs' shrinkage by how well each candidate strength predicts this batch's clicks from
@@ -318,11 +328,11 @@ class Priors:
         step stronger than the best predictor, since serving's argmax over summed pair shifts pays more for
         noise than prediction does. Prequential, not empirical Bayes: the spread of pair cells also holds
         what persists besides synergy (docs/decisions.md)."""
-        n, s, _ = self.pairs.get(logged.pair, self.weight)
+        n, s, _ = self.pairs.get(logged.pair, self.weight).T
         strengths = np.array(PAIR_STRENGTHS)
         shifts = (s - n * logged.pair_additive)[:, None] / (n[:, None] + strengths)
-        predicted = np.zeros((len(excess), len(strengths)))
-        np.add.at(predicted, logged.pair_request, shifts)
+        predicted = np.stack([np.bincount(logged.pair_request, weights=column, minlength=len(excess))
+                              for column in shifts.T], 1)
         miss = ((excess - logged.rate_sum)[:, None] - predicted) ** 2
         gain = miss[:, -1:] - miss  # squared error saved against the strongest, as good as off
         self.pair_gains = decay * self.pair_gains + np.stack([np.full(len(strengths), len(excess)),
