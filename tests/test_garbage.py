@@ -29,7 +29,7 @@ from state.snapshots import SnapshotStore
 from stream.events import Bag
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
-from stream.runtime import MAX_RAW_CHARS
+from stream.deadletters import MAX_RAW_CHARS
 from stream.selector import SelectorAgent
 
 TOPICS = Topics("g.")

@@ -21,7 +21,7 @@ from state.snapshots import SnapshotStore
 from stream.embedded import EmbeddedBroker
 from stream.joiner import Joiner
 from stream.kafka import Connection
-from stream.runtime import MAX_RAW_CHARS
+from stream.deadletters import MAX_RAW_CHARS
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
 
