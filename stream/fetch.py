@@ -30,7 +30,7 @@ from stream.metrics import DEAD_LETTERS, LAST_FETCH
 
 log = logging.getLogger("genco.fetch")
 
-_PROBE_MS = 2000  # a probe's fetch wait: the broker answers at once when the offset holds data
+_PROBE_MS = 500  # a probe's fetch wait: the broker answers at once when the offset holds data
 
 Records = dict[TopicPartition, list[ConsumerRecord]]
 
@@ -118,29 +118,26 @@ class SafeFetch:
         return good, None
 
     async def _end_of_bad_run(self, tp: TopicPartition, start: int) -> int:
-        """The first offset after ``start`` from which ``tp`` decodes again (or its end).
+        """The first offset after ``start`` from which ``tp`` reads again (decodes, or holds nothing yet).
 
-        Offsets inside an undecodable batch fail, those after it read: galloping then bisecting
-        finds the boundary in ~2 log2(batch size) fetches.
+        Offsets inside an undecodable batch fail (a fetch from inside a batch returns all of it), those
+        after it do not: galloping then bisecting finds the boundary in ~2 log2(batch size) fetches. The
+        partition's end offset is not trusted as a bound: the embedded broker can report it short.
         """
-        end = (await self.consumer.end_offsets([tp]))[tp]
         low, step = start, 1  # low: known to fail
-        high = end
-        while low + step < end:
-            if await self._decodes_from(tp, low + step):
-                high = low + step
-                break
+        while not await self._reads_from(tp, low + step):
             low += step
             step *= 2
+        high = low + step  # known to read
         while high - low > 1:
             middle = (low + high) // 2
-            if await self._decodes_from(tp, middle):
+            if await self._reads_from(tp, middle):
                 high = middle
             else:
                 low = middle
         return high
 
-    async def _decodes_from(self, tp: TopicPartition, offset: int) -> bool:
+    async def _reads_from(self, tp: TopicPartition, offset: int) -> bool:
         self.consumer.seek(tp, offset)
         try:
             await self.consumer.getmany(tp, timeout_ms=_PROBE_MS, max_records=1)
