@@ -160,10 +160,10 @@ def test_hostile_input_is_dead_lettered_or_refused_and_every_agent_keeps_answeri
     confluent_produce(broker, "zstd", [(topics.requests, r["request_id"], json.dumps(r).encode()) for r in after])
     impression = impression_for(after[0], {"shown": {c: v[0] for c, v in after[0]["candidates"].items()},
                                            "policy": "explore", "propensity": None}, time.time())
-    confluent_produce(broker, "lz4", [(topics.impressions, impression["impression_id"], json.dumps(impression).encode()),
-                                      (topics.clicks, impression["impression_id"],
-                                       json.dumps({"impression_id": impression["impression_id"],
-                                                   "ts": impression["ts"] + 0.1}).encode())])
+    click = {"impression_id": impression["impression_id"], "ts": impression["ts"] + 0.1}
+    key = impression["impression_id"]
+    confluent_produce(broker, "lz4", [(topics.impressions, key, json.dumps(impression).encode()),
+                                      (topics.clicks, key, json.dumps(click).encode())])
 
     wanted = {r["request_id"] for r in after} | {"huge-error", "over-cap", "crosses", "control"}
     responses = {r["request_id"]: r for r in confluent_read(

@@ -18,10 +18,10 @@ from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, serve_log, 
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
+from stream.deadletters import MAX_RAW_CHARS
 from stream.embedded import EmbeddedBroker
 from stream.joiner import Joiner
 from stream.kafka import Connection
-from stream.deadletters import MAX_RAW_CHARS
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
 
