@@ -50,10 +50,13 @@ class Supervisor:
         self.restarts: dict[str, deque[float]] = {name: deque() for name in agents}
         self.exited: set[str] = set()
 
+    def spec(self, name: str) -> str:
+        """GENCO_AGENT_SPEC for agent ``name``: no secret in it (the agent reads those from its environment)."""
+        return json.dumps({"name": name, "broker": self.broker, "settings": self.settings.shareable()})
+
     def _spawn(self, name: str) -> None:
-        spec = json.dumps({"name": name, "broker": self.broker, "settings": self.settings.shareable()})
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "stream.agent"], preexec_fn=die_with_parent,
-                                                env={**os.environ, "GENCO_AGENT_SPEC": spec})
+                                                env={**os.environ, "GENCO_AGENT_SPEC": self.spec(name)})
 
     def start(self) -> None:
         for name in self.agents:

@@ -87,6 +87,21 @@ class TrainingAgent:
     def trained(self, impression_id: str) -> bool:
         return impression_id in self.unrecorded or self.store.get(b"t" + impression_id.encode()) is not None
 
+    def admit(self, tp: TopicPartition, record: ConsumerRecord) -> Bag | Message | None:
+        """A bag to train on (noted as trained), its dead letter if invalid, or None if already trained.
+
+        The trained-id mark expires by the bag's ts, taken no further ahead than ``FUTURE_GRACE_S``.
+        """
+        try:
+            bag = parse_line(record.value or b"", Bag)
+        except InvalidInput as error:
+            return dead_letter(self.topics.dead_letters, tp, record, error.reason, str(error))
+        if self.trained(bag.impression_id):
+            DUPLICATES.labels("trained_bag").inc()
+            return None
+        self.unrecorded[bag.impression_id] = min(bag.ts, time.time() + FUTURE_GRACE_S)
+        return bag
+
     def train(self, bags: list[Bag]) -> None:
         """One optimiser step (run in a worker thread so the consumer keeps fetching)."""
         result = self.learner.step(bags)
@@ -168,20 +183,17 @@ class TrainingAgent:
                 for tp, records in batches.items():
                     EVENTS_IN.labels(tp.topic).inc(len(records))
                     for record in records:
-                        try:
-                            bag = parse_line(record.value or b"", Bag)
-                        except InvalidInput as error:
-                            dead.append(dead_letter(self.topics.dead_letters, tp, record, error.reason, str(error)))
+                        bag = self.admit(tp, record)
+                        if isinstance(bag, tuple):
+                            dead.append(bag)
                             continue
-                        if self.trained(bag.impression_id):
-                            DUPLICATES.labels("trained_bag").inc()
+                        if bag is None:
                             continue
                         if not buffer:
                             first_wait = now
                         buffer.append(bag)
                         sources.append((tp, record))
                         cells += bag.work_cells
-                        self.unrecorded[bag.impression_id] = min(bag.ts, time.time() + FUTURE_GRACE_S)
                     self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
                     last_arrival = now
                 for tp, offset in fetched.skipped_to.items():
