@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/compression.py [--bags 20000] [--rounds 3]
 
-Produces the same bags (the simulator's, ~1.2 KB of JSON each) with genco's own
+Produces the same bags (the simulator's, ~730 bytes of JSON each) with genco's own
 producer settings and each codec, reads them back with genco's consumer settings,
 and reports bags/s each way (best of ``--rounds``) and the compressed size of the
 batches as the producer builds them (the codec applied to 512 KiB batches).
