@@ -1,5 +1,6 @@
 """``genco serve`` as a client no one here wrote sees it: confluent-kafka (librdkafka) produces and consumes.
 
+genco itself produces zstd here (GENCO_KAFKA_COMPRESSION), read back by librdkafka and by its own learner.
 Everything goes through the contract's topics and the running ``genco serve`` only, so
 these tests hold whatever runs the agents. One serve for the module: first every
 compression codec, then hostile input of every kind the issue found (a corrupt record
@@ -34,11 +35,12 @@ PER_CODEC = 30
 
 @pytest.fixture(scope="module")
 def served(broker, tmp_path_factory):
-    """A running ``genco serve`` (2 s click window) on its own topics: (broker, topics, state dir, metrics port)."""
+    """A running ``genco serve`` (2 s click window) on its own topics, producing zstd: (broker, topics, state dir,
+    metrics port)."""
     state = tmp_path_factory.mktemp("clients")
     topics = Topics(f"c{uuid.uuid4().hex[:8]}.")
     port = free_port()
-    serve = start_serve(broker, topics, state, port)
+    serve = start_serve(broker, topics, state, port, extra_env={"GENCO_KAFKA_COMPRESSION": "zstd"})
     try:
         wait_ready(state)
         yield broker, topics, state, port
@@ -130,6 +132,10 @@ def test_confluent_kafka_with_every_codec_gets_every_answer_and_every_bag(served
     assert len(bags) == len(labels), "one bag per impression"
     assert {b["impression_id"]: b["clicked"] for b in bags} == labels
 
+    deadline = time.monotonic() + 60  # the learner reads the bags genco wrote compressed (zstd)
+    while (report := status(broker, topics, state, port)[1])["trained_bags"] < len(labels):
+        assert time.monotonic() < deadline, report
+        time.sleep(1)
     code, report = status(broker, topics, state, port)
     assert code == 0 and report["healthy"], report["problems"]
     assert all(agent["restarts"] == 0 for agent in report["agents"].values()), report["agents"]
