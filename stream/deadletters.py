@@ -49,9 +49,10 @@ def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def letter(dead_letters: str, topic: str, partition: int, offset: int, key: bytes | None, raw: bytes,
+def letter(dead_letters: str, topic: str, partition: int | None, offset: int | None, key: bytes | None, raw: bytes,
            reason: Reason, error: str, last_offset: int | None = None) -> Message:
-    """The DeadLetter for input at ``topic``/``partition``/``offset`` (through ``last_offset``), keyed like it."""
+    """The DeadLetter for input at ``topic``/``partition``/``offset`` (through ``last_offset``), keyed like it; an
+    output that was refused has no partition or offset."""
     text = raw[:MAX_RAW_CHARS].decode("utf-8", errors="backslashreplace")[:MAX_RAW_CHARS]
     value = {"topic": topic, "partition": partition, "offset": offset, "error": bounded(error), "raw": text,
              "reason": str(reason)}

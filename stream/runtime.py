@@ -64,9 +64,9 @@ async def send_all(producer: AIOKafkaProducer, messages: list[Message], dead_let
                 await future
             except KafkaError as error:
                 failed.append((message, error))
-        messages = [refusal(message, error, dead_letters) for message, error in failed if isinstance(error, REFUSED)]
-        messages = [m for m in messages if m is not None]
+        refused = [refusal(message, error, dead_letters) for message, error in failed if isinstance(error, REFUSED)]
         retry = [message for message, error in failed if not isinstance(error, REFUSED)]
+        messages = [letter for letter in refused if letter is not None]
         if retry:
             log.warning("sending %d messages failed (%s); retrying in %.1f s", len(retry),
                         next(e for _, e in failed if not isinstance(e, REFUSED)), delay)
@@ -82,7 +82,7 @@ def refusal(message: Message, error: KafkaError, dead_letters: str) -> Message |
     if topic == dead_letters:
         return None
     DEAD_LETTERS.labels(topic, Reason.OUTPUT_REFUSED).inc()
-    return letter(dead_letters, topic, -1, -1, key, value, Reason.OUTPUT_REFUSED,
+    return letter(dead_letters, topic, None, None, key, value, Reason.OUTPUT_REFUSED,
                   f"output of {len(value)} bytes refused: {type(error).__name__}")
 
 
@@ -110,7 +110,6 @@ def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, r
     """The contract's DeadLetter for a bad input record, keyed like it: where it was, what is wrong, 64 KiB of it."""
     DEAD_LETTERS.labels(tp.topic, reason).inc()
     return letter(dead_letters, tp.topic, tp.partition, record.offset, record.key, record.value or b"", reason, error)
-
 
 
 class FetchWatch:
