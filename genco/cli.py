@@ -10,6 +10,7 @@ from pathlib import Path
 
 from genco.config import Settings
 from genco.jsonl import BadLines, parse_line, read_records, readable_request_id
+from genco.status import MAX_FETCH_AGE_S, MAX_RESTARTS
 
 
 def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
@@ -243,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "state dir); exit status 1: not running, 2: unhealthy")
     status.add_argument("--metrics-url", default=None,
                         help="default: http://127.0.0.1:$GENCO_METRICS_PORT/metrics")
-    status.add_argument("--max-restarts", type=_positive, default=3,
+    status.add_argument("--max-restarts", type=_positive, default=MAX_RESTARTS,
                         help="restarts of one agent in 10 minutes that make it unhealthy (exit status 2)")
-    status.add_argument("--max-fetch-age", type=float, default=60.0,
+    status.add_argument("--max-fetch-age", type=float, default=MAX_FETCH_AGE_S,
                         help="seconds without a fetch that make an agent unhealthy (exit status 2)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status)
