@@ -207,6 +207,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genco", description="GenCO creative optimisation")
+    parser.set_defaults(numeric=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train offline on a BAGS.jsonl file, in file order, and write a snapshot")
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--max-fetch-age", type=float, default=MAX_FETCH_AGE_S,
                         help="seconds without a fetch that make an agent unhealthy (exit status 2)")
     status.add_argument("--json", action="store_true")
-    status.set_defaults(run=cmd_status)
+    status.set_defaults(run=cmd_status, numeric=False)
 
     simulate = sub.add_parser("simulate", help="a simulated ad server on a broker: requests, impressions, clicks")
     simulate.add_argument("--broker", default=None, help="kafka://host:port (default: GENCO_BROKER)")
@@ -269,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from genco.compute import configure_compute
 
-    configure_compute()
     args = build_parser().parse_args(argv)
+    if args.numeric:  # not for status: a healthcheck every 15 s should not import torch (~3 s)
+        configure_compute()
     return args.run(args)
 
 
