@@ -16,8 +16,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from state.snapshots import SnapshotError, SnapshotStore
 from stream.deadletters import bounded
 
@@ -27,6 +25,10 @@ MAX_FETCH_AGE_S = 60.0  # an agent that has not fetched for longer is stuck
 
 def scrape(url: str, timeout_s: float = 3.0) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Metric samples by name (counters without their ``_total`` suffix)."""
+    # Imported here, not at the top: importing prometheus_client fixes its value class (multiprocess or not)
+    # from the environment, and the genco CLI imports this module before ``genco serve`` sets that up.
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         text = response.read().decode()
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}

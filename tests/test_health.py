@@ -56,3 +56,11 @@ def test_a_crash_looping_agent_makes_status_unhealthy_until_it_recovers(broker, 
             lock.close()
         stop_serve(serve)
     assert serve.returncode == 0, serve_log(tmp_path)[-3000:]
+
+
+def test_the_cli_leaves_prometheus_unimported_until_serve_has_set_up_multiprocess_metrics():
+    """prometheus_client picks its value class (shared files or process memory) when first imported: imported by
+    the CLI before ``genco serve`` sets PROMETHEUS_MULTIPROC_DIR, the supervisor's restart counts were invisible."""
+    probe = "import sys, genco.cli; print('prometheus_client' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          check=True).stdout.strip() == "False"
