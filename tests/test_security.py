@@ -73,7 +73,11 @@ def tls_proxy(listen_port: int, target_port: int, certificates: Path) -> Iterato
         async with server:
             await server.serve_forever()
 
-    thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # how the proxy is stopped
+            loop.run_until_complete(serve())
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert started.wait(10)
     try:
