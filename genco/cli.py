@@ -10,6 +10,7 @@ from pathlib import Path
 
 from genco.config import Settings
 from genco.jsonl import BadLines, parse_line, read_records, readable_request_id
+from genco.status import MAX_FETCH_AGE_S, MAX_RESTARTS
 
 
 def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
@@ -77,31 +78,39 @@ def _serving_policy(snapshot_dir: str, explore: float, k: int, threads: int = 1)
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from stream.events import SelectionRequest
+    from stream.events import BATCH_WORK_CELLS, SelectionRequest
 
     policy = _serving_policy(args.snapshot_dir, args.explore, args.k, args.threads)
     bad = BadLines()
     out = sys.stdout
     batch: list = []
+    cells = 0  # the batch's work (stream.events.work_cells): a batch of large requests goes out early
 
     def flush() -> None:
+        nonlocal cells
         for response in policy.respond(batch):
             out.write(json.dumps(response) + "\n")
         batch.clear()
+        cells = 0
 
     answered = 0
     for lineno, raw in enumerate(sys.stdin.buffer, 1):
         if not raw.strip():
             continue
         try:
-            batch.append(parse_line(raw, SelectionRequest))
-            answered += 1
+            request = parse_line(raw, SelectionRequest)
         except ValueError as error:
             bad.add(lineno, str(error))
             request_id = readable_request_id(raw)
             if request_id is not None:
                 flush()  # keep responses in input order
                 out.write(json.dumps({"request_id": request_id, "error": str(error)}) + "\n")
+            continue
+        if batch and cells + request.work_cells > BATCH_WORK_CELLS:
+            flush()
+        batch.append(request)
+        cells += request.work_cells
+        answered += 1
         if len(batch) >= args.batch_size * args.threads:  # a batch for each thread
             flush()
     flush()
@@ -159,9 +168,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = Settings()
     url = args.metrics_url or f"http://127.0.0.1:{settings.metrics_port}/metrics"
-    status = collect(url, settings.state_dir)
+    status = collect(url, settings.state_dir, max_restarts=args.max_restarts, max_fetch_age_s=args.max_fetch_age)
     _emit(status, args.json, render(status))
-    return 0 if status["running"] else 1
+    if not status["running"]:
+        return 1
+    return 0 if status["healthy"] else 2
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -196,6 +207,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genco", description="GenCO creative optimisation")
+    parser.set_defaults(numeric=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train offline on a BAGS.jsonl file, in file order, and write a snapshot")
@@ -228,12 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "else an embedded broker)")
     serve.set_defaults(run=cmd_serve)
 
-    status = sub.add_parser("status", help="a running genco serve's lag, pending bags, dead letters, duplicates "
-                            "and model version (from its metrics endpoint and the state dir)")
+    status = sub.add_parser("status", help="a running genco serve's health, agent restarts and errors, lag, pending "
+                            "bags, dead letters, duplicates and model version (from its metrics endpoint and the "
+                            "state dir); exit status 1: not running, 2: unhealthy")
     status.add_argument("--metrics-url", default=None,
                         help="default: http://127.0.0.1:$GENCO_METRICS_PORT/metrics")
+    status.add_argument("--max-restarts", type=_positive, default=MAX_RESTARTS,
+                        help="restarts of one agent in 10 minutes that make it unhealthy (exit status 2)")
+    status.add_argument("--max-fetch-age", type=float, default=MAX_FETCH_AGE_S,
+                        help="seconds without a fetch that make an agent unhealthy (exit status 2)")
     status.add_argument("--json", action="store_true")
-    status.set_defaults(run=cmd_status)
+    status.set_defaults(run=cmd_status, numeric=False)
 
     simulate = sub.add_parser("simulate", help="a simulated ad server on a broker: requests, impressions, clicks")
     simulate.add_argument("--broker", default=None, help="kafka://host:port (default: GENCO_BROKER)")
@@ -253,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from genco.compute import configure_compute
 
-    configure_compute()
     args = build_parser().parse_args(argv)
+    if args.numeric:  # not for status: a healthcheck every 15 s should not import torch (~3 s)
+        configure_compute()
     return args.run(args)
 
 

@@ -6,17 +6,18 @@ the field at fault, counted, and skipped.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from stream.events import describe_error
+from stream.deadletters import InvalidInput, Reason
+from stream.events import describe_error, error_kind
 
 MAX_LINE_BYTES = 5 << 20
+_ANY_JSON = TypeAdapter(object)
 
 
 @dataclass
@@ -39,17 +40,17 @@ class BadLines:
 
 
 def parse_line(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    """Validate one line; raises ValueError with a message naming the field at fault."""
+    """Validate one line; raises InvalidInput (a ValueError) naming the field at fault and the kind of fault."""
     if len(raw) > MAX_LINE_BYTES:
-        raise ValueError(f"line of {len(raw)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
+        raise InvalidInput(Reason.TOO_LARGE, f"line of {len(raw)} bytes exceeds the {MAX_LINE_BYTES}-byte limit")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"not UTF-8 at byte {error.start}") from None
+        raise InvalidInput(Reason.NOT_UTF8, f"not UTF-8 at byte {error.start}") from None
     try:
         return model.model_validate_json(text)
     except ValidationError as error:
-        raise ValueError(describe_error(error)) from None
+        raise InvalidInput(Reason(error_kind(error)), describe_error(error)) from None
 
 
 def read_records(lines: Iterable[bytes], model: type[BaseModel], bad: BadLines,
@@ -65,10 +66,17 @@ def read_records(lines: Iterable[bytes], model: type[BaseModel], bad: BadLines,
 
 
 def readable_request_id(raw: bytes) -> str | None:
-    """The request_id of a line that failed validation, when it can still be read."""
+    """The request_id of a line that failed validation, when it can still be read.
+
+    pydantic's JSON parser, not ``json.loads``: it stops at a fixed nesting depth with an error
+    where ``json.loads`` raises RecursionError (1,100 ``[`` are enough), and the line is parsed
+    the same way as for validation.
+    """
+    if len(raw) > MAX_LINE_BYTES:
+        return None
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        value = _ANY_JSON.validate_json(raw)
+    except ValidationError:
         return None
     request_id = value.get("request_id") if isinstance(value, dict) else None
     return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 256 else None

@@ -31,9 +31,10 @@ def serve_env(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 
             "GENCO_METRICS_PORT": str(metrics_port), "GENCO_CHECKPOINT_EVERY_S": "5"}
 
 
-def start_serve(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0) -> subprocess.Popen:
-    """``genco serve`` on ``broker`` (see ``serve_env``), its log in state_dir/serve.log."""
-    env = serve_env(broker, topics, state_dir, metrics_port)
+def start_serve(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0,
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``genco serve`` on ``broker`` (see ``serve_env``, plus ``extra_env``), its log in state_dir/serve.log."""
+    env = {**serve_env(broker, topics, state_dir, metrics_port), **(extra_env or {})}
     with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents
         return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -24,11 +24,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # imported where weights are read or written: reading a manifest (genco status) needs no torch
+    import torch
 
-from learner.model import GenCO, ModelConfig
+    from learner.model import GenCO
 
 FORMAT = 1
 
@@ -85,6 +86,8 @@ class SnapshotStore:
 
     def save(self, model: GenCO, *, version: int, bags_seen: int, steps: int, train_config: dict,
              optimizer_state: dict[str, torch.Tensor] | None = None) -> Manifest:
+        from safetensors.torch import save_file
+
         self.directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.directory))
         try:
@@ -121,6 +124,10 @@ class SnapshotStore:
             raise SnapshotError(f"{folder}: unreadable manifest ({error})") from error
 
     def load(self, version: int | None = None, with_optimizer: bool = False) -> Snapshot:
+        from safetensors.torch import load_file
+
+        from learner.model import GenCO, ModelConfig
+
         manifest = self.manifest(version)
         folder = self.directory / _name(manifest.version)
         weights = folder / "model.safetensors"

@@ -1,9 +1,12 @@
 """One agent process (``python -m stream.agent``), started by ``genco serve``'s supervisor.
 
 The supervisor passes the agent's name, the broker and the settings as JSON in
-GENCO_AGENT_SPEC (the environment, not argv: settings may hold Kafka credentials).
-SIGTERM or SIGINT stops the agent cleanly: it finishes the batch in hand,
-flushes, checkpoints and leaves its consumer group.
+GENCO_AGENT_SPEC, without the Kafka credentials: the agent reads those from the
+GENCO_KAFKA_* variables it inherits, so no secret is ever copied into another
+variable. SIGTERM or SIGINT stops the agent cleanly: it finishes the batch in hand,
+flushes, checkpoints and leaves its consumer group. An error that stops it is
+logged and recorded as a metric (its type) before the process exits with status 1,
+for the supervisor to restart it and ``genco status`` to show.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from genco.config import Settings
@@ -61,7 +65,14 @@ def main() -> None:
 
     configure_compute()  # one core per agent: more threads would fight the other agents
     settings = Settings(**spec["settings"])
-    asyncio.run(run_agent(spec["name"], Connection.from_settings(settings, spec["broker"]), settings))
+    try:
+        asyncio.run(run_agent(spec["name"], Connection.from_settings(settings, spec["broker"]), settings))
+    except Exception as error:
+        from stream.metrics import AGENT_LAST_ERROR
+
+        AGENT_LAST_ERROR.labels(spec["name"], type(error).__name__).set(time.time())
+        logging.getLogger(f"genco.{spec['name']}").exception("stopped by an error")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

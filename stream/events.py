@@ -3,6 +3,13 @@
 Every message that enters genco passes through one of these models, so a bad
 value is rejected at the border with an error that names the field at fault.
 Unknown fields are ignored, as the contract says.
+
+Caps on work per message (docs/operations.md, "Caps"): besides the contract's 1,000
+candidates per component, a request or impression may hold at most
+``MAX_TOTAL_CANDIDATES`` candidates in all and ``MAX_SEGMENT_CROSSES`` query segments x
+candidates, so that one message's cost in the model (attention grows with the square of
+its candidates, context crosses with segments x candidates) is bounded. ``work_cells``
+is that cost, which batches are cut by (``BATCH_WORK_CELLS``).
 """
 
 from __future__ import annotations
@@ -10,9 +17,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_ID_CHARS = 256
 MAX_CANDIDATES = 1000
+MAX_COMPONENTS = 64
+MAX_TOTAL_CANDIDATES = 6000  # the paper's six components at the contract's 1,000 each
+MAX_SEGMENT_CROSSES = 20_000  # query segments x candidates in all
+# A batch (of selection requests or of bags for one training step) holds at most this many work
+# cells, except a single message over it, which goes alone: ~40 MB of model memory at the worst.
+BATCH_WORK_CELLS = 4_000_000
+
+# How far ahead of genco's clock an event's ts is believed (a producer's clock may be off by this much);
+# further ahead, state that expires by event time takes now + FUTURE_GRACE_S instead (stream.join, learner).
+FUTURE_GRACE_S = 300.0
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 Timestamp = Annotated[float, Field(allow_inf_nan=False)]  # a NaN or infinite ts would never close a window
@@ -35,8 +53,42 @@ class Query(_Message):
 
 Candidates = Annotated[
     dict[Id, Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES)]],
-    Field(min_length=1, max_length=64),
+    Field(min_length=1, max_length=MAX_COMPONENTS),
 ]
+
+
+def work_cells(candidates: dict[str, list[str]], query: Query | None) -> int:
+    """An upper bound of the model's cells for one message: attention (candidates squared), context crosses
+    (candidates x (segments + age + gender)) and the candidates themselves."""
+    total = sum(map(len, candidates.values()))
+    segments = len(query.segments) if query else 0
+    return total * total + total * (segments + 3)
+
+
+def work_batches(messages: list, budget: int = BATCH_WORK_CELLS) -> list[list]:
+    """``messages`` (with a ``work_cells``) in order, cut into batches of at most ``budget`` cells each; a
+    message over the budget by itself makes a batch of its own."""
+    batches: list[list] = []
+    cells = budget + 1
+    for message in messages:
+        cost = message.work_cells
+        if cells + cost > budget:
+            batches.append([])
+            cells = 0
+        batches[-1].append(message)
+        cells += cost
+    return batches
+
+
+def _check_caps(candidates: dict[str, list[str]], query: Query | None) -> None:
+    total = sum(map(len, candidates.values()))
+    if total > MAX_TOTAL_CANDIDATES:
+        raise PydanticCustomError("over_cap", "candidates: {total} in all, over the cap of {cap}",
+                                  {"total": total, "cap": MAX_TOTAL_CANDIDATES})
+    crosses = total * (len(query.segments) if query else 0)
+    if crosses > MAX_SEGMENT_CROSSES:
+        raise PydanticCustomError("over_cap", "query.segments x candidates: {crosses}, over the cap of {cap}",
+                                  {"crosses": crosses, "cap": MAX_SEGMENT_CROSSES})
 
 
 def _check_distinct(candidates: dict[str, list[str]]) -> None:
@@ -64,7 +116,12 @@ class SelectionRequest(_Message):
     @model_validator(mode="after")
     def _distinct(self) -> SelectionRequest:
         _check_distinct(self.candidates)
+        _check_caps(self.candidates, self.query)
         return self
+
+    @property
+    def work_cells(self) -> int:
+        return work_cells(self.candidates, self.query)
 
 
 class SelectionResponse(_Message):
@@ -93,7 +150,12 @@ class Impression(_Message):
     def _shown_among_candidates(self) -> Impression:
         _check_distinct(self.candidates)
         _check_shown(self.shown, self.candidates)
+        _check_caps(self.candidates, self.query)
         return self
+
+    @property
+    def work_cells(self) -> int:
+        return work_cells(self.candidates, self.query)
 
 
 class Click(_Message):
@@ -114,13 +176,26 @@ class DeadLetter(_Message):
     offset: int | None = None
     error: str
     raw: str
+    reason: str | None = None  # extension: one of stream.deadletters.Reason
+    last_offset: int | None = None  # extension: a refused batch's last offset (``offset`` is its first)
 
 
-def describe_error(error: ValidationError) -> str:
-    """One line naming each field at fault, e.g. ``candidates.image: List should have at least 1 item``."""
+def describe_error(error: ValidationError, most: int = 8) -> str:
+    """One line naming each field at fault (the first ``most`` of them), e.g. ``candidates.image: List should
+    have at least 1 item``. A message can break thousands of rules at once; its description stays short."""
     parts = []
-    for item in error.errors(include_url=False):
-        where = ".".join(str(p) for p in item["loc"]) or "value"
+    for item in error.errors(include_url=False)[:most]:
+        where = ".".join(str(p)[:64] for p in item["loc"]) or "value"
         message = item["msg"].removeprefix("Value error, ")
-        parts.append(message if message.startswith(("shown.", "candidates.")) else f"{where}: {message}")
+        parts.append(message if message.startswith(("shown.", "candidates", "query.")) else f"{where}: {message}")
+    if error.error_count() > most:
+        parts.append(f"and {error.error_count() - most} more")
     return "; ".join(parts)
+
+
+def error_kind(error: ValidationError) -> str:
+    """``not_json``, ``over_cap`` or ``invalid``: the dead-letter reason of a validation error."""
+    kinds = {item["type"] for item in error.errors(include_url=False)}
+    if "json_invalid" in kinds:
+        return "not_json"
+    return "over_cap" if kinds == {"over_cap"} else "invalid"

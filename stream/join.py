@@ -7,6 +7,10 @@ out as soon as the pair meets; a negative one when the watermark (see
 bag: repeated impressions and clicks are recognised by impression_id for a
 horizon of ``max(2 * window, 1 h)`` of event time.
 
+The time-ordered indexes take an event's ``ts`` no later than ``FUTURE_GRACE_S``
+after the clock's now: a ts in year 3000, or 1e300, would otherwise keep its keys in
+RocksDB for ever, since no watermark ever passes it. The bag keeps the original ts.
+
 Keys (one byte prefix, time-ordered indexes for the sweeps)::
 
     i<id>             pending impression: its ts (8 bytes) + its JSON
@@ -20,10 +24,12 @@ Keys (one byte prefix, time-ordered indexes for the sweeps)::
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from state.kv import Transaction, decode_time, encode_time
-from stream.events import Click, Impression
+from stream.events import FUTURE_GRACE_S, Click, Impression
 
 EARLY_CLICK_S = 60.0  # clicks this long before the impression still count (clock skew)
 
@@ -47,11 +53,16 @@ def bag_json(impression_json: bytes, click_ts: float | None) -> bytes:
 class Join:
     """The join's decisions; the caller owns the transaction and sends what it queues."""
 
-    def __init__(self, window_s: float, bags_topic: str) -> None:
+    def __init__(self, window_s: float, bags_topic: str, clock: Callable[[], float] = time.time) -> None:
         self.window_s = window_s
         self.horizon_s = max(2 * window_s, 3600.0)
         self.bags_topic = bags_topic
+        self.clock = clock
         self.counts = JoinCounts()
+
+    def _indexed(self, ts: float) -> float:
+        """``ts`` as the expiry indexes take it: never further ahead of now than a clock's plausible error."""
+        return min(ts, self.clock() + FUTURE_GRACE_S)
 
     def _attributes(self, click_ts: float, impression_ts: float) -> bool:
         return -EARLY_CLICK_S <= click_ts - impression_ts <= self.window_s
@@ -59,7 +70,7 @@ class Join:
     def _finish(self, tx: Transaction, impression_id: bytes, ts: float, bag: bytes, clicked: bool) -> None:
         tx.send(self.bags_topic, impression_id, bag)
         tx.put(b"d" + impression_id, (b"1" if clicked else b"0") + encode_time(ts))
-        tx.put(b"e" + encode_time(ts + self.horizon_s) + impression_id, b"")
+        tx.put(b"e" + encode_time(self._indexed(ts) + self.horizon_s) + impression_id, b"")
         if clicked:
             self.counts.bags_positive += 1
         else:
@@ -78,7 +89,7 @@ class Join:
                 tx.delete(b"c" + key)
                 self._finish(tx, key, impression.ts, bag_json(body, min(clicks)), clicked=True)
                 return
-        close = impression.ts + self.window_s
+        close = self._indexed(impression.ts) + self.window_s
         tx.put(b"i" + key, encode_time(impression.ts) + body)
         self.counts.pending += 1
         tx.put(b"t" + encode_time(close) + key, b"")
@@ -105,7 +116,7 @@ class Join:
             return
         tx.put(b"c" + key, _pack_times([*times, click.ts]))
         if not times:  # kept for the window, and at least as long as an impression it can label may come
-            tx.put(b"u" + encode_time(click.ts + max(self.window_s, EARLY_CLICK_S)) + key, b"")
+            tx.put(b"u" + encode_time(self._indexed(click.ts) + max(self.window_s, EARLY_CLICK_S)) + key, b"")
 
     def sweep(self, tx: Transaction, watermark: float) -> None:
         """Close windows, drop orphan clicks and forget done marks that the watermark has passed."""

@@ -8,6 +8,10 @@ bags with the labels already decided, never different ones.
 
 It consumes every partition of both topics itself, so the join is correct
 whatever partition counts or key partitioning the producers used.
+
+No input stops it: an invalid message, one the join's code raises on, and a batch
+the client cannot decode (``stream.fetch``) each become a dead letter, written
+through the outbox with the offsets they came from.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from aiokafka import TopicPartition
 
 from genco.jsonl import parse_line
 from state.kv import Store
+from stream.deadletters import InvalidInput, Reason
 from stream.events import Click, Impression
+from stream.fetch import SafeFetch
 from stream.join import Join, JoinCounts
 from stream.kafka import Connection, Topics
 from stream.metrics import BAGS_OUT, DUPLICATES, EVENTS_IN, ORPHAN_CLICKS, PENDING_IMPRESSIONS, WATERMARK
@@ -51,14 +57,20 @@ class Joiner:
         model = Impression if tp.topic == self.topics.impressions else Click
         try:
             event = parse_line(record.value or b"", model)
-        except ValueError as error:
-            tx.send(*dead_letter(self.topics.dead_letters, tp, record, str(error)))
+        except InvalidInput as error:
+            tx.send(*dead_letter(self.topics.dead_letters, tp, record, error.reason, str(error)))
+            return
+        try:
+            if model is Impression:
+                self.join.impression(tx, event)
+            else:
+                self.join.click(tx, event)
+        except Exception as error:
+            log.exception("joining %s[%d]@%d failed", tp.topic, tp.partition, record.offset)
+            tx.send(*dead_letter(self.topics.dead_letters, tp, record, Reason.FAILED,
+                                 f"join failed: {type(error).__name__}"))
             return
         self.watermark.observe(tp, event.ts, time.time())
-        if model is Impression:
-            self.join.impression(tx, event)
-        else:
-            self.join.click(tx, event)
 
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
@@ -68,15 +80,17 @@ class Joiner:
             leftovers = self.store.outbox()
             if leftovers:
                 log.info("re-sending %d messages decided before the last stop", len(leftovers))
-                await deliver(producer, self.store, leftovers)
+                await deliver(producer, self.store, leftovers, self.topics.dead_letters)
             consumer.subscribe([self.topics.impressions, self.topics.clicks],
                                listener=SeekToStoredOffsets(consumer, self.store))
             await consumer.start()
             watch = FetchWatch("joiner", log)
+            fetch = SafeFetch(consumer, "joiner", self.topics.dead_letters)
             log.info("joining %s + %s -> %s (window %.0f s)", self.topics.impressions, self.topics.clicks,
                      self.topics.bags, self.join.window_s)
             while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                fetched = await fetch.getmany(timeout_ms=200, max_records=2000)
+                batches = fetched.records
                 watch.mark_ready(consumer, self.ready)
                 tx = self.store.transaction()
                 for tp, records in batches.items():
@@ -84,10 +98,14 @@ class Joiner:
                     for record in records:
                         self.apply(tx, tp, record)
                     tx.set_offset(tp.topic, tp.partition, records[-1].offset + 1)
+                for message in fetched.letters:
+                    tx.send(*message)
+                for tp, offset in fetched.skipped_to.items():  # past the undecodable range, after any records
+                    tx.set_offset(tp.topic, tp.partition, offset)
                 lagging = await watch.lagging(consumer)
                 watermark = self.watermark.advance(lagging, watch.confirmed_at)
                 self.join.sweep(tx, watermark)
-                await deliver(producer, self.store, tx.commit())
+                await deliver(producer, self.store, tx.commit(), self.topics.dead_letters)
                 self._publish_counts(watermark)
                 if sum(map(len, batches.values())) < 500:
                     await asyncio.sleep(POLL_PAUSE_S)

@@ -7,10 +7,12 @@ stream engine"); kafka-python's admin client creates topics before they start.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.helpers import create_ssl_context
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -70,18 +72,40 @@ class Topics:
 
 @dataclass(frozen=True)
 class Connection:
-    """Where the broker is and how to authenticate; makes clients configured alike."""
+    """Where the broker is and how to authenticate; makes clients configured alike.
+
+    ``security`` holds the GENCO_KAFKA_* settings (passwords among them): it is left out of the
+    repr, and the CA, certificate and key files become one ``ssl.SSLContext`` (what aiokafka and
+    kafka-python take; aiokafka refuses ``ssl_cafile``).
+    """
 
     servers: tuple[str, ...]
-    security: tuple[tuple[str, str], ...] = ()
+    security: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    compression: str = "none"
 
     @classmethod
     def from_settings(cls, settings: Settings, broker: str | None = None) -> Connection:
-        return cls(tuple(bootstrap_servers(broker or settings.broker)), tuple(sorted(settings.kafka_security.items())))
+        return cls(tuple(bootstrap_servers(broker or settings.broker)), tuple(sorted(settings.kafka_security.items())),
+                   settings.kafka_compression)
+
+    def client_options(self) -> dict:
+        """Security options for aiokafka's and kafka-python's clients alike."""
+        options = dict(self.security)
+        files = {name: options.pop(f"ssl_{name}", None) for name in ("cafile", "certfile", "keyfile")}
+        if options.get("security_protocol", "PLAINTEXT").endswith("SSL"):
+            options["ssl_context"] = self.ssl_context(**files)
+        return options
+
+    @staticmethod
+    def ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+        """Verifies the brokers against ``cafile`` (the system's CAs without one); presents ``certfile`` if set."""
+        return create_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
     def producer(self, linger_ms: int = 2, **options) -> AIOKafkaProducer:
+        compression = None if self.compression == "none" else self.compression
         return AIOKafkaProducer(bootstrap_servers=list(self.servers), linger_ms=linger_ms, max_batch_size=512 << 10,
-                                max_request_size=MAX_MESSAGE_BYTES, acks="all", **dict(self.security), **options)
+                                max_request_size=MAX_MESSAGE_BYTES, acks="all", compression_type=compression,
+                                **self.client_options(), **options)
 
     def consumer(self, *topics: str, group: str, max_wait_ms: int = 100, **options) -> AIOKafkaConsumer:
         """A consumer that commits only when told to and starts from the earliest message.
@@ -94,7 +118,7 @@ class Connection:
                                 fetch_max_bytes=16 << 20, max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
                                 fetch_max_wait_ms=max_wait_ms, rebalance_timeout_ms=3000,
                                 session_timeout_ms=10000, heartbeat_interval_ms=1000,
-                                **dict(self.security), **options)
+                                **self.client_options(), **options)
 
     def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0) -> None:
         """Create the topics that do not exist; leave existing ones (and their partition counts) alone."""
@@ -102,7 +126,7 @@ class Connection:
         while True:
             try:
                 admin = KafkaAdminClient(bootstrap_servers=list(self.servers), client_id="genco-admin",
-                                         **dict(self.security))
+                                         **self.client_options())
                 break
             except KafkaError as error:
                 if time.monotonic() > deadline:

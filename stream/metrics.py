@@ -24,12 +24,24 @@ SNAPSHOT_VERSION = Gauge("genco_snapshot_version", "Newest snapshot the learner 
 MODEL_VERSION = Gauge("genco_model_version", "Snapshot version the selector serves", multiprocess_mode="livemax")
 MODEL_LOADED_AT = Gauge("genco_model_loaded_timestamp_seconds", "When the served snapshot was loaded",
                         multiprocess_mode="livemax")
+SNAPSHOT_LOAD_FAILURES = Counter("genco_snapshot_load_failures", "Snapshots the selector could not load (it kept "
+                                 "serving the one before)")
 SELECTIONS = Counter("genco_selections", "Selection responses sent", ["policy"])
 SELECTION_LATENCY = Histogram("genco_selection_latency_seconds", "Request consumed -> response sent",
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0))
 CONSUMER_LAG = Gauge("genco_consumer_lag", "Messages not yet consumed, by agent and topic", ["agent", "topic"],
                      multiprocess_mode="livesum")
-AGENT_READY = Gauge("genco_agent_ready", "1 once the agent has its input partitions assigned", ["agent"],
-                    multiprocess_mode="max")
+LAST_FETCH = Gauge("genco_agent_last_fetch_timestamp_seconds", "When the agent's consumer last returned from a fetch",
+                   ["agent"], multiprocess_mode="livemax")
+AGENT_RESTARTS = Counter("genco_agent_restarts", "Times genco serve restarted an agent that had exited", ["agent"])
+AGENT_RECENT_RESTARTS = Gauge("genco_agent_recent_restarts", "Restarts of the agent in the last 10 minutes",
+                              ["agent"], multiprocess_mode="livemax")
+AGENT_LAST_EXIT = Gauge("genco_agent_last_exit_timestamp_seconds", "When the agent last exited unasked, by exit status",
+                        ["agent", "status"], multiprocess_mode="max")
+AGENT_LAST_ERROR = Gauge("genco_agent_last_error_timestamp_seconds",
+                         "When an error stopped the agent, by the error's Python class name", ["agent", "error"],
+                         multiprocess_mode="max")
+AGENT_READY = Gauge("genco_agent_ready", "1 once the agent has its input partitions assigned (live agents only)",
+                    ["agent"], multiprocess_mode="livemax")
 PROGRESSIVE_LOGLOSS = Gauge("genco_progressive_logloss", "Log loss of each bag scored before training on it",
                             multiprocess_mode="livemax")

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CorruptRecordException, KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from state.kv import Store
+from stream.deadletters import Message, Reason, letter
 from stream.metrics import AGENT_READY, CONSUMER_LAG, DEAD_LETTERS
 
 log = logging.getLogger("genco.runtime")
 
-MAX_RAW_CHARS = 64 << 10
 OUTAGE_LOG_S = 5.0  # no fetch answered for this long: say the broker is not answering
-
-Message = tuple[str, bytes | None, bytes]  # (topic, key, value)
+# Errors that sending the same message again cannot cure: the broker (or the client's own limit) refuses it.
+REFUSED = (MessageSizeTooLargeError, RecordTooLargeError, CorruptRecordException)
 
 
 class SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -44,18 +43,47 @@ class SeekToStoredOffsets(ConsumerRebalanceListener):
                 self.consumer.seek(tp, offset)
 
 
-async def send_all(producer: AIOKafkaProducer, messages: list[Message]) -> None:
-    """Send and wait for every acknowledgement, retrying with backoff while the broker is unreachable."""
+async def send_all(producer: AIOKafkaProducer, messages: list[Message], dead_letters: str) -> None:
+    """Send and wait for every acknowledgement, retrying with backoff what failed while the broker is unreachable.
+
+    A message the broker refuses for what it is (too large, say) is never retried: a dead letter
+    naming it goes out instead, and a refused dead letter is logged and dropped.
+    """
     delay = 0.5
     while messages:
-        try:
-            futures = [await producer.send(topic, value, key=key) for topic, key, value in messages]
-            await asyncio.gather(*futures)
-            return
-        except KafkaError as error:
-            log.warning("sending %d messages failed (%s); retrying in %.1f s", len(messages), error, delay)
+        failed: list[tuple[Message, KafkaError]] = []
+        sent = []
+        for message in messages:
+            topic, key, value = message
+            try:
+                sent.append((message, await producer.send(topic, value, key=key)))
+            except KafkaError as error:  # the client's own checks (max_request_size) raise here
+                failed.append((message, error))
+        for message, future in sent:
+            try:
+                await future
+            except KafkaError as error:
+                failed.append((message, error))
+        refused = [refusal(message, error, dead_letters) for message, error in failed if isinstance(error, REFUSED)]
+        retry = [message for message, error in failed if not isinstance(error, REFUSED)]
+        messages = [letter for letter in refused if letter is not None]
+        if retry:
+            log.warning("sending %d messages failed (%s); retrying in %.1f s", len(retry),
+                        next(e for _, e in failed if not isinstance(e, REFUSED)), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+            messages += retry
+
+
+def refusal(message: Message, error: KafkaError, dead_letters: str) -> Message | None:
+    """The dead letter for an output the broker refused; None when that output was a dead letter itself."""
+    topic, key, value = message
+    log.error("the broker refused a %d-byte message for %s (%s)", len(value), topic, type(error).__name__)
+    if topic == dead_letters:
+        return None
+    DEAD_LETTERS.labels(topic, Reason.OUTPUT_REFUSED).inc()
+    return letter(dead_letters, topic, None, None, key, value, Reason.OUTPUT_REFUSED,
+                  f"output of {len(value)} bytes refused: {type(error).__name__}")
 
 
 async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
@@ -71,18 +99,17 @@ async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int])
         log.warning("offsets not committed (%s): those messages will be consumed again", error)
 
 
-async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[bytes, Message]]) -> None:
+async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[bytes, Message]],
+                  dead_letters: str) -> None:
     """Send committed outbox messages, then strike them off the store."""
-    await send_all(producer, [message for _, message in outbox])
+    await send_all(producer, [message for _, message in outbox], dead_letters)
     store.sent([key for key, _ in outbox])
 
 
-def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, error: str) -> Message:
+def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, reason: Reason, error: str) -> Message:
     """The contract's DeadLetter for a bad input record, keyed like it: where it was, what is wrong, 64 KiB of it."""
-    DEAD_LETTERS.labels(tp.topic, error.split(":", 1)[0].split(" ", 1)[0][:64]).inc()
-    text = (record.value or b"")[:MAX_RAW_CHARS].decode("utf-8", errors="backslashreplace")[:MAX_RAW_CHARS]
-    value = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset, "error": error, "raw": text}
-    return dead_letters, record.key, json.dumps(value).encode()
+    DEAD_LETTERS.labels(tp.topic, reason).inc()
+    return letter(dead_letters, tp.topic, tp.partition, record.offset, record.key, record.value or b"", reason, error)
 
 
 class FetchWatch:

@@ -19,8 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 from genco.config import Settings
@@ -31,34 +31,57 @@ from stream.kafka import Connection, Topics
 log = logging.getLogger("genco.serve")
 
 AGENTS = ("joiner", "learner", "selector")
+RESTART_MEMORY_S = 600.0  # genco_agent_recent_restarts counts the restarts of this long ago
 
 
 class Supervisor:
-    """Runs the agent processes; restarts one that dies; stops them all on ``stop()``."""
+    """Runs the agent processes; restarts one that dies; stops them all on ``stop()``.
+
+    Every exit shows: the agent's metrics files are marked dead (so it no longer counts as
+    ready), and its restarts, recent restarts and last exit status are metrics that
+    ``genco status`` and the container healthchecks read.
+    """
 
     def __init__(self, settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS) -> None:
         self.settings = settings
         self.broker = broker
         self.agents = agents
         self.processes: dict[str, subprocess.Popen] = {}
-        self.restarts: dict[str, float] = {}
+        self.restarts: dict[str, deque[float]] = {name: deque() for name in agents}
+        self.exited: set[str] = set()
+
+    def spec(self, name: str) -> str:
+        """GENCO_AGENT_SPEC for agent ``name``: no secret in it (the agent reads those from its environment)."""
+        return json.dumps({"name": name, "broker": self.broker, "settings": self.settings.shareable()})
 
     def _spawn(self, name: str) -> None:
-        spec = json.dumps({"name": name, "broker": self.broker, "settings": asdict(self.settings)})
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "stream.agent"], preexec_fn=die_with_parent,
-                                                env={**os.environ, "GENCO_AGENT_SPEC": spec})
+                                                env={**os.environ, "GENCO_AGENT_SPEC": self.spec(name)})
 
     def start(self) -> None:
         for name in self.agents:
             self._spawn(name)
 
     def check(self) -> None:
-        """Restart any agent that exited (at most once every 5 s each)."""
+        """Note any agent that exited, and restart it (at most once every 5 s each)."""
+        from stream.metrics import AGENT_LAST_EXIT, AGENT_RECENT_RESTARTS, AGENT_RESTARTS
+
+        now = time.monotonic()
         for name, process in self.processes.items():
-            if process.poll() is not None and time.monotonic() - self.restarts.get(name, 0.0) > 5.0:
+            restarts = self.restarts[name]
+            if process.poll() is not None and name not in self.exited:
+                self.exited.add(name)
+                _mark_dead(process.pid)
+                AGENT_LAST_EXIT.labels(name, str(process.returncode)).set(time.time())
                 log.error("agent %s exited with status %s; restarting it", name, process.returncode)
-                self.restarts[name] = time.monotonic()
+            if name in self.exited and now - (restarts[-1] if restarts else 0.0) > 5.0:
+                restarts.append(now)
+                AGENT_RESTARTS.labels(name).inc()
+                self.exited.discard(name)
                 self._spawn(name)
+            while restarts and restarts[0] < now - RESTART_MEMORY_S:
+                restarts.popleft()
+            AGENT_RECENT_RESTARTS.labels(name).set(len(restarts))
 
     def stop(self, timeout_s: float = 30.0) -> None:
         for process in self.processes.values():
@@ -74,6 +97,14 @@ class Supervisor:
                 process.wait()
 
 
+def _mark_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (ready, lag, last fetch) from the merged metrics."""
+    from prometheus_client import multiprocess
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)
+
+
 def prepare_metrics(state_dir: str) -> Path:
     """A fresh multiprocess metrics directory, set in the environment the agents inherit."""
     directory = Path(state_dir).resolve() / "metrics"
@@ -83,7 +114,8 @@ def prepare_metrics(state_dir: str) -> Path:
     return directory
 
 
-def start_metrics_server(port: int) -> None:
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
+    """Serve every process's metrics on ``host:port`` (loopback by default: GENCO_METRICS_HOST opens it)."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     if not port:
@@ -91,10 +123,10 @@ def start_metrics_server(port: int) -> None:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     try:
-        start_http_server(port, registry=registry)
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        start_http_server(port, addr=host, registry=registry)
+        log.info("metrics on http://%s:%d/metrics", host, port)
     except OSError as error:
-        log.warning("metrics endpoint not started: port %d: %s", port, error)
+        log.warning("metrics endpoint not started: %s:%d: %s", host, port, error)
 
 
 def ready_agents(metrics_dir: Path) -> set[str]:
@@ -152,7 +184,7 @@ def serve(settings: Settings, broker: str | None = None) -> int:
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     with broker_for(settings, broker) as url:
         log.info("broker %s, topics %s*, state in %s", url, settings.topic_prefix, Path(settings.state_dir).resolve())
-        start_metrics_server(settings.metrics_port)
+        start_metrics_server(settings.metrics_port, settings.metrics_host)
         with running_agents(settings, url) as supervisor:
             while not stopping:
                 time.sleep(0.2)

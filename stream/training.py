@@ -9,6 +9,12 @@ bag after its own crash).
 
 Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning;
 checkpoints every ``checkpoint_every_s``. Version numbers only ever grow.
+
+No bag stops it: a step takes at most ``BATCH_WORK_CELLS`` of work (a message's cost is
+capped at validation), a step that raises is retried on halves down to the single bag
+at fault, which is dead-lettered, and a batch the client cannot decode is dead-lettered
+by ``stream.fetch``. A bag's ts counts no further ahead than ``FUTURE_GRACE_S`` for the
+trained-id marks, so one bag stamped 1e300 cannot expire all of them.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import logging
 import time
 from pathlib import Path
 
+from aiokafka import ConsumerRecord, TopicPartition
 from river import metrics
 
 from genco.jsonl import parse_line
 from learner.trainer import Learner, preset
 from state.kv import Store, encode_time
 from state.snapshots import SnapshotStore
-from stream.events import Bag
+from stream.deadletters import InvalidInput, Message, Reason
+from stream.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
+from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (
     DUPLICATES,
@@ -35,6 +44,8 @@ from stream.metrics import (
     TRAINING_STEPS,
 )
 from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
+
+Source = tuple[TopicPartition, ConsumerRecord]  # where a bag came from, for its dead letter
 
 log = logging.getLogger("genco.learner")
 
@@ -76,11 +87,51 @@ class TrainingAgent:
     def trained(self, impression_id: str) -> bool:
         return impression_id in self.unrecorded or self.store.get(b"t" + impression_id.encode()) is not None
 
+    def admit(self, tp: TopicPartition, record: ConsumerRecord) -> Bag | Message | None:
+        """A bag to train on (noted as trained), its dead letter if invalid, or None if already trained.
+
+        The trained-id mark expires by the bag's ts, taken no further ahead than ``FUTURE_GRACE_S``.
+        """
+        try:
+            bag = parse_line(record.value or b"", Bag)
+        except InvalidInput as error:
+            return dead_letter(self.topics.dead_letters, tp, record, error.reason, str(error))
+        if self.trained(bag.impression_id):
+            DUPLICATES.labels("trained_bag").inc()
+            return None
+        self.unrecorded[bag.impression_id] = min(bag.ts, time.time() + FUTURE_GRACE_S)
+        return bag
+
     def train(self, bags: list[Bag]) -> None:
         """One optimiser step (run in a worker thread so the consumer keeps fetching)."""
         result = self.learner.step(bags)
         for bag, p in zip(bags, result.predicted.tolist(), strict=True):
             self.loss.update(bag.clicked, p)
+
+    def train_isolating(self, bags: list[Bag], sources: list[Source]) -> list[Message]:
+        """Steps on ``bags`` cut by work; a step that raises is retried on halves, and a bag that fails alone
+        is dead-lettered. Returns the dead letters."""
+        letters: list[Message] = []
+        where = {id(bag): source for bag, source in zip(bags, sources, strict=True)}
+        for batch in work_batches(bags):
+            letters += self._step_or_bisect(batch, where)
+        return letters
+
+    def _step_or_bisect(self, bags: list[Bag], where: dict[int, Source]) -> list[Message]:
+        try:
+            self.train(bags)
+            TRAINED_BAGS.inc(len(bags))
+            return []
+        except Exception as error:
+            if len(bags) == 1:
+                tp, record = where[id(bags[0])]
+                log.error("training on %s[%d]@%d failed (%s): dead-lettered", tp.topic, tp.partition, record.offset,
+                          type(error).__name__)
+                return [dead_letter(self.topics.dead_letters, tp, record, Reason.FAILED,
+                                    f"training failed: {type(error).__name__}")]
+            log.warning("a step on %d bags failed (%s); retrying on halves", len(bags), type(error).__name__)
+        half = len(bags) // 2
+        return self._step_or_bisect(bags[:half], where) + self._step_or_bisect(bags[half:], where)
 
     def publish(self, checkpoint: bool) -> None:
         """Write the next snapshot; with ``checkpoint``, also record what it has trained on."""
@@ -96,7 +147,7 @@ class TrainingAgent:
         for impression_id, ts in self.unrecorded.items():
             key = impression_id.encode()
             tx.put(b"t" + key, b"")
-            tx.put(b"x" + encode_time(ts + self.horizon_s) + key, b"")
+            tx.put(b"x" + encode_time(ts + self.horizon_s) + key, b"")  # ts: clamped as it was recorded
         newest = max(self.unrecorded.values(), default=0.0)
         for index, _ in self.store.scan(b"x", encode_time(newest - self.horizon_s)):
             tx.delete(index)
@@ -114,43 +165,48 @@ class TrainingAgent:
         consumer.subscribe([self.topics.bags], listener=SeekToStoredOffsets(consumer, self.store))
         await consumer.start()
         watch = FetchWatch("learner", log)
+        fetch = SafeFetch(consumer, "learner", self.topics.dead_letters)
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
                  self.snapshots.directory, self.version)
         buffer: list[Bag] = []
+        sources: list[Source] = []
+        cells = 0  # work in the buffer (stream.events.work_cells)
         first_wait = last_arrival = last_snapshot = last_checkpoint = time.monotonic()
         learned_since_snapshot = False
         try:
             while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
+                fetched = await fetch.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
+                batches = fetched.records
                 watch.mark_ready(consumer, self.ready)
                 now = time.monotonic()
-                dead = []
+                dead = list(fetched.letters)
                 for tp, records in batches.items():
                     EVENTS_IN.labels(tp.topic).inc(len(records))
                     for record in records:
-                        try:
-                            bag = parse_line(record.value or b"", Bag)
-                        except ValueError as error:
-                            dead.append(dead_letter(self.topics.dead_letters, tp, record, str(error)))
+                        bag = self.admit(tp, record)
+                        if isinstance(bag, tuple):
+                            dead.append(bag)
                             continue
-                        if self.trained(bag.impression_id):
-                            DUPLICATES.labels("trained_bag").inc()
+                        if bag is None:
                             continue
                         if not buffer:
                             first_wait = now
                         buffer.append(bag)
-                        self.unrecorded[bag.impression_id] = bag.ts
+                        sources.append((tp, record))
+                        cells += bag.work_cells
                     self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
                     last_arrival = now
-                await send_all(producer, dead)
-                due = len(buffer) >= self.batch_size or (buffer and (now - last_arrival >= self.idle_flush_s
-                                                                     or now - first_wait >= self.max_wait_s))
+                for tp, offset in fetched.skipped_to.items():
+                    self.offsets[(tp.topic, tp.partition)] = offset
+                await send_all(producer, dead, self.topics.dead_letters)
+                due = len(buffer) >= self.batch_size or cells >= BATCH_WORK_CELLS or (
+                    buffer and (now - last_arrival >= self.idle_flush_s or now - first_wait >= self.max_wait_s))
                 if due:
-                    await asyncio.to_thread(self.train, buffer)
+                    failed = await asyncio.to_thread(self.train_isolating, buffer, sources)
+                    await send_all(producer, failed, self.topics.dead_letters)
                     TRAINING_STEPS.inc()
-                    TRAINED_BAGS.inc(len(buffer))
                     PROGRESSIVE_LOGLOSS.set(self.loss.get())
-                    buffer = []
+                    buffer, sources, cells = [], [], 0
                     learned_since_snapshot = True
                 now = time.monotonic()
                 if learned_since_snapshot and not buffer and now - last_snapshot >= self.snapshot_every_s:
@@ -165,7 +221,7 @@ class TrainingAgent:
                 if sum(map(len, batches.values())) < self.batch_size // 2:
                     await asyncio.sleep(0.2)  # fewer, larger fetches: see stream.joiner.POLL_PAUSE_S
             if buffer:
-                self.train(buffer)
+                await send_all(producer, self.train_isolating(buffer, sources), self.topics.dead_letters)
             if self.unrecorded:
                 self.publish(checkpoint=True)
         finally:

@@ -49,3 +49,27 @@ async def read_all(url: str, topic: str, until, timeout_s: float = 30.0, settle_
         return messages
     finally:
         await consumer.stop()
+
+
+async def produce_corrupt_batch(url: str, topic: str, values: list[bytes], partition: int = 0) -> None:
+    """One record batch of ``values`` whose CRC no longer matches (a byte of its payload flipped), written with
+    a plain ProduceRequest: no client sends such a thing, but a disk, a proxy or a buggy producer can."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.produce import ProduceRequest
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for i, value in enumerate(values):
+        builder.append(i, timestamp=None, key=None, value=value, headers=[])
+    batch = bytearray(builder.build())
+    batch[-3] ^= 0xFF
+    client = AIOKafkaClient(bootstrap_servers=bootstrap_servers(url))
+    await client.bootstrap()
+    try:
+        await client._metadata_update(client.cluster, [topic])
+        leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+        response = await client.send(leader, ProduceRequest(None, -1, 30000, [(topic, [(partition, bytes(batch))])]))
+        assert response.topics[0][1][0][1] == 0, f"the broker refused the batch: {response}"
+    finally:
+        await client.close()

@@ -94,6 +94,18 @@ def published_ports(service: dict) -> dict[int, int]:
     return ports
 
 
+def published_host_addresses(service: dict) -> list[str]:
+    """The host address each published port binds ("" where it binds every interface)."""
+    addresses = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            addresses.append(entry.get("host_ip", ""))
+            continue
+        parts = str(entry).partition("/")[0].split(":")
+        addresses.append(":".join(parts[:-2]) if len(parts) > 2 else "")
+    return addresses
+
+
 def volume_mounts(service: dict) -> dict[str, str]:
     """Container path -> source (a named volume or a host path)."""
     mounts = {}
@@ -525,3 +537,49 @@ def test_compose_file_matches_the_compose_spec_schema(compose):
     validator = getattr(jsonschema, draft)(schema)
     errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+
+
+# ---------------------------------------------------------------- security, limits and health (issue 20)
+
+
+def test_host_ports_are_published_on_loopback_only(compose):
+    for name, service in compose["services"].items():
+        for address in published_host_addresses(service):
+            assert address in ("127.0.0.1", "[::1]", "::1"), (
+                f"{name} publishes a port on {address or 'every host interface'}: Kafka's listener is "
+                "unauthenticated plaintext and the metrics are not for the network"
+            )
+
+
+def test_kafka_accepts_the_largest_message_genco_reads_and_writes(compose):
+    from stream.kafka import MAX_MESSAGE_BYTES
+
+    _, kafka = kafka_service(compose)
+    limit = environment(kafka).get("KAFKA_MESSAGE_MAX_BYTES")
+    assert limit and int(limit) >= MAX_MESSAGE_BYTES, "Kafka's ~1 MiB default refuses values genco must carry"
+
+
+def healthcheck_argv(test: object) -> list[str]:
+    argv = test if isinstance(test, list) else ["CMD-SHELL", str(test)]
+    return argv[1:] if argv[0] == "CMD" else shlex.split(" ".join(argv[1:]))
+
+
+def test_healthchecks_run_genco_status_which_fails_on_a_crash_loop(compose):
+    _, genco = service_running(compose, "serve")
+    assert healthcheck_argv(genco["healthcheck"]["test"])[:2] == ["genco", "status"], (
+        "the healthcheck must fail while an agent crash-loops: probing the metrics port stays green"
+    )
+    checks = [args for keyword, args in dockerfile_instructions() if keyword == "HEALTHCHECK"]
+    assert checks, "the image has no HEALTHCHECK"
+    assert re.search(r"CMD\s+\[\s*\"genco\",\s*\"status\"", checks[-1]), checks[-1]
+
+
+def test_secrets_stay_out_of_the_image_and_installs_follow_the_constraints():
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".env", ".env.production", "certs/client.key"):
+        assert dockerignored(path, patterns), f"{path} would be copied into the image"
+    runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN"]
+    installs = [run for run in runs if "pip install" in run and "download.pytorch.org" not in run]
+    assert installs and all("-c constraints.txt" in run for run in installs), "install what CI tested"
+    assert (ROOT / "constraints.txt").is_file()

@@ -26,10 +26,10 @@ from sim.garbage import FAULTS, corrupt
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
+from stream.deadletters import MAX_RAW_CHARS
 from stream.events import Bag
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
-from stream.runtime import MAX_RAW_CHARS
 from stream.selector import SelectorAgent
 
 TOPICS = Topics("g.")

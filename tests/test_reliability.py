@@ -18,10 +18,10 @@ from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, serve_log, 
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
+from stream.deadletters import MAX_RAW_CHARS
 from stream.embedded import EmbeddedBroker
 from stream.joiner import Joiner
 from stream.kafka import Connection
-from stream.runtime import MAX_RAW_CHARS
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
 
@@ -135,3 +135,28 @@ def test_5_mb_values_on_every_input_topic_become_truncated_dead_letters_and_traf
     assert sorted(d["error"] for d in dead) == ["candidates: Field required"] * 2 + ["ts: Field required"]
     assert {r["request_id"]: "error" in r for r in responses} == {big["request"].request_id: True, "r-good": False}
     assert [b["impression_id"] for b in bags] == [impression["impression_id"]]
+
+
+def test_an_output_the_broker_refuses_becomes_a_dead_letter_instead_of_being_retried_for_ever(broker, topics):
+    from stream.kafka import MAX_MESSAGE_BYTES
+    from stream.runtime import send_all
+
+    connection = Connection.from_settings(Settings(), broker)
+    connection.ensure_topics(topics.all())
+    too_large = b'{"pad": "' + b"x" * MAX_MESSAGE_BYTES + b'"}'
+
+    async def scenario() -> None:
+        producer = connection.producer()
+        await producer.start()
+        try:
+            await asyncio.wait_for(send_all(producer, [(topics.bags, b"imp-big", too_large),
+                                                       (topics.bags, b"imp-ok", b'{"ok": true}')],
+                                            topics.dead_letters), 60)
+        finally:
+            await producer.stop()
+
+    asyncio.run(scenario())
+    dead = asyncio.run(read_all(broker, topics.dead_letters, lambda m: len(m) >= 1, timeout_s=30))
+    assert [(d["topic"], d["reason"]) for d in dead] == [(topics.bags, "output_refused")]
+    assert len(dead[0]["raw"]) == MAX_RAW_CHARS and "MessageSizeTooLarge" in dead[0]["error"]
+    assert asyncio.run(read_all(broker, topics.bags, lambda m: len(m) >= 1, timeout_s=30)) == [{"ok": True}]
