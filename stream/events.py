@@ -4,12 +4,12 @@ Every message that enters genco passes through one of these models, so a bad
 value is rejected at the border with an error that names the field at fault.
 Unknown fields are ignored, as the contract says.
 
-Caps on work per message (docs/operations.md, "Caps"): besides the contract's 1,000
-candidates per component, a request or impression may hold at most
-``MAX_TOTAL_CANDIDATES`` candidates in all and ``MAX_SEGMENT_CROSSES`` query segments x
-candidates, so that one message's cost in the model (attention grows with the square of
-its candidates, context crosses with segments x candidates) is bounded. ``work_cells``
-is that cost, which batches are cut by (``BATCH_WORK_CELLS``).
+Work per message (docs/operations.md, "Caps"): the model scores the first ``CONSIDERED``
+candidates of each component (the paper pads pools to 15), so a request's cost grows with
+those, not with the contract's up to 1,000 per component: attention with their square,
+context crosses with query segments x them. A message may ask for at most
+``MAX_SEGMENT_CROSSES`` segments x considered candidates; ``work_cells`` bounds its cost, and
+batches are cut by it (``BATCH_WORK_CELLS``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pydantic_core import PydanticCustomError
 MAX_ID_CHARS = 256
 MAX_CANDIDATES = 1000
 MAX_COMPONENTS = 64
-MAX_TOTAL_CANDIDATES = 6000  # the paper's six components at the contract's 1,000 each
-MAX_SEGMENT_CROSSES = 20_000  # query segments x candidates in all
+CONSIDERED = 15  # candidates of a component the model scores: the first ones, in the order given
+MAX_SEGMENT_CROSSES = 20_000  # query segments x considered candidates
 # A batch (of selection requests or of bags for one training step) holds at most this many work
 # cells, except a single message over it, which goes alone: ~40 MB of model memory at the worst.
 BATCH_WORK_CELLS = 4_000_000
@@ -57,10 +57,16 @@ Candidates = Annotated[
 ]
 
 
+def considered(candidates: dict[str, list[str]]) -> int:
+    """How many candidates the model scores: at most ``CONSIDERED`` a component (a logged element beyond
+    them takes the last place)."""
+    return sum(min(len(ids), CONSIDERED) for ids in candidates.values())
+
+
 def work_cells(candidates: dict[str, list[str]], query: Query | None) -> int:
-    """An upper bound of the model's cells for one message: attention (candidates squared), context crosses
-    (candidates x (segments + age + gender)) and the candidates themselves."""
-    total = sum(map(len, candidates.values()))
+    """An upper bound of the model's cells for one message: attention (considered candidates squared),
+    context crosses (them x (segments + age + gender)) and the candidates themselves."""
+    total = considered(candidates)
     segments = len(query.segments) if query else 0
     return total * total + total * (segments + 3)
 
@@ -81,14 +87,10 @@ def work_batches(messages: list, budget: int = BATCH_WORK_CELLS) -> list[list]:
 
 
 def _check_caps(candidates: dict[str, list[str]], query: Query | None) -> None:
-    total = sum(map(len, candidates.values()))
-    if total > MAX_TOTAL_CANDIDATES:
-        raise PydanticCustomError("over_cap", "candidates: {total} in all, over the cap of {cap}",
-                                  {"total": total, "cap": MAX_TOTAL_CANDIDATES})
-    crosses = total * (len(query.segments) if query else 0)
+    crosses = considered(candidates) * (len(query.segments) if query else 0)
     if crosses > MAX_SEGMENT_CROSSES:
-        raise PydanticCustomError("over_cap", "query.segments x candidates: {crosses}, over the cap of {cap}",
-                                  {"crosses": crosses, "cap": MAX_SEGMENT_CROSSES})
+        raise PydanticCustomError("over_cap", "query.segments x considered candidates: {crosses}, over the cap "
+                                  "of {cap}", {"crosses": crosses, "cap": MAX_SEGMENT_CROSSES})
 
 
 def _check_distinct(candidates: dict[str, list[str]]) -> None:

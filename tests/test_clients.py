@@ -24,6 +24,7 @@ from sim.harness import serve_env, serve_log, start_serve, stop_serve, wait_read
 from sim.world import World, WorldConfig
 from stream.deadletters import MAX_ERROR_CHARS, Reason
 from stream.embedded import free_port
+from stream.events import CONSIDERED
 from stream.kafka import Topics, bootstrap_servers
 from tests.kafka_helpers import produce_corrupt_batch
 
@@ -149,11 +150,12 @@ def test_hostile_input_is_dead_lettered_or_refused_and_every_agent_keeps_answeri
         "deep": b"[" * 1100,
         "huge-error": json.dumps({"request_id": "huge-error", "ad_id": "a",  # 64k type errors in 200 KB
                                   "candidates": {f"{'c' * 250}{i}": list(range(1000)) for i in range(64)}}).encode(),
-        "over-cap": json.dumps({"request_id": "over-cap", "ad_id": "a",
-                                "candidates": {f"c{i}": [f"e{j}" for j in range(1000)] for i in range(7)}}).encode(),
-        "crosses": json.dumps({"request_id": "crosses", "ad_id": "a",
+        "wide": json.dumps({"request_id": "wide", "ad_id": "a",  # valid: served from each pool's first 15
+                            "query": {"segments": [f"s{i}" for i in range(100)]},
+                            "candidates": {f"c{i}": [f"e{j}" for j in range(1000)] for i in range(7)}}).encode(),
+        "crosses": json.dumps({"request_id": "crosses", "ad_id": "a",  # 64 x 15 considered x 100 segments
                                "query": {"segments": [f"s{i}" for i in range(100)]},
-                               "candidates": {"title": [f"t{j}" for j in range(1000)]}}).encode(),
+                               "candidates": {f"c{i}": [f"e{j}" for j in range(15)] for i in range(64)}}).encode(),
         "control": json.dumps({"request_id": "control", "ad_id": "a", "candidates": {control: []}}).encode(),
     }
     asyncio.run(produce_corrupt_batch(broker, topics.requests, [b'{"request_id": "lost"}'] * 5))
@@ -171,22 +173,24 @@ def test_hostile_input_is_dead_lettered_or_refused_and_every_agent_keeps_answeri
     confluent_produce(broker, "lz4", [(topics.impressions, key, json.dumps(impression).encode()),
                                       (topics.clicks, key, json.dumps(click).encode())])
 
-    wanted = {r["request_id"] for r in after} | {"huge-error", "over-cap", "crosses", "control"}
+    wanted = {r["request_id"] for r in after} | {"huge-error", "wide", "crosses", "control"}
     responses = {r["request_id"]: r for r in confluent_read(
         broker, topics.responses, lambda v: {r["request_id"] for r in v} >= wanted)}
     assert wanted <= set(responses), f"unanswered: {sorted(wanted - set(responses))}"
     assert all("shown" in responses[r["request_id"]] for r in after), "good requests after hostile ones answered"
     assert responses["odd-names"]["shown"][control] in ("x", "y")
-    for request_id in ("huge-error", "over-cap", "crosses", "control"):
+    for request_id in ("huge-error", "crosses", "control"):
         assert len(responses[request_id]["error"]) <= MAX_ERROR_CHARS
-    assert "over the cap" in responses["over-cap"]["error"] and "over the cap" in responses["crosses"]["error"]
+    assert "over the cap" in responses["crosses"]["error"]
+    wide = responses["wide"]["shown"]
+    assert set(wide) == {f"c{i}" for i in range(7)} and all(int(e[1:]) < CONSIDERED for e in wide.values())
     assert "\x1b" not in responses["control"]["error"] and "\\x1b" in responses["control"]["error"]
 
     bags = confluent_read(broker, topics.bags, lambda v: any(b["impression_id"] == impression["impression_id"]
                                                              for b in v))
     assert [b["clicked"] for b in bags if b["impression_id"] == impression["impression_id"]] == [True]
 
-    letters = confluent_read(broker, topics.dead_letters, lambda v: len(v) >= 8)
+    letters = confluent_read(broker, topics.dead_letters, lambda v: len(v) >= 7)
     by_reason: dict[str, list[dict]] = {}
     for letter in letters:
         by_reason.setdefault(letter["reason"], []).append(letter)
@@ -196,7 +200,7 @@ def test_hostile_input_is_dead_lettered_or_refused_and_every_agent_keeps_answeri
     assert undecodable == sorted([(topics.requests, 5), (topics.impressions, 3), (topics.clicks, 2)]), \
         "each corrupt batch: one letter naming its whole offset range"
     assert [letter["raw"] for letter in by_reason["not_json"]] == ["[" * 1100]
-    assert len(by_reason["over_cap"]) == 2 and len(by_reason["invalid"]) == 2
+    assert len(by_reason["over_cap"]) == 1 and len(by_reason["invalid"]) == 2
     assert set(by_reason) == {"undecodable", "not_json", "over_cap", "invalid"}
 
     code, report = status(broker, topics, state, port)
