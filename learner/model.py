@@ -76,10 +76,17 @@ class Encoded:
 
     h: torch.Tensor  # (B, 8) context embedding
     features: torch.Tensor  # (L, F) f_e
-    element_logit: torch.Tensor  # (L,) p_e, priors included
-    element_prior: torch.Tensor | None  # (L,) the element's prior over its ad's CTR, reused by s
-    request_prior: torch.Tensor | None  # (B,) the ad's CTR in log-odds
+    element_network: torch.Tensor  # (L,) p_e as the network alone scores it
+    element_prior: torch.Tensor | None  # (L,) the element's priors over its ad's CTR, weighted
+    request_prior: torch.Tensor | None  # (B,) the ad's CTR in log-odds, weighted
     prior: PriorScores | None  # what the priors said (numpy), for pairs and Thompson sampling
+
+    def element_logit(self, request: torch.Tensor, network_weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """p_e with the priors: the network's score weighted by ``network_weight``; ``request``: each
+        element's request (the featurizer's ``element_request``)."""
+        if self.element_prior is None:
+            return self.element_network
+        return network_weight * self.element_network + self.element_prior + self.request_prior.index_select(0, request)
 
 
 class GenCO(nn.Module):
@@ -114,6 +121,10 @@ class GenCO(nn.Module):
             self.prior_weight = nn.Parameter(torch.ones(2))  # (element, ad)
             if c.context_prior:
                 self.context_prior_weight = nn.Parameter(torch.ones(()))
+            # How much of the network's scores serving adds to the priors', (element, combination): fitted
+            # like the priors' weights, on each batch before it is learned from, so a network that scores
+            # noise where counting already knows better gets no say (docs/decisions.md, "Serving blend").
+            self.network_weight = nn.Parameter(torch.zeros(2))
 
     # -- 1..4: context, attention, element scores ---------------------------------------------
     def encode(self, batch: Batch) -> Encoded:
@@ -132,9 +143,9 @@ class GenCO(nn.Module):
         else:
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
-        logit = self.phi(torch.cat([h.index_select(0, t.element_request), features], 1)).squeeze(1)
+        network = self.phi(torch.cat([h.index_select(0, t.element_request), features], 1)).squeeze(1)
         if self.priors is None:
-            return Encoded(h, features, logit, None, None, None)
+            return Encoded(h, features, network, None, None, None)
         prior = self.priors.scores(PriorKeys.of(batch.arrays))
         element_prior = self.prior_weight[0] * torch.from_numpy(prior.element).float()
         if prior.context is not None:
@@ -143,14 +154,13 @@ class GenCO(nn.Module):
         # waiting for φ's output bias to crawl from 0 to about -2.5.
         base = float(np.log(self.priors.base_rate() / (1 - self.priors.base_rate())))
         request_prior = base + self.prior_weight[1] * (torch.from_numpy(prior.request).float() - base)
-        element_logit = logit + element_prior + request_prior.index_select(0, t.element_request)
-        return Encoded(h, features, element_logit, element_prior, request_prior, prior)
+        return Encoded(h, features, network, element_prior, request_prior, prior)
 
     def observe(self, batch: Batch, enc: Encoded) -> None:
         """Count the batch into the priors; after the step, so a label never sees itself."""
         if self.priors is not None:
             self.priors.observe(PriorKeys.of(batch.arrays), batch.arrays["clicked"].astype(np.float64),
-                                LoggedKeys.of(batch.arrays, enc.prior.rate))
+                                LoggedKeys.of(batch.arrays, enc.prior.element))
 
     def pair_prior(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
         """(K, B) each combination's pairs' synergy summed, in log-odds. dense: (K, B, M) elements (into L),
@@ -160,20 +170,17 @@ class GenCO(nn.Module):
         present = dense[0] >= 0
         request, pair = np.nonzero(present[:, i] & present[:, j])
         first, second = dense[:, request, i[pair]].ravel(), dense[:, request, j[pair]].ravel()
-        keys, prior = batch.arrays["element_key"], enc.prior
-        shift = self.priors.pair_shift(pair_key(keys[first], keys[second]), prior.rate[first] + prior.rate[second],
-                                       prior.ad_rate[np.tile(request, k)])
+        keys, effect = batch.arrays["element_key"], enc.prior.element
+        shift = self.priors.pair_shift(pair_key(keys[first], keys[second]), effect[first] + effect[second])
         cell = (np.arange(k)[:, None] * n + request).ravel()
         return np.bincount(cell, weights=shift, minlength=k * n).reshape(k, n)
 
     def logged_pair_prior(self, batch: Batch, enc: Encoded) -> np.ndarray:
         """(B,) ``pair_prior`` of the logged combinations, from their pairs as the featurizer laid them out."""
-        a, prior = batch.arrays, enc.prior
+        a, effect = batch.arrays, enc.prior.element
         first, second = a["shown_pair_first"], a["shown_pair_second"]
-        request = a["element_request"][first]
-        shift = self.priors.pair_shift(a["shown_pair_key"], prior.rate[first] + prior.rate[second],
-                                       prior.ad_rate[request])
-        return np.bincount(request, weights=shift, minlength=batch.size)
+        shift = self.priors.pair_shift(a["shown_pair_key"], effect[first] + effect[second])
+        return np.bincount(a["element_request"][first], weights=shift, minlength=batch.size)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Everything a snapshot holds: the network's state and the priors' tables."""
@@ -210,33 +217,39 @@ class GenCO(nn.Module):
         return torch.cat(outputs).index_select(0, t.element_attention_cell)
 
     # -- 5: combination scores ------------------------------------------------------------------
-    def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor,
-                          pair_prior: torch.Tensor | None = None) -> torch.Tensor:
-        """s for K combinations per request. picks: (K, G) element index per pool, -1 where absent;
-        ``pair_prior``: their (K, B) ``pair_prior``, where the caller has it already."""
+    def element_logit(self, batch: Batch, enc: Encoded) -> torch.Tensor:
+        """p_e as serving scores it: the priors and the network, blended."""
+        weight = 1.0 if self.priors is None else self.network_weight[0]
+        return enc.element_logit(batch.tensors.element_request, weight)
+
+    def combination_parts(self, batch: Batch, enc: Encoded, picks: torch.Tensor,
+                          pair_prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """s for K combinations per request, as (the network's part, the priors' part or None). picks: (K, G)
+        element index per pool, -1 where absent; ``pair_prior``: their (K, B) ``pair_prior``, where the
+        caller has it already."""
         c = self.config
         k, n, width = picks.shape[0], batch.size, batch.combination_width
         dense = picks.new_full((k, n * width), -1).index_copy(1, batch.tensors.group_cell, picks).view(k, n, width)
         present = dense >= 0
         index = dense.clamp(min=0)
-        f = take_rows(enc.features, index)  # (K, B, M, F)
-        h = enc.h.expand(k, n, -1)
         if c.mil:
+            f = take_rows(enc.features, index)  # (K, B, M, F)
+            h = enc.h.expand(k, n, -1)
             weight_logit = self.mil_weight(torch.cat([h.unsqueeze(2).expand(-1, -1, width, -1), f], 3)).squeeze(3)
             weight = torch.softmax(weight_logit.masked_fill(~present, float("-inf")), 2)
-            combined = (weight.unsqueeze(3) * f).sum(2)
-            logit = self.phi(torch.cat([h, combined], 2)).squeeze(2)
-            if enc.element_prior is not None:
-                logit = logit + (take_rows(enc.element_prior, index) * present).sum(2)
-        else:  # without MIL a combination scores as the sum of its element scores (over the ad's level)
-            own = enc.element_logit
-            if enc.request_prior is not None:
-                own = own - enc.request_prior.index_select(0, batch.tensors.element_request)
-            logit = (take_rows(own, index) * present).sum(2)
-        if self.priors is not None and c.pair_prior:
+            network = self.phi(torch.cat([h, (weight.unsqueeze(3) * f).sum(2)], 2)).squeeze(2)
+        else:  # without MIL a combination scores as the sum of its element scores
+            network = (take_rows(enc.element_network, index) * present).sum(2)
+        if self.priors is None:
+            return network, None
+        prior = (take_rows(enc.element_prior, index) * present).sum(2) + enc.request_prior
+        if c.pair_prior:
             if pair_prior is None:
                 pair_prior = torch.from_numpy(self.pair_prior(batch, enc, dense.numpy())).float()
-            logit = logit + pair_prior
-        if enc.request_prior is not None:
-            logit = logit + enc.request_prior
-        return logit
+            prior = prior + pair_prior
+        return network, prior
+
+    def combination_logit(self, batch: Batch, enc: Encoded, picks: torch.Tensor) -> torch.Tensor:
+        """s for K combinations per request as serving scores them: the priors and the network, blended."""
+        network, prior = self.combination_parts(batch, enc, picks)
+        return network if prior is None else self.network_weight[1] * network + prior

@@ -7,8 +7,10 @@ network's logits, so the network learns what counting misses; serving adds the s
 by the same numpy code from the same tables.
 
 Impressions are counted as (n, Σ excess, Σ variance): an impression's excess is its click less its ad's
-own CTR, so a product's appeal stays out of its creatives' credit, and its variance is that CTR's
-Bernoulli variance, so each row knows how noisy its mean is. Levels:
+own CTR r, so a product's appeal stays out of its creatives' credit, and its variance is r(1 - r). A row's
+effect in log-odds over its ads' CTR is then Σ excess / Σ variance, known to within a variance of
+1 / Σ variance: one Newton step of a logistic model with the ad's CTR as offset, so effects of one size
+in log-odds count alike on ads of 1% and of 10% CTR. Levels:
 
     ad        the ad's CTR (plain clicks), shrunk towards the overall CTR
     component a component's mean excess
@@ -17,12 +19,12 @@ Bernoulli variance, so each row knows how noisy its mean is. Levels:
     cross     an element with one context value: an age, a gender, a query segment
     pair      two elements shown together
 
-Shrinkage is hierarchical and empirical-Bayes (normal approximations): a cell is shrunk towards its
+Shrinkage is hierarchical and empirical-Bayes, in log-odds (normal approximations): a cell is shrunk towards its
 element's record in the *other* ads, which is shrunk towards its component's mean; so a new element in
 an ad starts from its template's history across ads, else from its component's mean. The spread of
 each level around its parent is estimated from the counts (method of moments, refit as they grow),
-not tuned. A cross is shrunk the same way towards its element's own rate; a pair towards the sum of
-its two elements' rates, with a strength chosen by how well each candidate strength predicts the next
+not tuned. A cross is shrunk the same way towards its element's effect over all ads; a pair towards the
+sum of its two elements' effects, with a strength chosen by how well each candidate strength predicts the next
 batch (``_choose_pair_strength``; docs/decisions.md).
 
 Counts fade with a half-life in impressions (``ModelConfig.prior_half_life``), so retired elements and
@@ -45,7 +47,7 @@ COMPONENT_ROWS = 64
 _REFIT_EVERY = 8  # steps between two refits of the spreads
 _REFIT_SAMPLE = 1 << 16  # rows of a hashed table the cross spread is measured on
 _RESCALE_AT = 1e60  # the fading weight's bound before every table is rescaled
-_FLOOR = 1e-6  # the smallest spread: no detectable differences shrink a level (almost) to its parent
+_FLOOR = 1e-4  # the smallest spread (log-odds²): no detectable differences shrink a level (almost) to its parent
 _TINY = 1e-12
 
 
@@ -145,12 +147,12 @@ class LoggedKeys:
     cross_weight: np.ndarray  # (X,)
     pair: np.ndarray  # (P,) every two shown elements of one request
     pair_request: np.ndarray  # (P,)
-    pair_additive: np.ndarray  # (P,) the sum of the pair's two elements' excess rates, before this batch
-    rate_sum: np.ndarray  # (B,) the excess rates of each request's shown elements, summed
+    pair_additive: np.ndarray  # (P,) the sum of the pair's two elements' effects, before this batch
+    effect_sum: np.ndarray  # (B,) the effects of each request's shown elements, summed
 
     @classmethod
-    def of(cls, arrays: dict[str, np.ndarray], rate: np.ndarray) -> LoggedKeys:
-        """From a labelled batch's layout and its elements' excess rates (``PriorScores.rate``)."""
+    def of(cls, arrays: dict[str, np.ndarray], effect: np.ndarray) -> LoggedKeys:
+        """From a labelled batch's layout and its elements' effects (``PriorScores.element``)."""
         shown, request, cross = arrays["shown_element"], arrays["shown_request"], arrays["shown_cross"]
         first, second = arrays["shown_pair_first"], arrays["shown_pair_second"]
         position = np.full(len(arrays["element_key"]), -1)
@@ -159,25 +161,18 @@ class LoggedKeys:
                    arrays["element_component"][shown], arrays["cross_key"][cross],
                    position[arrays["cross_element"][cross]], arrays["shown_cross_request"],
                    arrays["cross_weight"][cross], arrays["shown_pair_key"], arrays["element_request"][first],
-                   rate[first] + rate[second],
-                   np.bincount(request, weights=rate[shown], minlength=len(arrays["context_key"])))
+                   effect[first] + effect[second],
+                   np.bincount(request, weights=effect[shown], minlength=len(arrays["context_key"])))
 
 
 @dataclass
 class PriorScores:
-    """A batch's priors: what ``GenCO.encode`` adds to the network's scores (log-odds unless said)."""
+    """A batch's priors, in log-odds: what ``GenCO.encode`` adds to the network's scores."""
 
     request: np.ndarray  # (B,) the ad's CTR
     element: np.ndarray  # (L,) the element in this ad, over the ad's CTR
     context: np.ndarray | None  # (L,) how much better the element does with this request's context
-    rate: np.ndarray  # (L,) the element's excess click rate in this ad (rate units; pairs add up to it)
-    ad_rate: np.ndarray  # (B,) the ad's CTR (rate units)
     variance: np.ndarray  # (L,) of ``element``, for Thompson sampling
-
-
-def _information(n: np.ndarray, variance: np.ndarray) -> np.ndarray:
-    """How precisely n impressions with Σ Bernoulli variance ``variance`` pin their mean: n² / variance."""
-    return n * n / (variance + _TINY)
 
 
 class Priors:
@@ -192,7 +187,7 @@ class Priors:
         self.pairs = CountTable(pair_cells) if pairs else None
         self.total = np.zeros(2)  # (n, clicks)
         self.weight = 1.0  # an impression counted now, against one counted at the last rescale
-        self.spreads = np.full(3, _FLOOR)  # τ² of elements around components, cells around elements, crosses
+        self.spreads = np.full(3, _FLOOR)  # τ² (log-odds) of elements around components, cells around them, crosses
         self.pair_strength = PAIR_STRENGTHS[-1]
         self.pair_gains = np.zeros((3, len(PAIR_STRENGTHS)))  # per strength, decayed: (batches, Σ gain, Σ gain²)
         self.steps = 0
@@ -206,70 +201,66 @@ class Priors:
         n, clicks, _ = self.ads.get(ad_keys, self.weight).T
         return (clicks + self.ad_strength * self.base_rate()) / (n + self.ad_strength)
 
+    def _shrunk(self, excess: np.ndarray, information: np.ndarray, prior: np.ndarray | float,
+                prior_variance: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and variance of a log-odds effect measured as Σ excess / Σ variance (``excess``,
+        ``information``) under a normal prior."""
+        precision = information + 1 / prior_variance
+        return (excess + prior / prior_variance) / precision, 1 / precision
+
     def element_posterior(self, element: np.ndarray, component: np.ndarray, own: np.ndarray,
                           ) -> tuple[np.ndarray, np.ndarray]:
-        """Each element's excess click rate from its counts ``element`` (rows of n, Σ excess, Σ variance)
-        less one ad's ``own``, shrunk towards its ``component``'s mean: posterior mean and variance."""
-        n_c, s_c, _ = (self.components[component] / self.weight).T
+        """Each element's effect from its counts ``element`` (rows of n, Σ excess, Σ variance) less one ad's
+        ``own``, shrunk towards its ``component``'s mean."""
+        _, s_c, v_c = (self.components[component] / self.weight).T
         other = element - own
-        n, s, v = np.maximum(other[:, 0], 0.0), other[:, 1], np.maximum(other[:, 2], 0.0)
-        precision = _information(n, v) + 1 / self.spreads[0]
-        return (n * s / (v + _TINY) + (s_c / (n_c + 1.0)) / self.spreads[0]) / precision, 1 / precision
+        return self._shrunk(other[:, 1], np.maximum(other[:, 2], 0.0), s_c / (v_c + 1.0), self.spreads[0])
 
     def cell_posterior(self, cell: np.ndarray, element: np.ndarray, component: np.ndarray,
                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Each element's excess click rate in its ad, from the counts of the cell and of its element:
-        posterior mean and variance (rate units)."""
+        """Each element's effect in its ad, from the counts of the cell and of its element."""
         element_mean, element_variance = self.element_posterior(element, component, cell)
-        prior_variance = self.spreads[1] + element_variance
-        n, s, v = cell.T
-        precision = _information(n, v) + 1 / prior_variance
-        return (n * s / (v + _TINY) + element_mean / prior_variance) / precision, 1 / precision
+        return self._shrunk(cell[:, 1], cell[:, 2], element_mean, self.spreads[1] + element_variance)
 
-    def pooled_rate(self, element: np.ndarray) -> np.ndarray:
-        """Each element's excess click rate over every ad, shrunk towards zero (what crosses deviate from)."""
-        n, s, v = element.T
-        return (n * s / (v + _TINY)) / (_information(n, v) + 1 / self.spreads[0])
+    def pooled_effect(self, element: np.ndarray) -> np.ndarray:
+        """Each element's effect over every ad, shrunk towards zero (what crosses deviate from)."""
+        return self._shrunk(element[:, 1], element[:, 2], 0.0, self.spreads[0])[0]
 
     def cross_deviation(self, cross: np.ndarray, pooled: np.ndarray) -> np.ndarray:
-        """How much better each (element, context value) does than its element's ``pooled`` rate, shrunk."""
-        n, s, v = cross.T
-        return (n * (s - n * pooled) / (v + _TINY)) / (_information(n, v) + 1 / self.spreads[2])
+        """How much better each (element, context value) does than its element's ``pooled`` effect, shrunk."""
+        return self._shrunk(cross[:, 1] - cross[:, 2] * pooled, cross[:, 2], 0.0, self.spreads[2])[0]
 
     def scores(self, keys: PriorKeys) -> PriorScores:
-        ad_rate = self.ad_rate(keys.ad)
-        element_ad_rate = ad_rate[keys.element_request]
         element = self.elements.get(keys.element, self.weight)
-        rate, variance = self.cell_posterior(self.cells.get(keys.cell, self.weight), element, keys.component)
-        shifted = logit(element_ad_rate + rate)
+        effect, variance = self.cell_posterior(self.cells.get(keys.cell, self.weight), element, keys.component)
         context = None
         if self.crosses is not None:
-            pooled = self.pooled_rate(element)[keys.cross_element]
-            deviation = self.cross_deviation(self.crosses.get(keys.cross, self.weight), pooled)
-            shift = np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(rate))
-            context = logit(element_ad_rate + rate + shift) - shifted
-        p = np.clip(element_ad_rate + rate, 1e-4, 1 - 1e-4)
-        return PriorScores(logit(ad_rate), shifted - logit(element_ad_rate), context, rate, ad_rate,
-                           variance / (p * (1 - p)) ** 2)
+            deviation = self.cross_deviation(self.crosses.get(keys.cross, self.weight),
+                                             self.pooled_effect(element)[keys.cross_element])
+            context = np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(effect))
+        return PriorScores(logit(self.ad_rate(keys.ad)), effect, context, variance)
 
-    def pair_shift(self, pair_keys: np.ndarray, additive: np.ndarray, ad_rate: np.ndarray) -> np.ndarray:
-        """Log-odds by which each pair does better together than its two elements' excess rates (summed in
-        ``additive``) say: its own excess rate shrunk towards that sum."""
-        n, s, _ = self.pairs.get(pair_keys, self.weight).T
-        together = ad_rate + (s + self.pair_strength * additive) / (n + self.pair_strength)
-        return logit(together) - logit(ad_rate + additive)
+    def pair_shift(self, pair_keys: np.ndarray, additive: np.ndarray) -> np.ndarray:
+        """How much better each pair does together than its two elements' effects (summed in ``additive``)
+        say, in log-odds: its own effect shrunk towards that sum, by the chosen strength."""
+        _, s, v = self.pairs.get(pair_keys, self.weight).T
+        return (s - v * additive) / (v + self._pair_information())
+
+    def _pair_information(self, strengths: np.ndarray | float | None = None) -> np.ndarray | float:
+        """A strength in pseudo-impressions as information (Σ variance) at the overall CTR."""
+        base = self.base_rate()
+        return (self.pair_strength if strengths is None else strengths) * base * (1 - base)
 
     # -- counting -----------------------------------------------------------------------------
     def observe(self, keys: PriorKeys, clicked: np.ndarray, logged: LoggedKeys) -> None:
         """Count a batch (after the step that learned from it, so a label never sees itself)."""
-        self.ads.add(keys.ad, self.weight, clicked, np.zeros(len(clicked)), np.zeros(len(clicked), dtype=np.int64))
-        self.total += self.weight * np.array([len(clicked), clicked.sum()])
-        # against the ad's CTR with this batch in: a lagging one would credit every element of an ad whose
-        # CTR is still rising from the prior with clicks that are the ad's
+        # against the ad's CTR before this batch: one that had counted the click would shrink its excess
         ad_rate = self.ad_rate(keys.ad)
         excess, variance = clicked - ad_rate, ad_rate * (1 - ad_rate)
+        self.ads.add(keys.ad, self.weight, clicked, np.zeros(len(clicked)), np.zeros(len(clicked), dtype=np.int64))
+        self.total += self.weight * np.array([len(clicked), clicked.sum()])
         if self.pairs is not None:
-            self._choose_pair_strength(excess, logged)
+            self._choose_pair_strength(excess, variance, logged)
             self.pairs.add(logged.pair, self.weight, excess[logged.pair_request], variance[logged.pair_request],
                            logged.pair_request)
         shown_excess, shown_variance = excess[logged.request], variance[logged.request]
@@ -300,40 +291,39 @@ class Priors:
             self.weight = 1.0
 
     def refit(self) -> None:
-        """Each level's spread around its parent: the variance of the rows' means beyond their noise (and
-        beyond the parent's own uncertainty), weighted by impressions."""
-        n_c, s_c, _ = (self.components / self.weight).T
-        component_mean = s_c / (n_c + 1.0)
+        """Each level's spread around its parent: the variance of the rows' effects beyond their noise (and
+        beyond the parent's own uncertainty), weighted by information."""
+        _, s_c, v_c = (self.components / self.weight).T
         elements, element_components = self.elements.used()
         elements = elements / self.weight
-        n, s, v = elements.T
-        self.spreads[0] = between_variance(n, s, v, component_mean[element_components])
+        self.spreads[0] = between_variance(elements[:, 1], elements[:, 2], (s_c / (v_c + 1.0))[element_components])
         cells, cell_elements = self.cells.used()
         cells = cells / self.weight
         mean, mean_variance = self.element_posterior(elements[cell_elements], element_components[cell_elements],
                                                      cells)
-        n, s, v = cells.T
-        self.spreads[1] = between_variance(n, s, v, mean, mean_variance)
+        self.spreads[1] = between_variance(cells[:, 1], cells[:, 2], mean, mean_variance)
         if self.crosses is not None:
             crosses, cross_elements = self.crosses.used()
-            seen = np.flatnonzero(crosses[:, 0] > 0)
+            seen = np.flatnonzero(crosses[:, 2] > 0)
             if len(seen) > _REFIT_SAMPLE:
                 seen = seen[:: len(seen) // _REFIT_SAMPLE + 1]
-            n, s, v = (crosses[seen] / self.weight).T
-            self.spreads[2] = between_variance(n, s, v, self.pooled_rate(elements[cross_elements[seen]]))
+            crosses = crosses[seen] / self.weight
+            self.spreads[2] = between_variance(crosses[:, 1], crosses[:, 2],
+                                               self.pooled_effect(elements[cross_elements[seen]]))
 
-    def _choose_pair_strength(self, excess: np.ndarray, logged: LoggedKeys, decay: float = 0.99) -> None:
+    def _choose_pair_strength(self, excess: np.ndarray, variance: np.ndarray, logged: LoggedKeys,
+                              decay: float = 0.99) -> None:
         """Take the pairs' shrinkage by how well each candidate strength predicts this batch's clicks from
         the counts so far: a weaker one only when clearly better than the strongest (z > 2), and then one
         step stronger than the best predictor, since serving's argmax over summed pair shifts pays more for
         noise than prediction does. Prequential, not empirical Bayes: the spread of pair cells also holds
         what persists besides synergy (docs/decisions.md)."""
-        n, s, _ = self.pairs.get(logged.pair, self.weight).T
+        _, s, v = self.pairs.get(logged.pair, self.weight).T
         strengths = np.array(PAIR_STRENGTHS)
-        shifts = (s - n * logged.pair_additive)[:, None] / (n[:, None] + strengths)
-        predicted = np.stack([np.bincount(logged.pair_request, weights=column, minlength=len(excess))
-                              for column in shifts.T], 1)
-        miss = ((excess - logged.rate_sum)[:, None] - predicted) ** 2
+        shifts = (s - v * logged.pair_additive)[:, None] / (v[:, None] + self._pair_information(strengths))
+        predicted = variance[:, None] * np.stack(
+            [np.bincount(logged.pair_request, weights=column, minlength=len(excess)) for column in shifts.T], 1)
+        miss = ((excess - variance * logged.effect_sum)[:, None] - predicted) ** 2
         gain = miss[:, -1:] - miss  # squared error saved against the strongest, as good as off
         self.pair_gains = decay * self.pair_gains + np.stack([np.full(len(strengths), len(excess)),
                                                               gain.sum(0), (gain * gain).sum(0)])
@@ -366,15 +356,16 @@ class Priors:
         self.steps = int(steps)
 
 
-def between_variance(n: np.ndarray, s: np.ndarray, v: np.ndarray, prior: np.ndarray | float,
+def between_variance(excess: np.ndarray, information: np.ndarray, prior: np.ndarray | float,
                      prior_variance: np.ndarray | float = 0.0) -> float:
-    """Method-of-moments variance of true rates around ``prior`` among rows counted at all: a row's mean
-    s/n deviates from it by τ² + ``prior_variance`` + v/n² in expectation; weighted by impressions."""
-    seen = n > 1e-9
+    """Method-of-moments variance of true effects around ``prior`` among rows measured at all: a row's effect
+    excess / information deviates from it by τ² + ``prior_variance`` + 1 / information in expectation;
+    weighted by information."""
+    seen = information > _TINY
     if not seen.any():
         return _FLOOR
-    n, s, v = n[seen], s[seen], v[seen]
+    excess, information = excess[seen], information[seen]
     prior = prior[seen] if isinstance(prior, np.ndarray) else prior
     prior_variance = prior_variance[seen] if isinstance(prior_variance, np.ndarray) else prior_variance
-    d = s / n - prior
-    return max(float((n * (d * d - prior_variance) - v / n).sum() / n.sum()), _FLOOR)
+    d = excess / information - prior
+    return max(float((information * (d * d - prior_variance) - 1.0).sum() / information.sum()), _FLOOR)

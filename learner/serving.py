@@ -99,7 +99,8 @@ class Encoded:
     h: np.ndarray
     phi_h: np.ndarray  # h's share of φ's first layer, its bias included
     features: np.ndarray
-    element_logit: np.ndarray
+    element_network: np.ndarray  # p_e as the network alone scores it
+    element_logit: np.ndarray  # p_e as serving scores it
     element_prior: np.ndarray | None
     request_prior: np.ndarray | None
     prior: PriorScores | None = None
@@ -120,9 +121,11 @@ class ServingModel:
         self.qkv = np.concatenate([_array(m.weight).T for m in (model.query, model.key, model.value)], 1)
         self.qkv[:, : c.attention_hidden] *= c.attention_hidden**-0.5  # the score scale, folded into the query
         self.priors = copy.deepcopy(model.priors)  # frozen: the learner keeps counting into its own
+        self.network_weight = (1.0, 1.0)
         if self.priors is not None:
             self.element_weight, self.ad_weight = (float(w) for w in model.prior_weight.detach())
             self.context_weight = float(model.context_prior_weight.detach()) if c.context_prior else 0.0
+            self.network_weight = tuple(float(w) for w in model.network_weight.detach())
             self.base_logit = float(logit(np.array(self.priors.base_rate())))
 
     def encode(self, batch: Batch) -> Encoded:
@@ -147,18 +150,18 @@ class ServingModel:
             z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
         features = np.concatenate([emb, comp, z], 1)
         phi_h = self.phi.h_share(h)
-        element_logit = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
+        network = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
         if self.priors is None:
-            return Encoded(h, phi_h, features, element_logit, None, None)
+            return Encoded(h, phi_h, features, network, network, None, None)
         prior = self.priors.scores(PriorKeys.of(a))
         element_prior = self.element_weight * prior.element
         if prior.context is not None:
             element_prior += self.context_weight * prior.context
         request_prior = (self.base_logit + self.ad_weight * (prior.request - self.base_logit)).astype(np.float32)
-        element_logit += element_prior + request_prior.take(element_request)
+        element_logit = self.network_weight[0] * network + element_prior + request_prior.take(element_request)
         mixed_key = mix64(a["element_key"]) if c.pair_prior else None
-        return Encoded(h, phi_h, features, element_logit, element_prior.astype(np.float32), request_prior, prior,
-                       mixed_key)
+        return Encoded(h, phi_h, features, network, element_logit.astype(np.float32),
+                       element_prior.astype(np.float32), request_prior, prior, mixed_key)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,
@@ -200,18 +203,15 @@ class ServingModel:
             mil_logit = self.mil_weight(enc.features @ self.mil_weight.f_weight, mil_h)[:, 0]
             weight = _softmax_masked(mil_logit.take(index), present, 0)
             combined = np.einsum("mbk,mbkf->bkf", weight, enc.features.take(index, axis=0))
-            logit = self.phi(combined @ self.phi.f_weight, enc.phi_h[:, None])[..., 0]
-            if enc.element_prior is not None:
-                logit += (enc.element_prior.take(index) * present).sum(0)
-        else:  # the sum of the element scores over the ad's level, as in the torch model
-            own = enc.element_logit
-            if enc.request_prior is not None:
-                own = own - enc.request_prior.take(batch.arrays["element_request"])
-            logit = (own.take(index) * present).sum(0)
-        if self.priors is not None and self.config.pair_prior:
+            network = self.phi(combined @ self.phi.f_weight, enc.phi_h[:, None])[..., 0]
+        else:  # the sum of the network's element scores
+            network = (enc.element_network.take(index) * present).sum(0)
+        if self.priors is None:
+            return network.T
+        logit = self.network_weight[1] * network + (enc.element_prior.take(index) * present).sum(0)
+        if self.config.pair_prior:
             logit += self._pair_sum(batch, enc, dense)
-        if enc.request_prior is not None:
-            logit += enc.request_prior[:, None]
+        logit += enc.request_prior[:, None]
         return logit.T
 
     def _pair_sum(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
@@ -229,7 +229,6 @@ class ServingModel:
 
     def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """``Priors.pair_shift`` of pairs of the batch's elements (indices into them, both real)."""
-        prior = enc.prior
+        effect = enc.prior.element
         return self.priors.pair_shift(enc.mixed_key.take(first) + enc.mixed_key.take(second),
-                                      prior.rate.take(first) + prior.rate.take(second),
-                                      prior.ad_rate.take(batch.arrays["element_request"].take(first)))
+                                      effect.take(first) + effect.take(second))

@@ -26,6 +26,7 @@ from learner.features import Batch, Featurizer
 from learner.model import Encoded, GenCO, ModelConfig
 
 CLICK_REWARD, NO_CLICK_REWARD = 1.0, -0.1
+BLEND_PARAMETERS = ("prior_weight", "context_prior_weight", "network_weight")  # learned from L_serve alone
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainConfig:
     lr: float = 3e-3
     sparse_optimizer: str = "adam"  # hash tables, whose rows move only when their id appears: "adam",
     sparse_lr: float = 3e-3  # "adagrad" or "sgd"
-    context_prior_lr: float = 3e-2  # the context prior's weight, which must find its level within ~100 steps
+    blend_lr: float = 3e-2  # the priors' and the network's weights in serving, which must settle within ~100 steps
     batch_size: int = 1024
     seed: int = 0
 
@@ -74,18 +75,27 @@ class StepResult:
 
 
 def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, Encoded]:
-    """The step's loss, its parts, the logged combinations' logits s and the batch's encoding."""
+    """The step's loss, its parts, the logged combinations' logits s and the batch's encoding.
+
+    The network learns on top of the priors as they are (their weights held fixed in its losses); the
+    priors' weights and the serving blend (``network_weight``) learn from ``L_serve``, the loss of the
+    scores serving uses, with the network's scores held fixed: each part learns what it is for."""
     enc, t = model.encode(batch), batch.tensors
     clicked, shown, request = t.clicked, t.shown_element, t.shown_request
     pair_prior = None
     if model.priors is not None and model.config.pair_prior:
         pair_prior = torch.from_numpy(model.logged_pair_prior(batch, enc)).float()[None]
-    s = model.combination_logit(batch, enc, t.shown.unsqueeze(0), pair_prior)[0]
-    parts = {"ele": F.binary_cross_entropy_with_logits(enc.element_logit.index_select(0, shown),
-                                                       clicked.index_select(0, request))}
+    network, prior = model.combination_parts(batch, enc, t.shown.unsqueeze(0), pair_prior)
+    s = network[0] if prior is None else network[0] + prior[0].detach()
+    element_logit = enc.element_network
+    if prior is not None:
+        element_logit = element_logit + (enc.element_prior + enc.request_prior.index_select(0, t.element_request)
+                                         ).detach()
+    label = clicked.index_select(0, request)
+    parts = {"ele": F.binary_cross_entropy_with_logits(element_logit.index_select(0, shown), label)}
     parts["comb"] = F.binary_cross_entropy_with_logits(s, clicked) if model.config.mil else s.new_zeros(())
     if model.config.rl_weight:
-        log_pi = pool_log_softmax(batch, enc.element_logit)
+        log_pi = pool_log_softmax(batch, element_logit)
         reward = torch.where(clicked > 0, CLICK_REWARD, NO_CLICK_REWARD)
         # The reward the combination head expected is the baseline: without it the mostly negative rewards
         # of a log make the loss unbounded below and the policy drifts (docs/decisions.md, "RL baseline").
@@ -95,6 +105,14 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
     else:
         parts["rl"] = s.new_zeros(())
     total = parts["comb"] + parts["ele"] + model.config.rl_weight * parts["rl"]
+    if prior is not None:
+        blend, fixed = model.network_weight, enc.element_network.detach()
+        served = (blend[0] * fixed + enc.element_prior + enc.request_prior.index_select(0, t.element_request)
+                  ).index_select(0, shown)
+        parts["serve"] = (F.binary_cross_entropy_with_logits(blend[1] * network[0].detach() + prior[0], clicked)
+                          + F.binary_cross_entropy_with_logits(served, label))
+        total = total + parts["serve"]
+        s = blend[1] * network[0].detach() + prior[0].detach()  # what serving would have predicted
     return total, parts, s, enc
 
 
@@ -155,16 +173,17 @@ class Learner:
         cfg = self.preset.train
         sparse_tables = {id(m.weight) for m in self.model.modules()
                          if isinstance(m, torch.nn.Embedding) and m.sparse}
-        own_pace = getattr(self.model, "context_prior_weight", None)
+        blend = {id(p) for name, p in self.model.named_parameters() if name in BLEND_PARAMETERS}
         sparse = [p for p in self.model.parameters() if id(p) in sparse_tables]
-        dense = [p for p in self.model.parameters() if id(p) not in sparse_tables and p is not own_pace]
+        dense = [p for p in self.model.parameters() if id(p) not in sparse_tables | blend]
         # fused Adam: one kernel a step instead of ~10 ops a tensor
         dense_kinds = {"adam": partial(torch.optim.Adam, fused=True), "sgd": torch.optim.SGD}
         sparse_kinds = {"adam": RowAdam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         optimizers = [dense_kinds[cfg.optimizer](dense, lr=cfg.lr),
                       sparse_kinds[cfg.sparse_optimizer](sparse, lr=cfg.sparse_lr)]
-        if own_pace is not None:
-            optimizers.append(torch.optim.Adam([own_pace], lr=cfg.context_prior_lr))
+        if blend:
+            optimizers.append(torch.optim.Adam([p for p in self.model.parameters() if id(p) in blend],
+                                               lr=cfg.blend_lr))
         return optimizers
 
     def step(self, bags: list) -> StepResult:

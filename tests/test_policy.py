@@ -59,16 +59,19 @@ def test_the_numpy_serving_copy_scores_like_the_torch_model_it_was_taken_from(sm
     learner = Learner(preset("default", **overrides))
     learner.learn(bags[:4096])  # trained, so BatchNorm statistics and priors are not at their defaults
     model = learner.model.eval()
+    if model.priors is not None:
+        model.network_weight.data = torch.tensor([0.7, 0.4])  # the network's share of every score, exercised
     requests = [SelectionRequest.model_validate(world.request(f"t-{i}")) for i in range(200)]
     batch = Featurizer(model.config.sizes).batch(requests)
     serving = ServingModel(model)
     picks = sample_combinations(batch, serving.encode(batch).element_logit, k=16)
     first = np.cumsum(batch.arrays["group_size"]) - batch.arrays["group_size"]
-    with torch.inference_mode():
+    with torch.no_grad():
         enc = model.encode(batch)
         expected = model.combination_logit(batch, enc, torch.from_numpy(first + picks)).numpy()
+        element_logit = model.element_logit(batch, enc).numpy()
     ours = serving.encode(batch)
-    np.testing.assert_allclose(ours.element_logit, enc.element_logit.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.element_logit, element_logit, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(serving.combination_logit(batch, ours, first + picks), expected, rtol=1e-4, atol=1e-4)
     assert np.ptp(expected) > 0.1, "a model whose scores do not vary would make this check empty"
 
