@@ -77,8 +77,8 @@ class Encoded:
     h: torch.Tensor  # (B, 8) context embedding
     features: torch.Tensor  # (L, F) f_e
     element_network: torch.Tensor  # (L,) p_e as the network alone scores it
-    element_prior: torch.Tensor | None  # (L,) the element's priors over its ad's CTR, weighted
-    request_prior: torch.Tensor | None  # (B,) the ad's CTR in log-odds, weighted
+    element_prior: torch.Tensor | None  # (L,) the element's priors over its ad's CTR
+    request_prior: torch.Tensor | None  # (B,) the ad's CTR in log-odds
     prior: PriorScores | None  # what the priors said (numpy), for pairs and Thompson sampling
 
     def element_logit(self, request: torch.Tensor, network_weight: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -112,18 +112,12 @@ class GenCO(nn.Module):
         self.phi = _mlp([h_dim + feature_dim, *c.policy, 1])
         self.mil_weight = _mlp([h_dim + feature_dim, 8, 1])
         self.priors: Priors | None = None
-        if c.prior:  # counted, not learned; their weights in the scores are learned
+        if c.prior:  # counted, not learned: empirical Bayes sets how far each is trusted
             self.priors = Priors(context=c.context_prior, pairs=c.pair_prior, half_life=c.prior_half_life,
                                  cross_cells=sizes.cross, pair_cells=sizes.pair)
-            # Each prior's weight starts where empirical Bayes puts it and moves with the loss, which sees
-            # every batch before the priors count it: a prior that predicts worse than its shrinkage
-            # promises loses weight.
-            self.prior_weight = nn.Parameter(torch.ones(2))  # (element, ad)
-            if c.context_prior:
-                self.context_prior_weight = nn.Parameter(torch.ones(()))
-            # How much of the network's scores serving adds to the priors', (element, combination): fitted
-            # like the priors' weights, on each batch before it is learned from, so a network that scores
-            # noise where counting already knows better gets no say (docs/decisions.md, "Serving blend").
+            # How much of the network's scores serving adds to the priors', (element, combination): learned
+            # from each batch before the network learns from it, so a network that scores noise where
+            # counting already knows better gets no say (docs/decisions.md, "Serving blend").
             self.network_weight = nn.Parameter(torch.zeros(2))
 
     # -- 1..4: context, attention, element scores ---------------------------------------------
@@ -147,14 +141,11 @@ class GenCO(nn.Module):
         if self.priors is None:
             return Encoded(h, features, network, None, None, None)
         prior = self.priors.scores(PriorKeys.of(batch.arrays))
-        element_prior = self.prior_weight[0] * torch.from_numpy(prior.element).float()
-        if prior.context is not None:
-            element_prior = element_prior + self.context_prior_weight * torch.from_numpy(prior.context).float()
+        element_prior = prior.element if prior.context is None else prior.element + prior.context
         # The ad's CTR sets each request's level, so scores are calibrated from the first batch instead of
         # waiting for φ's output bias to crawl from 0 to about -2.5.
-        base = float(np.log(self.priors.base_rate() / (1 - self.priors.base_rate())))
-        request_prior = base + self.prior_weight[1] * (torch.from_numpy(prior.request).float() - base)
-        return Encoded(h, features, network, element_prior, request_prior, prior)
+        return Encoded(h, features, network, torch.from_numpy(element_prior).float(),
+                       torch.from_numpy(prior.request).float(), prior)
 
     def observe(self, batch: Batch, enc: Encoded) -> None:
         """Count the batch into the priors; after the step, so a label never sees itself."""

@@ -49,6 +49,7 @@ _REFIT_SAMPLE = 1 << 16  # rows of a hashed table the cross spread is measured o
 _RESCALE_AT = 1e60  # the fading weight's bound before every table is rescaled
 _FLOOR = 1e-4  # the smallest spread (log-odds²): no detectable differences shrink a level (almost) to its parent
 _TINY = 1e-12
+_MIN_INFORMATION = 100.0  # Σ Bernoulli variance (~2,000 impressions at 5% CTR) before a spread is estimated
 
 
 class CountTable:
@@ -296,12 +297,13 @@ class Priors:
         _, s_c, v_c = (self.components / self.weight).T
         elements, element_components = self.elements.used()
         elements = elements / self.weight
-        self.spreads[0] = between_variance(elements[:, 1], elements[:, 2], (s_c / (v_c + 1.0))[element_components])
+        self.spreads[0] = between_variance(elements[:, 1], elements[:, 2], (s_c / (v_c + 1.0))[element_components],
+                                           default=self.spreads[0])
         cells, cell_elements = self.cells.used()
         cells = cells / self.weight
         mean, mean_variance = self.element_posterior(elements[cell_elements], element_components[cell_elements],
                                                      cells)
-        self.spreads[1] = between_variance(cells[:, 1], cells[:, 2], mean, mean_variance)
+        self.spreads[1] = between_variance(cells[:, 1], cells[:, 2], mean, mean_variance, default=self.spreads[1])
         if self.crosses is not None:
             crosses, cross_elements = self.crosses.used()
             seen = np.flatnonzero(crosses[:, 2] > 0)
@@ -309,7 +311,8 @@ class Priors:
                 seen = seen[:: len(seen) // _REFIT_SAMPLE + 1]
             crosses = crosses[seen] / self.weight
             self.spreads[2] = between_variance(crosses[:, 1], crosses[:, 2],
-                                               self.pooled_effect(elements[cross_elements[seen]]))
+                                               self.pooled_effect(elements[cross_elements[seen]]),
+                                               default=self.spreads[2])
 
     def _choose_pair_strength(self, excess: np.ndarray, variance: np.ndarray, logged: LoggedKeys,
                               decay: float = 0.99) -> None:
@@ -357,13 +360,14 @@ class Priors:
 
 
 def between_variance(excess: np.ndarray, information: np.ndarray, prior: np.ndarray | float,
-                     prior_variance: np.ndarray | float = 0.0) -> float:
+                     prior_variance: np.ndarray | float = 0.0, default: float = _FLOOR) -> float:
     """Method-of-moments variance of true effects around ``prior`` among rows measured at all: a row's effect
     excess / information deviates from it by τ² + ``prior_variance`` + 1 / information in expectation;
-    weighted by information."""
+    weighted by information. ``default`` until the rows hold ``_MIN_INFORMATION``: a few clicks at a low
+    CTR make the moments wild."""
     seen = information > _TINY
-    if not seen.any():
-        return _FLOOR
+    if information[seen].sum() < _MIN_INFORMATION:
+        return default
     excess, information = excess[seen], information[seen]
     prior = prior[seen] if isinstance(prior, np.ndarray) else prior
     prior_variance = prior_variance[seen] if isinstance(prior_variance, np.ndarray) else prior_variance

@@ -20,7 +20,7 @@ from torch import nn
 
 from learner.features import Batch
 from learner.model import GenCO
-from learner.ops import logit, mix64
+from learner.ops import mix64
 from learner.priors import PriorKeys, PriorScores
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # (weight (in, out), bias, ReLU after)
@@ -123,10 +123,7 @@ class ServingModel:
         self.priors = copy.deepcopy(model.priors)  # frozen: the learner keeps counting into its own
         self.network_weight = (1.0, 1.0)
         if self.priors is not None:
-            self.element_weight, self.ad_weight = (float(w) for w in model.prior_weight.detach())
-            self.context_weight = float(model.context_prior_weight.detach()) if c.context_prior else 0.0
             self.network_weight = tuple(float(w) for w in model.network_weight.detach())
-            self.base_logit = float(logit(np.array(self.priors.base_rate())))
 
     def encode(self, batch: Batch) -> Encoded:
         c, a = self.config, batch.arrays
@@ -154,10 +151,8 @@ class ServingModel:
         if self.priors is None:
             return Encoded(h, phi_h, features, network, network, None, None)
         prior = self.priors.scores(PriorKeys.of(a))
-        element_prior = self.element_weight * prior.element
-        if prior.context is not None:
-            element_prior += self.context_weight * prior.context
-        request_prior = (self.base_logit + self.ad_weight * (prior.request - self.base_logit)).astype(np.float32)
+        element_prior = prior.element if prior.context is None else prior.element + prior.context
+        request_prior = prior.request.astype(np.float32)
         element_logit = self.network_weight[0] * network + element_prior + request_prior.take(element_request)
         mixed_key = mix64(a["element_key"]) if c.pair_prior else None
         return Encoded(h, phi_h, features, network, element_logit.astype(np.float32),

@@ -26,7 +26,7 @@ from learner.features import Batch, Featurizer
 from learner.model import Encoded, GenCO, ModelConfig
 
 CLICK_REWARD, NO_CLICK_REWARD = 1.0, -0.1
-BLEND_PARAMETERS = ("prior_weight", "context_prior_weight", "network_weight")  # learned from L_serve alone
+BLEND_PARAMETERS = ("network_weight",)  # learned from L_serve alone
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainConfig:
     lr: float = 3e-3
     sparse_optimizer: str = "adam"  # hash tables, whose rows move only when their id appears: "adam",
     sparse_lr: float = 3e-3  # "adagrad" or "sgd"
-    blend_lr: float = 3e-2  # the priors' and the network's weights in serving, which must settle within ~100 steps
+    blend_lr: float = 3e-2  # the network's weights in serving, which must settle within ~100 steps
     batch_size: int = 1024
     seed: int = 0
 
@@ -77,20 +77,16 @@ class StepResult:
 def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, Encoded]:
     """The step's loss, its parts, the logged combinations' logits s and the batch's encoding.
 
-    The network learns on top of the priors as they are (their weights held fixed in its losses); the
-    priors' weights and the serving blend (``network_weight``) learn from ``L_serve``, the loss of the
-    scores serving uses, with the network's scores held fixed: each part learns what it is for."""
+    The network learns on top of the priors; the serving blend (``network_weight``) learns from ``L_serve``,
+    the loss of the scores serving uses, with the network's scores held fixed."""
     enc, t = model.encode(batch), batch.tensors
     clicked, shown, request = t.clicked, t.shown_element, t.shown_request
     pair_prior = None
     if model.priors is not None and model.config.pair_prior:
         pair_prior = torch.from_numpy(model.logged_pair_prior(batch, enc)).float()[None]
     network, prior = model.combination_parts(batch, enc, t.shown.unsqueeze(0), pair_prior)
-    s = network[0] if prior is None else network[0] + prior[0].detach()
-    element_logit = enc.element_network
-    if prior is not None:
-        element_logit = element_logit + (enc.element_prior + enc.request_prior.index_select(0, t.element_request)
-                                         ).detach()
+    s = network[0] if prior is None else network[0] + prior[0]
+    element_logit = enc.element_logit(t.element_request)
     label = clicked.index_select(0, request)
     parts = {"ele": F.binary_cross_entropy_with_logits(element_logit.index_select(0, shown), label)}
     parts["comb"] = F.binary_cross_entropy_with_logits(s, clicked) if model.config.mil else s.new_zeros(())
@@ -112,7 +108,7 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
         parts["serve"] = (F.binary_cross_entropy_with_logits(blend[1] * network[0].detach() + prior[0], clicked)
                           + F.binary_cross_entropy_with_logits(served, label))
         total = total + parts["serve"]
-        s = blend[1] * network[0].detach() + prior[0].detach()  # what serving would have predicted
+        s = blend[1] * network[0].detach() + prior[0]  # what serving would have predicted
     return total, parts, s, enc
 
 
