@@ -105,9 +105,9 @@ class _Counts:
 
     def __init__(self) -> None:
         self.rows: dict[Hashable, int] = {}
-        self.n = np.zeros(0)
-        self.s = np.zeros(0)
-        self.parent = np.zeros(0, dtype=np.int64)
+        self.n = np.zeros(1)  # a zero row, so unseen keys read zeros before anything is counted
+        self.s = np.zeros(1)
+        self.parent = np.zeros(1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)

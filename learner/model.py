@@ -5,7 +5,7 @@ Read top to bottom, in the paper's order:
 1. context encoder   h = Enc(user, age, gender, ad, query, segments, pool stats)   MLP [32,16,8] + BN
 2. cross-component   z = Attn(emb(e); {emb(e)} ∪ candidates of the other components)   hidden 4
 3. element features  f_e = (emb(e), emb(C_j), z)
-4. element scores    p_e = φ(h, f_e)            φ: shared MLP [64,32,8] -> 1
+4. element scores    p_e = φ(h, f_e)            φ: shared MLP [64,32,8] -> 1, plus <W h, emb(e)>
 5. combination       f_c = Σ_j w_j(h, f) f_e_j  (MIL: context-dependent weights over shown elements)
                      s   = φ(h, f_c)
 
@@ -35,6 +35,7 @@ class ModelConfig:
     attention: bool = True  # cross-component attention; off = the paper's "w/o context"
     mil: bool = True  # combination head + L_comb; off = the paper's "w/o MIL"
     rl_weight: float = 0.15  # λ of L_RL; 0 = the paper's "w/o RL"
+    taste: bool = True  # φ also scores <W h, emb(e)>: the request's taste against the element's embedding
     prior: bool = True  # count-based priors added to the scores (learner/priors.py)
     context_prior: bool = True  # with ``prior``: each element's shift for the request's age, gender, segments
     pair_prior: bool = True  # with ``prior``: combinations also score their pairs' synergy (off: preset "fast")
@@ -110,6 +111,9 @@ class GenCO(nn.Module):
         feature_dim = 2 * c.dim + hidden
         h_dim = c.encoder[-1]
         self.phi = _mlp([h_dim + feature_dim, *c.policy, 1])
+        if c.taste:  # starts at zero: it adds what the data shows, not an initialisation's noise
+            self.taste = nn.Linear(h_dim, c.dim, bias=False)
+            nn.init.zeros_(self.taste.weight)
         self.mil_weight = _mlp([h_dim + feature_dim, 8, 1])
         self.priors: Priors | None = None
         if c.prior:  # counted, not learned: empirical Bayes sets how far each is trusted
@@ -137,7 +141,10 @@ class GenCO(nn.Module):
         else:
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
-        network = self.phi(torch.cat([h.index_select(0, t.element_request), features], 1)).squeeze(1)
+        request_h = h.index_select(0, t.element_request)
+        network = self.phi(torch.cat([request_h, features], 1)).squeeze(1)
+        if c.taste:
+            network = network + (self.taste(request_h) * emb).sum(1)
         if self.priors is None:
             return Encoded(h, features, network, None, None, None)
         prior = self.priors.scores(PriorKeys.of(batch.arrays))
@@ -228,7 +235,10 @@ class GenCO(nn.Module):
             h = enc.h.expand(k, n, -1)
             weight_logit = self.mil_weight(torch.cat([h.unsqueeze(2).expand(-1, -1, width, -1), f], 3)).squeeze(3)
             weight = torch.softmax(weight_logit.masked_fill(~present, float("-inf")), 2)
-            network = self.phi(torch.cat([h, (weight.unsqueeze(3) * f).sum(2)], 2)).squeeze(2)
+            combined = (weight.unsqueeze(3) * f).sum(2)
+            network = self.phi(torch.cat([h, combined], 2)).squeeze(2)
+            if c.taste:
+                network = network + (self.taste(h) * combined[..., : c.dim]).sum(2)
         else:  # without MIL a combination scores as the sum of its element scores
             network = (take_rows(enc.element_network, index) * present).sum(2)
         if self.priors is None:

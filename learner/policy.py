@@ -82,9 +82,22 @@ def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarr
     return results
 
 
-def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 1.0) -> np.ndarray:
-    """Chosen position inside each pool (G,): the combination the combination head scores highest."""
-    enc = model.encode(batch)
+def hashed_normal(key: np.ndarray) -> np.ndarray:
+    """Deterministic N(0, 1) per int64 key (Box-Muller on two hashed uniforms)."""
+    radius = np.sqrt(-2.0 * np.log(hashed_uniform(key)))
+    return radius * np.cos(2.0 * np.pi * hashed_uniform(key ^ 0x5DEECE66D))
+
+
+def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 1.0,
+           thompson: bool = False) -> np.ndarray:
+    """Chosen position inside each pool (G,): the combination the combination head scores highest.
+    ``thompson``: the priors' element effects are drawn from their posteriors first (keyed by request and
+    element, so a request draws the same alone or in any batch), and the best combination for the draw wins."""
+    a = batch.arrays
+    noise = None
+    if thompson and model.priors is not None:
+        noise = hashed_normal(mix64(a["element_key"] ^ a["seed"].take(a["element_request"])))
+    enc = model.encode(batch, noise)
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
@@ -105,10 +118,11 @@ class Selector:
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
-                 batch_size: int = 1024) -> None:
+                 batch_size: int = 1024, thompson: bool = False) -> None:
         self.model = ServingModel(model)
         self.k = k
         self.temperature = temperature
+        self.thompson = thompson
         self.batch_size = batch_size
         self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genco-select") if threads > 1 else None
@@ -120,7 +134,7 @@ class Selector:
 
     def _select_batch(self, requests: list) -> list[dict[str, str]]:
         batch = self.featurizer.batch(requests)
-        picks = choose(self.model, batch, self.k, self.temperature).tolist()
+        picks = choose(self.model, batch, self.k, self.temperature, self.thompson).tolist()
         return [
             {batch.group_names[g]: batch.candidate_ids[g][picks[g]] for g in groups}
             for groups in batch.request_groups()

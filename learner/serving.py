@@ -98,6 +98,7 @@ class Encoded:
 
     h: np.ndarray
     phi_h: np.ndarray  # h's share of φ's first layer, its bias included
+    taste: np.ndarray | None  # W h: the request's taste, which φ scores each element's embedding against
     features: np.ndarray
     element_network: np.ndarray  # p_e as the network alone scores it
     element_logit: np.ndarray  # p_e as serving scores it
@@ -117,6 +118,7 @@ class ServingModel:
         self.component_table = _array(model.component_embedding.weight)
         self.encoder = _freeze_mlp(model.encoder)
         self.phi = SplitMLP.freeze(model.phi, c.encoder[-1])
+        self.taste = _array(model.taste.weight.T) if c.taste else None
         self.mil_weight = SplitMLP.freeze(model.mil_weight, c.encoder[-1])
         self.qkv = np.concatenate([_array(m.weight).T for m in (model.query, model.key, model.value)], 1)
         self.qkv[:, : c.attention_hidden] *= c.attention_hidden**-0.5  # the score scale, folded into the query
@@ -125,7 +127,9 @@ class ServingModel:
         if self.priors is not None:
             self.network_weight = tuple(float(w) for w in model.network_weight.detach())
 
-    def encode(self, batch: Batch) -> Encoded:
+    def encode(self, batch: Batch, noise: np.ndarray | None = None) -> Encoded:
+        """``noise``: (L,) standard normal draws, one per element, to sample the priors' element effects from
+        their posteriors (Thompson sampling); none: their means."""
         c, a = self.config, batch.arrays
         n, d = batch.size, c.dim
         context, segments = a["context"], a["segments"]
@@ -148,14 +152,20 @@ class ServingModel:
         features = np.concatenate([emb, comp, z], 1)
         phi_h = self.phi.h_share(h)
         network = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
+        taste = None
+        if self.taste is not None:
+            taste = h @ self.taste
+            network += (taste.take(element_request, axis=0) * emb).sum(1)
         if self.priors is None:
-            return Encoded(h, phi_h, features, network, network, None, None)
+            return Encoded(h, phi_h, taste, features, network, network, None, None)
         prior = self.priors.scores(PriorKeys.of(a))
         element_prior = prior.element if prior.context is None else prior.element + prior.context
+        if noise is not None:
+            element_prior = element_prior + np.sqrt(prior.variance) * noise
         request_prior = prior.request.astype(np.float32)
         element_logit = self.network_weight[0] * network + element_prior + request_prior.take(element_request)
         mixed_key = mix64(a["element_key"]) if c.pair_prior else None
-        return Encoded(h, phi_h, features, network, element_logit.astype(np.float32),
+        return Encoded(h, phi_h, taste, features, network, element_logit.astype(np.float32),
                        element_prior.astype(np.float32), request_prior, prior, mixed_key)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
@@ -199,6 +209,8 @@ class ServingModel:
             weight = _softmax_masked(mil_logit.take(index), present, 0)
             combined = np.einsum("mbk,mbkf->bkf", weight, enc.features.take(index, axis=0))
             network = self.phi(combined @ self.phi.f_weight, enc.phi_h[:, None])[..., 0]
+            if enc.taste is not None:
+                network += np.einsum("bkd,bd->bk", combined[..., : self.config.dim], enc.taste)
         else:  # the sum of the network's element scores
             network = (enc.element_network.take(index) * present).sum(0)
         if self.priors is None:

@@ -61,6 +61,8 @@ def test_the_numpy_serving_copy_scores_like_the_torch_model_it_was_taken_from(sm
     model = learner.model.eval()
     if model.priors is not None:
         model.network_weight.data = torch.tensor([0.7, 0.4])  # the network's share of every score, exercised
+    if model.config.taste:
+        torch.nn.init.normal_(model.taste.weight, std=0.5)  # and its taste term
     requests = [SelectionRequest.model_validate(world.request(f"t-{i}")) for i in range(200)]
     batch = Featurizer(model.config.sizes).batch(requests)
     serving = ServingModel(model)
