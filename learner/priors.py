@@ -50,6 +50,7 @@ _RESCALE_AT = 1e60  # the fading weight's bound before every table is rescaled
 _FLOOR = 1e-4  # the smallest spread (log-odds²): no detectable differences shrink a level (almost) to its parent
 _TINY = 1e-12
 _MIN_INFORMATION = 100.0  # Σ Bernoulli variance (~2,000 impressions at 5% CTR) before a spread is estimated
+_MIN_ROW_INFORMATION = 2.0  # ... and of a row for it to count (~40 impressions at 5% CTR)
 
 
 class CountTable:
@@ -363,9 +364,11 @@ def between_variance(excess: np.ndarray, information: np.ndarray, prior: np.ndar
                      prior_variance: np.ndarray | float = 0.0, default: float = _FLOOR) -> float:
     """Method-of-moments variance of true effects around ``prior`` among rows measured at all: a row's effect
     excess / information deviates from it by τ² + ``prior_variance`` + 1 / information in expectation;
-    weighted by information. ``default`` until the rows hold ``_MIN_INFORMATION``: a few clicks at a low
-    CTR make the moments wild."""
-    seen = information > _TINY
+    weighted by information. Only rows of ``_MIN_ROW_INFORMATION`` count: a row of a few impressions is
+    measured against an ad's CTR that is itself still mostly its prior, and one measured against a CTR too
+    high (a tail ad of 1% shrunk towards 5%) shows less spread than it has. ``default`` until the rows
+    hold ``_MIN_INFORMATION``: a few clicks at a low CTR make the moments wild."""
+    seen = information >= _MIN_ROW_INFORMATION
     if information[seen].sum() < _MIN_INFORMATION:
         return default
     excess, information = excess[seen], information[seen]
