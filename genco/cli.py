@@ -176,6 +176,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.log is None:
+        return _simulate_ad_server(args)
+    if args.out is None:
+        print("genco simulate: --log needs --out BAGS.jsonl", file=sys.stderr)
+        return 2
+    return _write_uniform_log(args)
+
+
+def _simulate_ad_server(args: argparse.Namespace) -> int:
     import asyncio
 
     from sim.adserver import AdServer
@@ -186,8 +195,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     connection = Connection.from_settings(settings, args.broker)
     topics = Topics(settings.topic_prefix)
     connection.ensure_topics(topics.all())
-    server = AdServer(World(WorldConfig(seed=args.seed, n_ads=args.ads)), connection, topics, rate=args.rate,
-                      requests=args.requests, window_s=min(settings.click_window_s, 30.0))
+    world = World(WorldConfig(seed=args.seed, n_ads=args.ads or AD_SERVER_ADS))
+    server = AdServer(world, connection, topics, rate=args.rate, requests=args.requests,
+                      window_s=min(settings.click_window_s, 30.0))
     server.on_window = lambda row: print(json.dumps(row), flush=True)
     report = asyncio.run(server.run())
     print(json.dumps({"sent": report.sent, "answered": report.answered, "invalid": len(report.invalid),
@@ -195,6 +205,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_uniform_log(args: argparse.Namespace) -> int:
+    """A log as a uniform-random policy would have gathered it: what ``genco train`` learns from and what
+    ``genco evaluate``'s Algorithm 1 needs. Written a chunk at a time, so memory does not grow with the log."""
+    import dataclasses
+
+    from sim.zoo import ZooWorld, draw_config
+
+    config = draw_config(args.family, args.seed)
+    if args.ads:
+        config = dataclasses.replace(config, n_ads=args.ads)
+    world = ZooWorld(config)
+    clicks = 0
+    with open(args.out, "w") as out:
+        for start in range(0, args.log, LOG_CHUNK):
+            bags = world.uniform_log(min(LOG_CHUNK, args.log - start), start=start)
+            out.writelines(json.dumps(bag) + "\n" for bag in bags)
+            clicks += sum(bag["clicked"] for bag in bags)
+    print(f"wrote {args.log} bags ({clicks / args.log:.2%} clicked) to {args.out}: world {args.family}, seed "
+          f"{args.seed}, {config.n_ads} ads at the start")
+    return 0
+
+
+AD_SERVER_ADS = 200
+LOG_CHUNK = 10_000  # bags generated and written at a time by simulate --log
 THREADS_HELP = "batches scored at once (numpy releases the GIL: 2 on 2 cores ~1.4x the throughput of 1)"
 
 
@@ -203,6 +237,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _family(name: str) -> str:
+    from sim.zoo import FAMILIES  # imported only when --family is given: numpy is not for every command's start
+
+    if name not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(FAMILIES)}")
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,12 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status, numeric=False)
 
-    simulate = sub.add_parser("simulate", help="a simulated ad server on a broker: requests, impressions, clicks")
+    simulate = sub.add_parser("simulate", help="a simulated ad server on a broker (requests, impressions, clicks); "
+                              "with --log, a uniform-random log of bags written to a file instead")
     simulate.add_argument("--broker", default=None, help="kafka://host:port (default: GENCO_BROKER)")
     simulate.add_argument("--rate", type=float, default=200.0, help="selection requests per second")
     simulate.add_argument("--requests", type=int, default=10**9, help="stop after this many requests")
-    simulate.add_argument("--ads", type=int, default=200)
+    simulate.add_argument("--ads", type=_positive, default=None,
+                          help=f"ads in the world (default: {AD_SERVER_ADS} for the ad server; with --log, the "
+                          "number the family draws for the seed)")
     simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--log", type=_positive, default=None, metavar="N",
+                          help="write N bags of a uniform-random log to --out, one JSON line each, and stop")
+    simulate.add_argument("--out", default=None, metavar="BAGS.jsonl", help="where --log writes")
+    simulate.add_argument("--family", type=_family, default="paper",
+                          help="with --log: the family of worlds (sim/zoo.py: paper, synergy, context, churn, mixed)")
     simulate.set_defaults(run=cmd_simulate)
 
     demo = sub.add_parser("demo", help="embedded broker + every agent + a simulated ad server: watch it learn")

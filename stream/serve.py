@@ -42,10 +42,14 @@ class Supervisor:
     ``genco status`` and the container healthchecks read.
     """
 
-    def __init__(self, settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS) -> None:
+    def __init__(self, settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS,
+                 log_path: Path | None = None) -> None:
+        """``log_path``: a file that takes the agents' output (appended to); without one they write to this
+        process's stderr."""
         self.settings = settings
         self.broker = broker
         self.agents = agents
+        self.log_path = log_path
         self.processes: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, deque[float]] = {name: deque() for name in agents}
         self.exited: set[str] = set()
@@ -55,8 +59,11 @@ class Supervisor:
         return json.dumps({"name": name, "broker": self.broker, "settings": self.settings.shareable()})
 
     def _spawn(self, name: str) -> None:
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", "stream.agent"], preexec_fn=die_with_parent,
-                                                env={**os.environ, "GENCO_AGENT_SPEC": self.spec(name)})
+        with contextlib.ExitStack() as files:  # the child keeps its own copy of the log's descriptor
+            log = files.enter_context(open(self.log_path, "ab")) if self.log_path else None
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "stream.agent"], preexec_fn=die_with_parent, stdout=log,
+                stderr=subprocess.STDOUT if log else None, env={**os.environ, "GENCO_AGENT_SPEC": self.spec(name)})
 
     def start(self) -> None:
         for name in self.agents:
@@ -164,10 +171,12 @@ def broker_for(settings: Settings, broker: str | None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def running_agents(settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS) -> Iterator[Supervisor]:
-    """Topics created, agents started; they are stopped cleanly when the block ends."""
+def running_agents(settings: Settings, broker: str, agents: tuple[str, ...] = AGENTS,
+                   log_path: Path | None = None) -> Iterator[Supervisor]:
+    """Topics created, agents started (their output in ``log_path`` if given); they are stopped cleanly when the
+    block ends."""
     Connection.from_settings(settings, broker).ensure_topics(Topics(settings.topic_prefix).all())
-    supervisor = Supervisor(settings, broker, agents)
+    supervisor = Supervisor(settings, broker, agents, log_path)
     supervisor.start()
     try:
         yield supervisor

@@ -124,6 +124,22 @@ def test_evaluate_equals_algorithm_1_on_select_output(trained):
                         "bad_lines": 0, "model_version": 1}
 
 
+def test_simulate_writes_a_uniform_log_that_train_learns_from(tmp_path):
+    bags = tmp_path / "bags.jsonl"
+    result = genco("simulate", "--log", "2000", "--out", str(bags), "--seed", "4", "--ads", "40")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = bags.read_text().splitlines()
+    assert len(lines) == 2000
+    logged = [Bag.model_validate_json(line) for line in lines]
+    assert len({bag.impression_id for bag in logged}) == 2000
+    assert [bag.ts for bag in logged] == sorted(bag.ts for bag in logged)
+    assert {bag.policy for bag in logged} == {"explore"} and 0 < sum(bag.clicked for bag in logged) < 2000
+    trained = genco("train", str(bags), "--snapshot-dir", str(tmp_path / "snap"), "--json")
+    assert trained.returncode == 0, trained.stderr.decode()
+    summary = json.loads(trained.stdout.decode().splitlines()[-1])
+    assert summary["trained"] == 2000 and summary["bad_lines"] == 0 and summary["version"] == 1
+
+
 def test_demo_runs_the_live_system_and_leaves_a_plot(tmp_path):
     env = {**os.environ, "GENCO_STATE_DIR": str(tmp_path), "GENCO_METRICS_PORT": "0"}
     result = subprocess.run([*GENCO, "demo", "--rate", "150", "--seconds", "25"], capture_output=True, text=True,
@@ -133,3 +149,8 @@ def test_demo_runs_the_live_system_and_leaves_a_plot(tmp_path):
     assert "3750/3750 answered, 0 invalid" in answered, result.stdout
     assert "last quarter, true CTR:" in result.stdout
     assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    # The agents' log lines go to a file, not into the progress table.
+    assert f"agents' log: {os.path.relpath(tmp_path / 'demo' / 'agents.log')}" in result.stdout
+    agents_log = (tmp_path / "demo" / "agents.log").read_text()
+    assert all(f"genco.{agent}" in agents_log for agent in ("joiner", "learner", "selector"))
+    assert " INFO " not in result.stdout + result.stderr
