@@ -196,11 +196,21 @@ class Learner:
         total.backward()
         for opt in self.optimizers:
             opt.step()
+        self._keep_blend_nonnegative()
         self.model.observe(batch, enc)
         self.bags_seen += batch.size
         self.steps += 1
         return StepResult(total.item(), parts["comb"].item(), parts["ele"].item(), parts["rl"].item(),
                           torch.sigmoid(s.detach()))
+
+    @torch.no_grad()
+    def _keep_blend_nonnegative(self) -> None:
+        """The network adds what the priors miss or nothing: a negative weight would serve the opposite of
+        what it learned. Where creatives churn, its rows of retired elements fit the past and ``L_serve``
+        drove the weights below zero, serving worse than the priors alone (docs/decisions.md)."""
+        for name, param in self.model.named_parameters():
+            if name in BLEND_PARAMETERS:
+                param.clamp_(min=0.0)
 
     @classmethod
     def resume(cls, model: GenCO, train_config: dict, optimizer_state: dict[str, torch.Tensor] | None,
