@@ -1,4 +1,4 @@
-"""The ``genco`` command line (../shared/interface.md, "Command line")."""
+"""The ``genco`` command line (docs/contract.md, "Command line")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Runtime settings from the environment (../shared/interface.md, "Configuration")."""
+"""Runtime settings from the environment (docs/contract.md, "Configuration")."""
 
 from __future__ import annotations
 

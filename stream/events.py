@@ -1,4 +1,4 @@
-"""The contract's JSON messages (../shared/interface.md) as pydantic models.
+"""The contract's JSON messages (docs/contract.md) as pydantic models.
 
 Every message that enters genco passes through one of these models, so a bad
 value is rejected at the border with an error that names the field at fault.
