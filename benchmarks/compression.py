@@ -17,7 +17,7 @@ import time
 
 from aiokafka import codec
 
-from genco.config import COMPRESSIONS
+from contract.settings import COMPRESSIONS
 from sim.world import World, WorldConfig
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from genco.config import Settings
+from contract.settings import Settings
 from sim.adserver import AdServer, Report
 from sim.harness import (
     WINDOW,

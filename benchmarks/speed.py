@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
+from contract.events import SelectionRequest
+from contract.jsonl import BadLines
 from genco.compute import configure_compute
-from genco.jsonl import BadLines
 from learner.offline import bag_batches
 from learner.policy import Selector
 from learner.trainer import PRESETS, Learner, preset
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
-from stream.events import SelectionRequest
 
 
 def main() -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from contract.events import Bag
+from contract.settings import Settings
 from genco.compute import configure_compute
-from genco.config import Settings
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import read_topic
@@ -31,7 +32,6 @@ from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotError, SnapshotStore
 from stream.embedded import EmbeddedBroker
-from stream.events import Bag
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent

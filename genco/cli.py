@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from genco.config import Settings
-from genco.jsonl import BadLines, parse_line, read_records, readable_request_id
+from contract.jsonl import BadLines, parse_line, read_records, readable_request_id
+from contract.settings import Settings
 from genco.status import MAX_FETCH_AGE_S, MAX_RESTARTS
 
 
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _bag_model():  # imported lazily: pydantic models cost start-up time the CLI's --help need not pay
-    from stream.events import Bag
+    from contract.events import Bag
 
     return Bag
 
@@ -78,13 +78,13 @@ def _serving_policy(snapshot_dir: str, explore: float, k: int, threads: int = 1)
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from stream.events import BATCH_WORK_CELLS, SelectionRequest
+    from contract.events import BATCH_WORK_CELLS, SelectionRequest
 
     policy = _serving_policy(args.snapshot_dir, args.explore, args.k, args.threads)
     bad = BadLines()
     out = sys.stdout
     batch: list = []
-    cells = 0  # the batch's work (stream.events.work_cells): a batch of large requests goes out early
+    cells = 0  # the batch's work (contract.events.work_cells): a batch of large requests goes out early
 
     def flush() -> None:
         nonlocal cells

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from genco.config import Settings
+from contract.settings import Settings
 from sim.adserver import AdServer, Report
 from sim.world import World, WorldConfig
 from stream.agent import LOG_FORMAT

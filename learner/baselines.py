@@ -26,8 +26,8 @@ import torch
 from river import linear_model, optim
 from torch import nn
 
+from contract.events import Bag, SelectionRequest
 from learner.features import PAPER_COMPONENTS, Featurizer, HashSizes
-from stream.events import Bag, SelectionRequest
 
 Request = SelectionRequest | Bag
 Selection = dict[str, str]

@@ -27,9 +27,9 @@ from typing import IO
 import numpy as np
 from river import stats
 
-from genco.jsonl import BadLines, read_records
+from contract.events import Bag
+from contract.jsonl import BadLines, read_records
 from learner.features import Batch, Featurizer
-from stream.events import Bag
 
 QUEUE_DEPTH = 4  # batches the parser may run ahead of the trainer
 SLOTS = QUEUE_DEPTH + 2  # shared-memory slots: the queue's, the one being filled, the one being trained on

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from stream.events import Bag, SelectionRequest
+from contract.events import Bag, SelectionRequest
 
 
 class Serving(Protocol):

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from genco.config import Settings
+from contract.settings import Settings
 from stream.kafka import Connection, Topics
 
 LOG_FORMAT = "%(asctime)s %(name)-15s %(levelname)-7s %(message)s"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException, KafkaError, RecordTooLargeError
 
-from stream.deadletters import Message, Reason, letter
+from contract.deadletters import Message, Reason, letter
 from stream.metrics import DEAD_LETTERS, LAST_FETCH
 
 log = logging.getLogger("genco.fetch")

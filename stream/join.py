@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from contract.events import FUTURE_GRACE_S, Click, Impression
 from state.kv import Transaction, decode_time, encode_time
-from stream.events import FUTURE_GRACE_S, Click, Impression
 
 EARLY_CLICK_S = 60.0  # clicks this long before the impression still count (clock skew)
 

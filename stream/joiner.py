@@ -22,10 +22,10 @@ import time
 
 from aiokafka import TopicPartition
 
-from genco.jsonl import parse_line
+from contract.deadletters import InvalidInput, Reason
+from contract.events import Click, Impression
+from contract.jsonl import parse_line
 from state.kv import Store
-from stream.deadletters import InvalidInput, Reason
-from stream.events import Click, Impression
 from stream.fetch import SafeFetch
 from stream.join import Join, JoinCounts
 from stream.kafka import Connection, Topics

@@ -16,7 +16,7 @@ from aiokafka.helpers import create_ssl_context
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from genco.config import Settings
+from contract.settings import Settings
 
 log = logging.getLogger("genco.kafka")
 

@@ -10,8 +10,8 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CorruptRecordException, KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
+from contract.deadletters import Message, Reason, letter
 from state.kv import Store
-from stream.deadletters import Message, Reason, letter
 from stream.metrics import AGENT_READY, CONSUMER_LAG, DEAD_LETTERS
 
 log = logging.getLogger("genco.runtime")

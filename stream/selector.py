@@ -7,7 +7,7 @@ A request that fails validation gets an error response (when its request_id can
 be read) and a dead letter. Offsets are committed after the responses are sent:
 after a crash, unanswered requests are answered again, never dropped.
 
-No request can stop it: a batch is cut by work (``stream.events.work_batches``), a
+No request can stop it: a batch is cut by work (``contract.events.work_batches``), a
 model call that raises is retried request by request and a request that raises
 alone gets an error response and a dead letter, a batch the client cannot decode is
 dead-lettered (``stream.fetch``), and a snapshot that fails to load, for whatever
@@ -22,11 +22,11 @@ import logging
 import time
 from pathlib import Path
 
-from genco.jsonl import parse_line, readable_request_id
+from contract.deadletters import InvalidInput, Message, Reason
+from contract.events import SelectionRequest, work_batches
+from contract.jsonl import parse_line, readable_request_id
 from learner.policy import ServingPolicy
 from state.snapshots import SnapshotStore
-from stream.deadletters import InvalidInput, Message, Reason
-from stream.events import SelectionRequest, work_batches
 from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
-from genco.config import Settings
+from contract.settings import Settings
 from stream.agent import LOG_FORMAT
 from stream.embedded import EmbeddedBroker, die_with_parent
 from stream.kafka import Connection, Topics

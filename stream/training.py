@@ -27,12 +27,12 @@ from pathlib import Path
 from aiokafka import ConsumerRecord, TopicPartition
 from river import metrics
 
-from genco.jsonl import parse_line
+from contract.deadletters import InvalidInput, Message, Reason
+from contract.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
+from contract.jsonl import parse_line
 from learner.trainer import Learner, preset
 from state.kv import Store, encode_time
 from state.snapshots import SnapshotStore
-from stream.deadletters import InvalidInput, Message, Reason
-from stream.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
 from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (
@@ -170,7 +170,7 @@ class TrainingAgent:
                  self.snapshots.directory, self.version)
         buffer: list[Bag] = []
         sources: list[Source] = []
-        cells = 0  # work in the buffer (stream.events.work_cells)
+        cells = 0  # work in the buffer (contract.events.work_cells)
         first_wait = last_arrival = last_snapshot = last_checkpoint = time.monotonic()
         learned_since_snapshot = False
         try:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.events import Bag
 from genco.compute import configure_compute
 from sim.world import World, WorldConfig
-from stream.events import Bag
 
 configure_compute()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.events import Bag, SelectionRequest
 from learner.baselines import DCO, ClickCounter, MLPBaseline, Policy, Uniform
 from sim.world import World, WorldConfig
-from stream.events import Bag, SelectionRequest
 
 BAGS = 30_000
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from contract.events import Bag
 from learner.evaluate import calibrated_sctr
-from stream.events import Bag
 from tests.conftest import make_log, write_jsonl
 
 GENCO = [sys.executable, "-m", "genco.cli"]

@@ -20,11 +20,11 @@ import uuid
 
 import pytest
 
+from contract.deadletters import MAX_ERROR_CHARS, Reason
+from contract.events import CONSIDERED
 from sim.harness import serve_env, serve_log, start_serve, stop_serve, wait_ready
 from sim.world import World, WorldConfig
-from stream.deadletters import MAX_ERROR_CHARS, Reason
 from stream.embedded import free_port
-from stream.events import CONSIDERED
 from stream.kafka import Topics, bootstrap_servers
 from tests.kafka_helpers import produce_corrupt_batch
 

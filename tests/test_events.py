@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from stream.events import Bag, Impression, SelectionRequest, describe_error
+from contract.events import Bag, Impression, SelectionRequest, describe_error
 
 IMPRESSION = {
     "impression_id": "imp-5", "ts": 1763900001.0, "ad_id": "ad-7",

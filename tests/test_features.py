@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import torch
 
-from genco.jsonl import BadLines
+from contract.events import Bag, SelectionRequest
+from contract.jsonl import BadLines
 from learner.features import Featurizer
 from learner.offline import SLOTS, bag_batches, file_batches
 from learner.ops import pair_key
 from learner.priors import CountTable
 from learner.trainer import Learner
-from stream.events import Bag, SelectionRequest
 from tests.conftest import make_log
 
 

@@ -21,13 +21,13 @@ from aiokafka import ConsumerRecord, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contract.deadletters import MAX_RAW_CHARS
+from contract.events import Bag
 from learner.trainer import Learner
 from sim.garbage import FAULTS, corrupt
 from sim.world import World, WorldConfig
 from state.kv import Store
 from state.snapshots import SnapshotStore
-from stream.deadletters import MAX_RAW_CHARS
-from stream.events import Bag
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent

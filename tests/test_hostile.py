@@ -24,12 +24,12 @@ from aiokafka import ConsumerRecord, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contract.deadletters import MAX_ERROR_CHARS, Reason
+from contract.events import FUTURE_GRACE_S, MAX_SEGMENT_CROSSES, Bag, considered
 from learner.trainer import Learner
 from sim.world import World, WorldConfig
 from state.kv import Store, decode_time
 from state.snapshots import SnapshotStore
-from stream.deadletters import MAX_ERROR_CHARS, Reason
-from stream.events import FUTURE_GRACE_S, MAX_SEGMENT_CROSSES, Bag, considered
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent

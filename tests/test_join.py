@@ -6,8 +6,8 @@ import json
 
 from aiokafka import TopicPartition
 
+from contract.events import Click, Impression
 from state.kv import Store
-from stream.events import Click, Impression
 from stream.join import Join
 from stream.watermark import Watermark
 

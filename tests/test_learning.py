@@ -8,12 +8,12 @@ import random
 import pytest
 import torch
 
+from contract.events import Bag, SelectionRequest
 from learner import trainer
 from learner.baselines import ClickCounter
 from learner.policy import Selector
 from learner.priors import PAIR_STRENGTHS
 from learner.trainer import Learner, RowAdam, preset
-from stream.events import Bag, SelectionRequest
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from contract.events import SelectionRequest
 from learner.features import Featurizer
 from learner.policy import Selector, ServingPolicy, choose, hashed_uniform, sample_combinations
 from learner.serving import ServingModel
 from learner.trainer import Learner, preset
-from stream.events import SelectionRequest
 
 
 @pytest.fixture(scope="module")

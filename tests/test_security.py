@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from genco.config import Settings
+from contract.settings import Settings
 from stream.embedded import EmbeddedBroker, free_port
 from stream.kafka import Connection
 from stream.serve import Supervisor

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import time
 
-from genco.config import Settings
+from contract.events import Bag
+from contract.settings import Settings
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import WINDOW, serve_env, serve_log, start_serve, wait_ready
 from sim.world import World, WorldConfig
 from state.snapshots import SnapshotStore
 from stream.embedded import free_port
-from stream.events import Bag
 from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all

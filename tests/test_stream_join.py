@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 
-from genco.config import Settings
+from contract.settings import Settings
 from state.kv import Store
 from stream.joiner import Joiner
 from stream.kafka import Connection

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from contract.events import Bag, SelectionRequest
 from sim.zoo import COMPONENTS, FAMILIES, HELD_OUT_SEEDS, TUNING_SEEDS, ZooWorld, draw_config, draw_world
-from stream.events import Bag, SelectionRequest
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,7 @@ class DeadLetter(_Message):
     offset: int | None = None
     error: str
     raw: str
-    reason: str | None = None  # extension: one of stream.deadletters.Reason
+    reason: str | None = None  # extension: one of contract.deadletters.Reason
     last_offset: int | None = None  # extension: a refused batch's last offset (``offset`` is its first)
 
 

@@ -13,8 +13,8 @@ from typing import IO
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from stream.deadletters import InvalidInput, Reason
-from stream.events import describe_error, error_kind
+from contract.deadletters import InvalidInput, Reason
+from contract.events import describe_error, error_kind
 
 MAX_LINE_BYTES = 5 << 20
 _ANY_JSON = TypeAdapter(object)
