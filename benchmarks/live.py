@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from genco.compute import configure_compute
 from learner.baselines import HierarchicalCounter, ThompsonCounter
+from learner.compute import configure_compute
 from learner.policy import Selector
 from learner.trainer import Learner, preset
 from sim.loop import Frozen, LoopConfig, run_loop

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from contract.events import Bag, SelectionRequest
-from genco.compute import configure_compute
 from learner.baselines import ClickCounter, ContextLogReg, HierarchicalCounter, Uniform
+from learner.compute import configure_compute
 from learner.policy import Selector
 from learner.trainer import Learner, preset
 from sim.zoo import FAMILIES, HELD_OUT_SEEDS, TUNING_SEEDS, draw_world

@@ -28,7 +28,7 @@ import torch
 
 from contract.events import SelectionRequest
 from contract.jsonl import BadLines
-from genco.compute import configure_compute
+from learner.compute import configure_compute
 from learner.offline import bag_batches
 from learner.policy import Selector
 from learner.trainer import PRESETS, Learner, preset

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from contract.events import Bag
 from contract.settings import Settings
-from genco.compute import configure_compute
+from learner.compute import configure_compute
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import read_topic

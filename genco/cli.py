@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from genco.compute import configure_compute
+    from learner.compute import configure_compute
 
     args = build_parser().parse_args(argv)
     if args.numeric:  # not for status: a healthcheck every 15 s should not import torch (~3 s)

@@ -61,7 +61,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from genco.compute import configure_compute
+    from learner.compute import configure_compute
 
     configure_compute()  # one core per agent: more threads would fight the other agents
     settings = Settings(**spec["settings"])

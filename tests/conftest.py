@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from contract.events import Bag
-from genco.compute import configure_compute
+from learner.compute import configure_compute
 from sim.world import World, WorldConfig
 
 configure_compute()
