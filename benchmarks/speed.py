@@ -31,9 +31,9 @@ from contract.jsonl import BadLines
 from learner.compute import configure_compute
 from learner.offline import bag_batches
 from learner.policy import Selector
+from learner.snapshots import SnapshotStore
 from learner.trainer import PRESETS, Learner, preset
 from sim.world import World, WorldConfig
-from state.snapshots import SnapshotStore
 
 
 def main() -> None:

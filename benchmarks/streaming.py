@@ -25,12 +25,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from contract.events import Bag
 from contract.settings import Settings
 from learner.compute import configure_compute
+from learner.snapshots import SnapshotError, SnapshotStore
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import read_topic
 from sim.world import World, WorldConfig
 from state.kv import Store
-from state.snapshots import SnapshotError, SnapshotStore
 from stream.embedded import EmbeddedBroker
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics

@@ -23,8 +23,8 @@ def _emit(summary: dict, as_json: bool, lines: list[str]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from learner.offline import ProgressiveLogLoss, file_batches
+    from learner.snapshots import SnapshotStore
     from learner.trainer import Learner, preset
-    from state.snapshots import SnapshotStore
 
     store = SnapshotStore(args.snapshot_dir)
     resumed = store.latest_version()
@@ -67,7 +67,7 @@ def _bag_model():  # imported lazily: pydantic models cost start-up time the CLI
 
 def _serving_policy(snapshot_dir: str, explore: float, k: int, threads: int = 1):
     from learner.policy import ServingPolicy
-    from state.snapshots import SnapshotStore
+    from learner.snapshots import SnapshotStore
 
     store = SnapshotStore(snapshot_dir)
     if not store.latest_version():

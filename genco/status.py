@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from contract.deadletters import bounded
-from state.snapshots import SnapshotError, SnapshotStore
+from learner.snapshots import SnapshotError, SnapshotStore
 
 MAX_RESTARTS = 3  # restarts of one agent in the last 10 minutes that count as a crash loop
 MAX_FETCH_AGE_S = 60.0  # an agent that has not fetched for longer is stuck

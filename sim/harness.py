@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from state.snapshots import SnapshotError, SnapshotStore
+from learner.snapshots import SnapshotError, SnapshotStore
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
 from stream.serve import wait_until_ready

@@ -26,7 +26,7 @@ from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import SelectionRequest, work_batches
 from contract.jsonl import parse_line, readable_request_id
 from learner.policy import ServingPolicy
-from state.snapshots import SnapshotStore
+from learner.snapshots import SnapshotStore
 from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (

@@ -30,9 +30,9 @@ from river import metrics
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
 from contract.jsonl import parse_line
+from learner.snapshots import SnapshotStore
 from learner.trainer import Learner, preset
 from state.kv import Store, encode_time
-from state.snapshots import SnapshotStore
 from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 
 from contract.deadletters import MAX_RAW_CHARS
 from contract.events import Bag
+from learner.snapshots import SnapshotStore
 from learner.trainer import Learner
 from sim.garbage import FAULTS, corrupt
 from sim.world import World, WorldConfig
 from state.kv import Store
-from state.snapshots import SnapshotStore
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 from contract.deadletters import MAX_ERROR_CHARS, Reason
 from contract.events import FUTURE_GRACE_S, MAX_SEGMENT_CROSSES, Bag, considered
+from learner.snapshots import SnapshotStore
 from learner.trainer import Learner
 from sim.world import World, WorldConfig
 from state.kv import Store, decode_time
-from state.snapshots import SnapshotStore
 from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent

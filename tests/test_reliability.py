@@ -13,12 +13,12 @@ import time
 
 from contract.deadletters import MAX_RAW_CHARS
 from contract.settings import Settings
+from learner.snapshots import SnapshotStore
 from sim.adserver import AdServer, Report
 from sim.garbage import corrupt
 from sim.harness import WINDOW, bags_seen, freeze, kill_and_restart, serve_log, start_serve, stop_serve, wait_ready
 from sim.world import World, WorldConfig
 from state.kv import Store
-from state.snapshots import SnapshotStore
 from stream.embedded import EmbeddedBroker
 from stream.joiner import Joiner
 from stream.kafka import Connection

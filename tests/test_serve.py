@@ -12,11 +12,11 @@ import time
 
 from contract.events import Bag
 from contract.settings import Settings
+from learner.snapshots import SnapshotStore
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import WINDOW, serve_env, serve_log, start_serve, wait_ready
 from sim.world import World, WorldConfig
-from state.snapshots import SnapshotStore
 from stream.embedded import free_port
 from stream.kafka import Connection
 from stream.selector import SelectorAgent

@@ -9,8 +9,8 @@ import torch
 
 from learner.features import HashSizes
 from learner.model import GenCO, ModelConfig
+from learner.snapshots import SnapshotError, SnapshotStore
 from learner.trainer import Learner, Preset, TrainConfig
-from state.snapshots import SnapshotError, SnapshotStore
 
 SMALL = ModelConfig(sizes=HashSizes(user=256, ad=256, query=256, segment=64, element=512, other_element=256))
 
