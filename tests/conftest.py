@@ -65,3 +65,13 @@ def topics(request):
     from stream.kafka import Topics
 
     return Topics(f"t{zlib.crc32(request.node.nodeid.encode()):08x}.")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that asks for a broker belongs to the integration tier: one without the mark stops the run, so
+    ``-m "not integration"`` never starts a broker by accident."""
+    unmarked = [item.nodeid for item in items
+                if "broker" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("integration")]
+    if unmarked:
+        raise pytest.UsageError("mark these @pytest.mark.integration (they use the broker fixture): "
+                                + ", ".join(unmarked))

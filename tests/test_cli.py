@@ -140,6 +140,8 @@ def test_simulate_writes_a_uniform_log_that_train_learns_from(tmp_path):
     assert summary["trained"] == 2000 and summary["bad_lines"] == 0 and summary["version"] == 1
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_demo_runs_the_live_system_and_leaves_a_plot(tmp_path):
     env = {**os.environ, "GENCO_STATE_DIR": str(tmp_path), "GENCO_METRICS_PORT": "0"}
     result = subprocess.run([*GENCO, "demo", "--rate", "150", "--seconds", "25"], capture_output=True, text=True,

@@ -28,6 +28,8 @@ from stream.embedded import free_port
 from stream.kafka import Topics, bootstrap_servers
 from tests.kafka_helpers import produce_corrupt_batch
 
+pytestmark = pytest.mark.integration
+
 confluent_kafka = pytest.importorskip("confluent_kafka", reason="confluent-kafka belongs in the [test] extra")
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 
+import pytest
 from rocksdict import Options, Rdict
 
 from genco.status import collect
@@ -21,6 +22,7 @@ def genco_status(broker: str, topics: Topics, state, port: int, *args: str) -> s
                           env=serve_env(broker, topics, state, port), timeout=60)
 
 
+@pytest.mark.integration
 def test_a_crash_looping_agent_makes_status_unhealthy_until_it_recovers(broker, tmp_path):
     topics = Topics(f"h{uuid.uuid4().hex[:8]}.")
     port = free_port()

@@ -34,15 +34,18 @@ def scored(small_world):
     return scores
 
 
+@pytest.mark.slow
 def test_genco_beats_uniform_clearly(scored):
     assert scored["default"]["captured"] > 0.25
     assert scored["default"]["lift"] > 0.2
 
 
+@pytest.mark.slow
 def test_genco_beats_the_click_counter(scored):
     assert scored["default"]["captured"] > scored["counter"]["captured"] + 0.02
 
 
+@pytest.mark.slow
 def test_paper_preset_barely_moves_as_measured(scored):
     """The paper's plain SGD at lr 5e-3 stays near uniform: the reason the default differs."""
     assert abs(scored["paper"]["captured"]) < scored["default"]["captured"] / 2

@@ -11,6 +11,8 @@ import asyncio
 import random
 import time
 
+import pytest
+
 from contract.deadletters import MAX_RAW_CHARS
 from contract.settings import Settings
 from learner.snapshots import SnapshotStore
@@ -24,6 +26,8 @@ from stream.joiner import Joiner
 from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
+
+pytestmark = pytest.mark.integration
 
 
 def run_closed_loop(broker: str, topics, rate: float, requests: int, fault) -> Report:
@@ -56,6 +60,7 @@ def assert_nothing_lost(broker: str, topics, report: Report, state_dir) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_once(broker, topics, tmp_path):
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
@@ -82,6 +87,7 @@ def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_on
     assert "exited with status" not in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_a_frozen_broker_is_waited_out_without_restarts_or_loss(topics, tmp_path):
     with EmbeddedBroker() as broker:  # its own broker: SIGSTOP must not freeze the other tests'
         connection = Connection.from_settings(Settings(), broker.url)

@@ -87,6 +87,7 @@ def tls_proxy(listen_port: int, target_port: int, certificates: Path) -> Iterato
         thread.join(10)
 
 
+@pytest.mark.integration
 def test_genco_clients_talk_tls_to_the_broker_verified_by_the_ca_file(certificates, monkeypatch):
     proxy_port, broker_port = free_port(), free_port()
     monkeypatch.setenv("GENCO_KAFKA_SECURITY_PROTOCOL", "SSL")

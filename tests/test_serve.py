@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from contract.events import Bag
 from contract.settings import Settings
 from learner.snapshots import SnapshotStore
@@ -22,7 +24,10 @@ from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
 
+pytestmark = pytest.mark.integration
 
+
+@pytest.mark.slow
 def test_closed_loop_with_garbage_on_every_topic_answers_joins_and_learns(broker, topics, tmp_path):
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)

@@ -6,11 +6,15 @@ import asyncio
 import json
 import time
 
+import pytest
+
 from contract.settings import Settings
 from state.kv import Store
 from stream.joiner import Joiner
 from stream.kafka import Connection
 from tests.kafka_helpers import produce, read_all
+
+pytestmark = pytest.mark.integration
 
 WINDOW = 2.0
 
