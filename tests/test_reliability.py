@@ -46,18 +46,31 @@ def run_closed_loop(broker: str, topics, rate: float, requests: int, fault) -> R
 
 
 def assert_nothing_lost(broker: str, topics, report: Report, state_dir) -> None:
+    """Every request answered, every impression one bag with the label its clicks imply, and (once the running
+    serve's learner has caught up, or after a minute) a model trained on each bag once; a failure names what
+    was lost."""
     assert report.invalid == [], report.invalid[:5]
     assert report.answered == report.sent, f"{report.sent - report.answered} requests never answered"
     bags = asyncio.run(read_all(broker, topics.bags, lambda m: len({b["impression_id"] for b in m})
                                 >= len(report.labels), timeout_s=60, settle_s=1))
     labels: dict[str, bool] = {}
     for bag in bags:
-        assert labels.setdefault(bag["impression_id"], bag["clicked"]) == bag["clicked"], "a bag changed label"
-    assert labels == report.labels, "every impression exactly one label, the one its clicks imply"
+        assert labels.setdefault(bag["impression_id"], bag["clicked"]) == bag["clicked"], \
+            f"the bag of {bag['impression_id']} changed label"
+    missing = sorted(set(report.labels) - set(labels))
+    assert not missing, f"{len(missing)} impressions got no bag, e.g. {missing[:5]}"
+    unknown = sorted(set(labels) - set(report.labels))
+    assert not unknown, f"{len(unknown)} bags for impressions never shown, e.g. {unknown[:5]}"
+    wrong = sorted(i for i, clicked in labels.items() if clicked != report.labels[i])
+    assert not wrong, f"{len(wrong)} bags labelled against their clicks, e.g. {wrong[:5]}"
     assert report.versions == sorted(report.versions), "model_version went back"
     deadline = time.monotonic() + 60
-    while bags_seen(state_dir) < len(report.labels) and time.monotonic() < deadline:
+    while (seen := bags_seen(state_dir)) < len(report.labels) and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert seen == len(report.labels), (
+        f"the newest snapshot trained on {seen} bags of {len(report.labels)}: "
+        + (f"{len(report.labels) - seen} bags lost before the model" if seen < len(report.labels)
+           else f"{seen - len(report.labels)} trained twice"))
 
 
 @pytest.mark.slow
