@@ -25,7 +25,8 @@ MAX_COMPONENTS = 64
 CONSIDERED = 15  # candidates of a component the model scores: the first ones, in the order given
 MAX_SEGMENT_CROSSES = 20_000  # query segments x considered candidates
 # A batch (of selection requests or of bags for one training step) holds at most this many work
-# cells, except a single message over it, which goes alone: ~40 MB of model memory at the worst.
+# cells, except a single message over it, which goes alone: it bounds a batch's model memory whatever
+# its requests (docs/operations.md, "Caps on work per message").
 BATCH_WORK_CELLS = 4_000_000
 
 # How far ahead of genco's clock an event's ts is believed (a producer's clock may be off by this much);

@@ -229,7 +229,7 @@ def _write_uniform_log(args: argparse.Namespace) -> int:
 
 AD_SERVER_ADS = 200
 LOG_CHUNK = 10_000  # bags generated and written at a time by simulate --log
-THREADS_HELP = "batches scored at once (numpy releases the GIL: 2 on 2 cores ~1.4x the throughput of 1)"
+THREADS_HELP = "batches scored at once (numpy releases the GIL, so a thread per free core adds throughput)"
 
 
 def _positive(text: str) -> int:
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from learner.compute import configure_compute
 
     args = build_parser().parse_args(argv)
-    if args.numeric:  # not for status: a healthcheck every 15 s should not import torch (~3 s)
+    if args.numeric:  # not for status: a frequent healthcheck should not pay for importing torch
         configure_compute()
     return args.run(args)
 

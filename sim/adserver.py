@@ -119,7 +119,8 @@ class AdServer:
 
     async def run(self, drain_s: float = 30.0) -> Report:
         # Batches of ~5 messages rather than one each: the embedded broker's cost per fetch grows with the
-        # number of batches stored (README, "The embedded broker"); 10 ms is what an ad server would accept.
+        # number of batches stored (docs/architecture.md, "The embedded broker"); 10 ms is what an ad
+        # server would accept.
         producer = self.connection.producer(linger_ms=10)
         await producer.start()
         consumer = AIOKafkaConsumer(bootstrap_servers=list(self.connection.servers), group_id=None,

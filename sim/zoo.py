@@ -648,7 +648,7 @@ class ZooWorld:
 @contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pauses the cyclic garbage collector: bags hold no cycles, and its passes over the growing log (one
-    per ~700 new containers, each walking every bag made so far) would double the time of a 400k log."""
+    per ~700 new containers, each walking every bag made so far) cost more the longer the log grows."""
     enabled = gc.isenabled()
     gc.disable()
     try:
