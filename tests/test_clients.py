@@ -184,8 +184,12 @@ def test_hostile_input_is_dead_lettered_or_refused_and_every_agent_keeps_answeri
     for request_id in ("huge-error", "crosses", "control"):
         assert len(responses[request_id]["error"]) <= MAX_ERROR_CHARS
     assert "over the cap" in responses["crosses"]["error"]
-    wide = responses["wide"]["shown"]
-    assert set(wide) == {f"c{i}" for i in range(7)} and all(int(e[1:]) < CONSIDERED for e in wide.values())
+    wide = responses["wide"]
+    assert set(wide["shown"]) == {f"c{i}" for i in range(7)}
+    if wide["policy"] == "genco":  # the model scores each pool's first CONSIDERED candidates only
+        assert all(int(e[1:]) < CONSIDERED for e in wide["shown"].values()), wide
+    else:  # the explore slice (GENCO_EXPLORE of the requests) and the fallback draw from every candidate
+        assert wide["propensity"] == pytest.approx(1000.0**-7), wide
     assert "\x1b" not in responses["control"]["error"] and "\\x1b" in responses["control"]["error"]
 
     bags = confluent_read(broker, topics.bags, lambda v: any(b["impression_id"] == impression["impression_id"]
