@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
+from contract.events import Bag, SelectionRequest
 from learner.policy import Selector
 from learner.trainer import Learner, preset
 from sim.zoo import ZooWorld, draw_config
-from stream.events import Bag, SelectionRequest
 
 
 def _template_bags(n: int, seed: int = 0) -> list[Bag]:
@@ -102,6 +102,6 @@ def _captured_with_and_without_context_prior(context: float) -> dict[bool, float
 @pytest.mark.slow
 def test_context_crosses_help_where_context_matters_and_cost_nothing_where_it_does_not():
     with_context = _captured_with_and_without_context_prior(2.0)
-    assert with_context[True] > with_context[False] + 0.01  # measured +0.020
+    assert with_context[True] > with_context[False] + 0.01  # a clear gain, not noise
     without_context = _captured_with_and_without_context_prior(0.0)
-    assert abs(without_context[True] - without_context[False]) < 0.01  # measured 0.0001
+    assert abs(without_context[True] - without_context[False]) < 0.01  # crosses of no signal cost nothing
