@@ -17,6 +17,7 @@ Run: .venv/bin/python benchmarks/quality.py [--families paper churn] [--seeds he
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -49,13 +50,26 @@ class GenCOPolicy:
         return Selector(self.learner.model).select(requests)  # a frozen copy of the model as trained so far
 
 
+class PriorsAlone(GenCOPolicy):
+    """genco trained as usual, serving with the network's blend weights at zero: what the count-based priors
+    (with pairs, the combination head's candidates and the pair ascent) choose on their own."""
+
+    def select(self, requests: list) -> list[dict[str, str]]:
+        model = copy.deepcopy(self.learner.model)
+        with torch.no_grad():
+            model.network_weight.zero_()
+        return Selector(model).select(requests)
+
+
 GENCO = "genco"
 POLICIES: dict[str, Callable[[], object]] = {
     GENCO: lambda: GenCOPolicy("default"),
-    "genco w/o MIL": lambda: GenCOPolicy("default", mil=False),
-    "genco w/o RL": lambda: GenCOPolicy("default", rl_weight=0.0),
-    "genco w/o attention": lambda: GenCOPolicy("default", attention=False),
-    "genco w/o priors": lambda: GenCOPolicy("default", prior=False),
+    "priors alone": lambda: PriorsAlone("default"),
+    # The paper's ablations, on the network alone: with the priors on, they would hide its contribution.
+    "network alone": lambda: GenCOPolicy("default", prior=False),
+    "network w/o MIL": lambda: GenCOPolicy("default", prior=False, mil=False),
+    "network w/o RL": lambda: GenCOPolicy("default", prior=False, rl_weight=0.0),
+    "network w/o attention": lambda: GenCOPolicy("default", prior=False, attention=False),
     "genco-paper": lambda: GenCOPolicy("paper"),
     "hierarchical": HierarchicalCounter,
     "logreg": ContextLogReg,
