@@ -99,8 +99,10 @@ class GenCO(nn.Module):
         sizes = c.sizes
         self.context_table = nn.Embedding(sizes.context_rows, c.dim, sparse=True)
         self.element_table = nn.Embedding(sizes.element_rows, c.dim, sparse=True)
-        for table in (self.context_table, self.element_table):
-            nn.init.normal_(table.weight, std=0.05)
+        nn.init.normal_(self.context_table.weight, std=0.05)
+        # An element never trained scores as its component does, with no noise of its own for the serving
+        # blend to add to the priors' cold start (docs/decisions.md, "Element rows start at zero").
+        nn.init.zeros_(self.element_table.weight)
         self.component_embedding = nn.Embedding(sizes.component, c.dim)
         context_in = (len(CONTEXT_KINDS) + 1) * c.dim + len(PAPER_COMPONENTS) + 1
         self.encoder = _mlp([context_in, *c.encoder], batch_norm=True)
