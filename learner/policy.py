@@ -26,7 +26,7 @@ import numpy as np
 from learner.features import Batch, Featurizer
 from learner.model import GenCO
 from learner.ops import mix64
-from learner.serving import Encoded, ServingModel
+from learner.serving import ServingEncoded, ServingModel
 
 
 def hashed_uniform(key: np.ndarray) -> np.ndarray:
@@ -58,7 +58,7 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
     return np.concatenate([greedy[None], drawn])
 
 
-def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarray,
+def pair_ascent(model: ServingModel, batch: Batch, enc: ServingEncoded, start: np.ndarray,
                 sweeps: int = 2) -> list[np.ndarray]:
     """(G,) positions after each sweep: from ``start``, every pool takes the element that is best given
     the other pools' current picks, its score plus the pair prior with each of them (all pools at once)."""

@@ -93,7 +93,7 @@ def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int) -> np.nd
 
 
 @dataclass
-class Encoded:
+class ServingEncoded:
     """Per-batch results shared by the element and combination scores (numpy twin of ``model.Encoded``)."""
 
     h: np.ndarray
@@ -127,7 +127,7 @@ class ServingModel:
         if self.priors is not None:
             self.network_weight = tuple(float(w) for w in model.network_weight.detach())
 
-    def encode(self, batch: Batch, noise: np.ndarray | None = None) -> Encoded:
+    def encode(self, batch: Batch, noise: np.ndarray | None = None) -> ServingEncoded:
         """``noise``: (L,) standard normal draws, one per element, to sample the priors' element effects from
         their posteriors (Thompson sampling); none: their means."""
         c, requests, elements = self.config, batch.requests, batch.elements
@@ -157,7 +157,7 @@ class ServingModel:
             taste = h @ self.taste
             network += (taste.take(element_request, axis=0) * emb).sum(1)
         if self.priors is None:
-            return Encoded(h, phi_h, taste, features, network, network, None, None)
+            return ServingEncoded(h, phi_h, taste, features, network, network, None, None)
         prior = self.priors.scores(PriorKeys.of(batch))
         element_prior = prior.element if prior.context is None else prior.element + prior.context
         if noise is not None:
@@ -165,7 +165,7 @@ class ServingModel:
         request_prior = prior.request.astype(np.float32)
         element_logit = self.network_weight[0] * network + element_prior + request_prior.take(element_request)
         mixed_key = mix64(elements.key) if c.pair_prior else None
-        return Encoded(h, phi_h, taste, features, network, element_logit.astype(np.float32),
+        return ServingEncoded(h, phi_h, taste, features, network, element_logit.astype(np.float32),
                        element_prior.astype(np.float32), request_prior, prior, mixed_key)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
@@ -191,7 +191,7 @@ class ServingModel:
             outputs.append((weights.transpose(0, 2, 1) @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
         return np.concatenate(outputs).take(attention.element_cell, axis=0)
 
-    def combination_logit(self, batch: Batch, enc: Encoded, picks: np.ndarray) -> np.ndarray:
+    def combination_logit(self, batch: Batch, enc: ServingEncoded, picks: np.ndarray) -> np.ndarray:
         """s for K combinations per request. picks: (K, G) element index per pool.
 
         Laid out (slot, request, K): sums over a combination's elements run along the first axis, which
@@ -221,7 +221,7 @@ class ServingModel:
         logit += enc.request_prior[:, None]
         return logit.T
 
-    def _pair_sum(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
+    def _pair_sum(self, batch: Batch, enc: ServingEncoded, dense: np.ndarray) -> np.ndarray:
         """(B, K) each combination's pair shifts summed. dense: (width, B, K) elements, -1 where the request
         has no pool; every combination fills the same slots, so the real pairs are found once for all K."""
         width, n, k = dense.shape
@@ -234,7 +234,7 @@ class ServingModel:
         cell = (request[:, None] * k + np.arange(k)).ravel()
         return np.bincount(cell, weights=shift, minlength=n * k).reshape(n, k).astype(np.float32)
 
-    def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    def pair_shift(self, batch: Batch, enc: ServingEncoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """``Priors.pair_shift`` of pairs of the batch's elements (indices into them, both real)."""
         effect = enc.prior.element
         return self.priors.pair_shift(enc.mixed_key.take(first) + enc.mixed_key.take(second),
