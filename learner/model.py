@@ -152,7 +152,7 @@ class GenCO(nn.Module):
         prior = self.priors.scores(PriorKeys.of(batch))
         element_prior = prior.element if prior.context is None else prior.element + prior.context
         # The ad's CTR sets each request's level, so scores are calibrated from the first batch instead of
-        # waiting for φ's output bias to crawl from 0 to about -2.5.
+        # waiting for φ's output bias to crawl from 0 to the log-odds of a typical CTR.
         return Encoded(h, features, network, torch.from_numpy(element_prior).float(),
                        torch.from_numpy(prior.request).float(), prior)
 

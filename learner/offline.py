@@ -7,10 +7,10 @@ through a queue a few batches deep, which keeps it ahead of the trainer without 
 file in memory. The batch's arrays travel through shared memory: a few slots mapped before the
 fork, each handed back to the parser when the trainer drops the batch that reads it, so a batch
 costs one copy instead of a pickle, a pipe and an unpickle; the queue carries the rest, with
-each array's place in the slot where the array was. The
-parser process runs without the cyclic garbage collector: validation and featurisation make no
-reference cycles, and collections cost ~40% of parse time (pausing it per batch still left ~10%:
-the first collection after each pause walked the whole batch).
+each array's place in the slot where the array was. The parser process runs without the cyclic
+garbage collector: validation and featurisation make no reference cycles, and collections took a
+large share of parse time (pausing it per batch still left some: the first collection after each
+pause walked the whole batch).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from stream.events import Bag
 
 QUEUE_DEPTH = 4  # batches the parser may run ahead of the trainer
 SLOTS = QUEUE_DEPTH + 2  # shared-memory slots: the queue's, the one being filled, the one being trained on
-SLOT_BYTES = 64 << 20  # address space; a batch of 1,024 Table-1 bags touches ~6 MB of it
+SLOT_BYTES = 64 << 20  # address space, of which a batch of 1,024 Table-1 bags touches a small part
 _ALIGN = 64
 
 

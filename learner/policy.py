@@ -39,7 +39,7 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
 
     A draw inverts its pool's cumulative softmax at one uniform keyed by the request's seed, the
     sample and the pool's slot in the request: one uniform a pool rather than Gumbel noise on every
-    element (~5x fewer hashes), and a request draws the same alone or inside any batch.
+    element (a hash per pool, not per candidate), and a request draws the same alone or inside any batch.
     """
     grid = batch.pool_grid(element_logit)
     greedy = grid.argmax(1)
@@ -52,7 +52,7 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
     pools = batch.pools
     key = (batch.requests.seed.take(pools.request) * 1_000_003 + pools.slot)[None] + np.arange(1, k)[:, None] * 65_537
     uniform = hashed_uniform(key)  # (k - 1, G)
-    drawn = np.zeros(uniform.shape, dtype=np.int16)  # 3x faster to add booleans into than int64
+    drawn = np.zeros(uniform.shape, dtype=np.int16)  # booleans add into int16 faster than into int64
     for below in cumulative[:-1]:  # the drawn position is how many cumulative shares lie at or below u
         drawn += below <= uniform
     return np.concatenate([greedy[None], drawn])
@@ -109,8 +109,9 @@ class Selector:
     """Picks combinations for contract SelectionRequests with the model as it was when the Selector was made.
 
     Requests are scored in batches of ``batch_size``; with ``threads`` > 1 that many batches at once.
-    numpy releases the GIL inside its loops, so on two cores two threads answer ~1.4x the requests of
-    one (benchmarks/speed.py). The agents keep one: their processes share the cores (genco/compute.py).
+    numpy releases the GIL inside its loops, so on two cores two threads answer more requests than one
+    (benchmarks/speed.py measures how many more). The agents keep one: their processes share the cores
+    (genco/compute.py).
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,

@@ -1,12 +1,12 @@
 """GenCO's scores for serving, in numpy: ``GenCO.encode`` and ``combination_logit`` in eval mode.
 
-Why a copy: one request through the torch model is ~300 tiny tensor ops at ~7 µs
-of dispatch each (~2 ms); the same arithmetic in numpy costs ~1 µs an op. Training
-stays in torch; ``ServingModel(model)`` freezes a trained model's weights and
-priors (BatchNorm folded into the layer before it), and a test checks that both score
-every element and combination alike. Rows are gathered with ``take(index, axis=0)``, not
-``array[index]``: numpy's fancy indexing copies row by row, and on these shapes (24k rows
-of 4-64 floats) ``take`` measured 3-18x faster.
+Why a copy: one request through the torch model is hundreds of tiny tensor ops, each paying torch's
+dispatch, which costs far more than the arithmetic; numpy's overhead an op is a fraction of it.
+Training stays in torch; ``ServingModel(model)`` freezes a trained model's weights and priors
+(BatchNorm folded into the layer before it), and a test checks that both score every element and
+combination alike. Rows are gathered with ``take(index, axis=0)``, not ``array[index]``: numpy's
+fancy indexing copies row by row, and on these shapes (tens of thousands of rows of a few to a few
+dozen floats) ``take`` is much faster.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class ServingModel:
         """s for K combinations per request. picks: (K, G) element index per pool.
 
         Laid out (slot, request, K): sums over a combination's elements run along the first axis, which
-        numpy reduces ~20x faster than a short last one, and each (slot, request) holds its K picks in a row.
+        numpy reduces far faster than a short last one, and each (slot, request) holds its K picks in a row.
         """
         k, n, width = picks.shape[0], batch.size, batch.combination_width
         dense = np.full((width, n, k), -1, dtype=np.int64)

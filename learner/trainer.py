@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(),
     # The paper's appendix exactly: plain SGD, lr 5e-3, embeddings of dimension 4, nothing added.
     "paper": Preset(ModelConfig(dim=4, prior=False), TrainConfig("sgd", 5e-3, "sgd", 5e-3)),
-    # The default without the pair prior: ~1.3x batched selection, no gain where elements go together.
+    # The default without the pair prior: faster batched selection, no gain where elements go together.
     "fast": Preset(ModelConfig(pair_prior=False)),
 }
 
@@ -116,7 +116,7 @@ def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     """log π(e) within each (request, component) pool, for every element (L,).
 
     The grid holds one pool per column: torch's log_softmax along a short last axis (15 wide, one pool
-    per row) measured ~10x slower, forward and backward, than along the first."""
+    per row) is far slower, forward and backward, than along the first."""
     elements, pools = batch.tensors.elements, len(batch.pools.size)
     cell = elements.pos * pools + elements.pool
     grid = element_logit.new_full((batch.pool_width * pools,), float("-inf")).index_put((cell,), element_logit)
@@ -125,9 +125,8 @@ def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
 
 class RowAdam(torch.optim.SparseAdam):
     """SparseAdam's update, bit for bit and with its state, made with row gathers and copies instead of
-    sparse-tensor arithmetic: ~1.8 against 2.8 ms a step for the two hash tables on 200 ads, 6.0 against
-    10.4 ms on 5,000 (where a batch touches ~15k element rows). The rows are distinct (the gradient comes
-    coalesced), so each write is a copy, not an accumulation."""
+    sparse-tensor arithmetic, which costs more a step, the more so the more rows a batch touches. The rows
+    are distinct (the gradient comes coalesced), so each write is a copy, not an accumulation."""
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -172,7 +171,7 @@ class Learner:
         blend = {id(p) for name, p in self.model.named_parameters() if name in BLEND_PARAMETERS}
         sparse = [p for p in self.model.parameters() if id(p) in sparse_tables]
         dense = [p for p in self.model.parameters() if id(p) not in sparse_tables | blend]
-        # fused Adam: one kernel a step instead of ~10 ops a tensor
+        # fused Adam: one kernel a step instead of several small ops for each tensor
         dense_kinds = {"adam": partial(torch.optim.Adam, fused=True), "sgd": torch.optim.SGD}
         sparse_kinds = {"adam": RowAdam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         optimizers = [dense_kinds[cfg.optimizer](dense, lr=cfg.lr),
