@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     progressive = ProgressiveLogLoss()  # each bag is scored before the step that learns from it
     start, trained = time.perf_counter(), 0
     for batch in file_batches(args.bags, learner.featurizer, learner.preset.train.batch_size, bad):
-        progressive.update(batch.arrays["clicked"], learner.step_batch(batch).predicted.numpy())
+        progressive.update(batch.requests.clicked, learner.step_batch(batch).predicted.numpy())
         trained += batch.size
     elapsed = time.perf_counter() - start
     manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,

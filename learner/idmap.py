@@ -1,7 +1,7 @@
 """A collision-free map from 64-bit keys to dense rows, in numpy: the count tables' index.
 
 Why: hashing ids straight into a fixed table mixes the counts of every ids that share a cell, and at
-thousands of ads with ~15 elements each a table sized for memory holds a fifth of its elements in
+thousands of ads with ~15 elements each a table sized for memory holds a good share of its elements in
 shared cells. Like Monolith's collisionless tables, each key here gets a row of its own, in order of
 first sight, and the tables that hang off the rows grow with them. Keys are 64-bit hashes of ids
 (``features.id_key``), whose chance of one collision among a million ids is ~3e-8.

@@ -84,7 +84,7 @@ class Encoded:
 
     def element_logit(self, request: torch.Tensor, network_weight: torch.Tensor | float = 1.0) -> torch.Tensor:
         """p_e with the priors: the network's score weighted by ``network_weight``; ``request``: each
-        element's request (the featurizer's ``element_request``)."""
+        element's request (``Batch.elements.request``)."""
         if self.element_prior is None:
             return self.element_network
         return network_weight * self.element_network + self.element_prior + self.request_prior.index_select(0, request)
@@ -130,37 +130,39 @@ class GenCO(nn.Module):
     def encode(self, batch: Batch) -> Encoded:
         c, t = self.config, batch.tensors
         n, d = batch.size, c.dim
-        context_rows = gather_rows(self.context_table.weight, t.context_table_rows, t.context_inverse)
+        requests, elements, distinct = t.requests, t.elements, t.distinct
+        context_rows = gather_rows(self.context_table.weight, distinct.context_rows, distinct.context_inverse)
         ctx, seg_rows = context_rows.split([n * len(CONTEXT_KINDS), len(context_rows) - n * len(CONTEXT_KINDS)])
         ctx = ctx.view(n, -1)
-        seg = ctx.new_zeros(n, d).index_add(0, t.segment_request, seg_rows) / t.segment_count.clamp(min=1)[:, None]
-        h = self.encoder(torch.cat([ctx, seg, t.pool_stats], 1))
+        seg = ctx.new_zeros(n, d).index_add(0, t.segments.request, seg_rows)
+        seg = seg / requests.segment_count.clamp(min=1)[:, None]
+        h = self.encoder(torch.cat([ctx, seg, requests.pool_stats], 1))
 
-        emb = gather_rows(self.element_table.weight, t.element_rows, t.element_inverse)
-        comp = self.component_embedding.weight.index_select(0, t.element_component)
+        emb = gather_rows(self.element_table.weight, distinct.element_rows, distinct.element_inverse)
+        comp = self.component_embedding.weight.index_select(0, elements.component)
         if c.attention:
             z = self._cross_component_attention(batch, emb)
         else:
             z = emb.new_zeros(emb.shape[0], c.attention_hidden)
         features = torch.cat([emb, comp, z], 1)
-        request_h = h.index_select(0, t.element_request)
+        request_h = h.index_select(0, elements.request)
         network = self.phi(torch.cat([request_h, features], 1)).squeeze(1)
         if c.taste:
             network = network + (self.taste(request_h) * emb).sum(1)
         if self.priors is None:
             return Encoded(h, features, network, None, None, None)
-        prior = self.priors.scores(PriorKeys.of(batch.arrays))
+        prior = self.priors.scores(PriorKeys.of(batch))
         element_prior = prior.element if prior.context is None else prior.element + prior.context
         # The ad's CTR sets each request's level, so scores are calibrated from the first batch instead of
-        # waiting for φ's output bias to crawl from 0 to about -2.5.
+        # waiting for φ's output bias to crawl from 0 to the log-odds of a typical CTR.
         return Encoded(h, features, network, torch.from_numpy(element_prior).float(),
                        torch.from_numpy(prior.request).float(), prior)
 
     def observe(self, batch: Batch, enc: Encoded) -> None:
         """Count the batch into the priors; after the step, so a label never sees itself."""
         if self.priors is not None:
-            self.priors.observe(PriorKeys.of(batch.arrays), batch.arrays["clicked"].astype(np.float64),
-                                LoggedKeys.of(batch.arrays, enc.prior.element))
+            self.priors.observe(PriorKeys.of(batch), batch.requests.clicked.astype(np.float64),
+                                LoggedKeys.of(batch, enc.prior.element))
 
     def pair_prior(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
         """(K, B) each combination's pairs' synergy summed, in log-odds. dense: (K, B, M) elements (into L),
@@ -170,17 +172,17 @@ class GenCO(nn.Module):
         present = dense[0] >= 0
         request, pair = np.nonzero(present[:, i] & present[:, j])
         first, second = dense[:, request, i[pair]].ravel(), dense[:, request, j[pair]].ravel()
-        keys, effect = batch.arrays["element_key"], enc.prior.element
+        keys, effect = batch.elements.key, enc.prior.element
         shift = self.priors.pair_shift(pair_key(keys[first], keys[second]), effect[first] + effect[second])
         cell = (np.arange(k)[:, None] * n + request).ravel()
         return np.bincount(cell, weights=shift, minlength=k * n).reshape(k, n)
 
     def logged_pair_prior(self, batch: Batch, enc: Encoded) -> np.ndarray:
         """(B,) ``pair_prior`` of the logged combinations, from their pairs as the featurizer laid them out."""
-        a, effect = batch.arrays, enc.prior.element
-        first, second = a["shown_pair_first"], a["shown_pair_second"]
-        shift = self.priors.pair_shift(a["shown_pair_key"], effect[first] + effect[second])
-        return np.bincount(a["element_request"][first], weights=shift, minlength=batch.size)
+        logged, effect = batch.logged, enc.prior.element
+        first, second = logged.pair_first, logged.pair_second
+        shift = self.priors.pair_shift(logged.pair_key, effect[first] + effect[second])
+        return np.bincount(batch.elements.request[first], weights=shift, minlength=batch.size)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Everything a snapshot holds: the network's state and the priors' tables."""
@@ -198,29 +200,29 @@ class GenCO(nn.Module):
 
     def _cross_component_attention(self, batch: Batch, emb: torch.Tensor) -> torch.Tensor:
         """Each element attends to itself and every candidate of the *other* components of its request,
-        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``); requests with
-        the same pools as an earlier one read its outputs (``features._attention_layout``). The mask is
-        an additive bias, so it rides in the score matmul (baddbmm) instead of a pass of its own."""
-        hidden, t = self.config.attention_hidden, batch.tensors
-        qkv = emb.index_select(0, t.attended) @ torch.cat([self.query.weight * hidden**-0.5, self.key.weight,
-                                                           self.value.weight]).T
-        sizes = [block.rows * block.width for block in batch.attention_blocks]
-        padded = qkv.new_zeros(sum(sizes), 3 * hidden).index_copy(0, t.attended_cell, qkv)
+        in the featurizer's blocks of similarly sized requests (``features.Attention``); requests with the
+        same pools as an earlier one read its outputs. The mask is an additive bias, so it rides in the score
+        matmul (baddbmm) instead of a pass of its own."""
+        hidden, attention = self.config.attention_hidden, batch.tensors.attention
+        qkv = emb.index_select(0, attention.attended) @ torch.cat([self.query.weight * hidden**-0.5, self.key.weight,
+                                                                   self.value.weight]).T
+        sizes = [block.rows * block.width for block in attention.blocks]
+        padded = qkv.new_zeros(sum(sizes), 3 * hidden).index_copy(0, attention.attended_cell, qkv)
         outputs = []
         # split, not sliced: the backward joins the blocks' gradients in one pass instead of a zeroed copy each
-        for block, part in zip(batch.attention_blocks, padded.split(sizes), strict=True):
+        for block, part in zip(attention.blocks, padded.split(sizes), strict=True):
             rows, width = block.rows, block.width
             q, k, v = part.view(rows, width, 3 * hidden).split(hidden, 2)
-            bias = t.attention_bias[block.mask_start : block.mask_start + rows * width * width]
+            bias = attention.bias[block.mask_start : block.mask_start + rows * width * width]
             scores = torch.baddbmm(bias.view(rows, width, width), q, k.transpose(1, 2))
             outputs.append(torch.bmm(torch.softmax(scores, 2), v).view(rows * width, hidden))
-        return torch.cat(outputs).index_select(0, t.element_attention_cell)
+        return torch.cat(outputs).index_select(0, attention.element_cell)
 
     # -- 5: combination scores ------------------------------------------------------------------
     def element_logit(self, batch: Batch, enc: Encoded) -> torch.Tensor:
         """p_e as serving scores it: the priors and the network, blended."""
         weight = 1.0 if self.priors is None else self.network_weight[0]
-        return enc.element_logit(batch.tensors.element_request, weight)
+        return enc.element_logit(batch.tensors.elements.request, weight)
 
     def combination_parts(self, batch: Batch, enc: Encoded, picks: torch.Tensor,
                           pair_prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -229,7 +231,7 @@ class GenCO(nn.Module):
         caller has it already."""
         c = self.config
         k, n, width = picks.shape[0], batch.size, batch.combination_width
-        dense = picks.new_full((k, n * width), -1).index_copy(1, batch.tensors.group_cell, picks).view(k, n, width)
+        dense = picks.new_full((k, n * width), -1).index_copy(1, batch.tensors.pools.cell, picks).view(k, n, width)
         present = dense >= 0
         index = dense.clamp(min=0)
         if c.mil:

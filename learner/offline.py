@@ -2,14 +2,15 @@
 
 ``file_batches`` parses and featurizes in a forked process while the caller trains, so
 ``genco train`` runs at the pace of the slower of the two rather than their sum. The
-parser sends each batch as the numpy arrays of its layout (the ids behind the pools are
-not needed to train) through a queue a few batches deep, which keeps it ahead of the
-trainer without holding the file in memory. The arrays travel through shared memory: a few
-slots mapped before the fork, each handed back to the parser when the trainer drops the batch
-that reads it, so a batch costs one copy instead of a pickle, a pipe and an unpickle. The
-parser process runs without the cyclic garbage collector: validation and featurisation make no
-reference cycles, and collections cost ~40% of parse time (pausing it per batch still left ~10%:
-the first collection after each pause walked the whole batch).
+parser sends each batch (without the ids behind the pools, which training does not need)
+through a queue a few batches deep, which keeps it ahead of the trainer without holding the
+file in memory. The batch's arrays travel through shared memory: a few slots mapped before the
+fork, each handed back to the parser when the trainer drops the batch that reads it, so a batch
+costs one copy instead of a pickle, a pipe and an unpickle; the queue carries the rest, with
+each array's place in the slot where the array was. The parser process runs without the cyclic
+garbage collector: validation and featurisation make no reference cycles, and collections took a
+large share of parse time (pausing it per batch still left some: the first collection after each
+pause walked the whole batch).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 from river import stats
@@ -33,7 +34,7 @@ from learner.features import Batch, Featurizer
 
 QUEUE_DEPTH = 4  # batches the parser may run ahead of the trainer
 SLOTS = QUEUE_DEPTH + 2  # shared-memory slots: the queue's, the one being filled, the one being trained on
-SLOT_BYTES = 64 << 20  # address space; a batch of 1,024 Table-1 bags touches ~6 MB of it
+SLOT_BYTES = 64 << 20  # address space, of which a batch of 1,024 Table-1 bags touches a small part
 _ALIGN = 64
 
 
@@ -54,55 +55,74 @@ def bag_batches(lines: IO[bytes], featurizer: Featurizer, lines_per_batch: int, 
 
 def _parse_into(queue: multiprocessing.Queue, free: multiprocessing.SimpleQueue, slots: list[mmap.mmap],
                 path: str, featurizer: Featurizer, lines_per_batch: int) -> None:
-    """The parser process: every batch's arrays, then the bad-line tally (reported on stderr as found).
+    """The parser process: every batch, then the bad-line tally (reported on stderr as found).
 
-    A batch goes into a free shared slot when there is one and it fits, else pickled through the
-    queue (a caller holding on to its batches only makes the run slower)."""
+    A batch's arrays go into a free shared slot when there is one and they fit, else the batch is pickled
+    through the queue (a caller holding on to its batches only makes the run slower)."""
     gc.disable()  # for good: this process only parses, and exits when the file ends
     bad = BadLines()
     try:
         with open(path, "rb") as lines:
             for batch in bag_batches(lines, featurizer, lines_per_batch, bad):
+                batch = batch.without_ids()
                 slot = None if free.empty() else free.get()  # the only reader of ``free``: no race
-                layout = None if slot is None else _copy_into(slots[slot], batch.arrays)
-                if layout is None:
+                placed = None if slot is None else _copy_into(slots[slot], batch)
+                if placed is None:
                     if slot is not None:
                         free.put(slot)
-                    queue.put(("batch", batch.without_ids()))
+                    queue.put(("batch", batch))
                 else:
-                    queue.put(("shared", (slot, layout, batch.attention_blocks, batch.pool_width,
-                                          batch.combination_width)))
+                    queue.put(("shared", (slot, placed)))
         queue.put(("done", (bad.count, bad.examples)))
     except BaseException:  # the trainer re-raises it; a parser that just died would leave it waiting
         queue.put(("error", traceback.format_exc()))
 
 
-Layout = list[tuple[str, str, tuple[int, ...], int]]  # (name, dtype, shape, byte offset) of each array
+class Place(NamedTuple):
+    """Where an array lies in a shared slot; a batch sent through a slot holds these instead of its arrays."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # in bytes
 
 
-def _copy_into(slot: mmap.mmap, arrays: dict[str, np.ndarray]) -> Layout | None:
-    """Copy ``arrays`` into ``slot`` back to back (aligned); None when they do not fit."""
-    layout, offset = [], 0
-    for name, array in arrays.items():
+class _SlotFull(Exception):
+    pass
+
+
+def _copy_into(slot: mmap.mmap, batch: Batch) -> Batch | None:
+    """Copy the batch's arrays into ``slot`` back to back (aligned): the batch with their places instead of
+    them, or None when they do not fit."""
+    offset = 0
+
+    def place(array: np.ndarray) -> Place:
+        nonlocal offset
         if offset + array.nbytes > len(slot):
-            return None
+            raise _SlotFull
         view = np.frombuffer(slot, dtype=array.dtype, count=array.size, offset=offset)
         view.reshape(array.shape)[...] = array
-        layout.append((name, array.dtype.str, array.shape, offset))
+        placed = Place(array.dtype.str, array.shape, offset)
         offset += -(-array.nbytes // _ALIGN) * _ALIGN
-    return layout
+        return placed
+
+    try:
+        return batch.map_arrays(place)
+    except _SlotFull:
+        return None
 
 
-def _read_from(slot: mmap.mmap, layout: Layout, release: Callable[[], None]) -> dict[str, np.ndarray]:
-    """The arrays of ``layout`` as views of ``slot``; ``release`` runs once no view (or tensor) is left."""
+def _read_from(slot: mmap.mmap, placed: Batch, release: Callable[[], None]) -> Batch:
+    """The batch ``_copy_into`` placed, its arrays views of ``slot``; ``release`` runs once no view (or
+    tensor) is left."""
     memory = np.frombuffer(slot, dtype=np.uint8)
     weakref.finalize(memory, release)
-    arrays = {}
-    for name, dtype, shape, offset in layout:
-        dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        arrays[name] = memory[offset : offset + count * dtype.itemsize].view(dtype).reshape(shape)
-    return arrays
+
+    def view(place: Place) -> np.ndarray:
+        dtype = np.dtype(place.dtype)
+        count = int(np.prod(place.shape, dtype=np.int64))
+        return memory[place.offset : place.offset + count * dtype.itemsize].view(dtype).reshape(place.shape)
+
+    return placed.map_arrays(view)
 
 
 def file_batches(path: str, featurizer: Featurizer, lines_per_batch: int, bad: BadLines) -> Iterator[Batch]:
@@ -126,9 +146,8 @@ def file_batches(path: str, featurizer: Featurizer, lines_per_batch: int, bad: B
             if kind == "batch":
                 yield payload
             elif kind == "shared":
-                slot, layout, blocks, pool_width, combination_width = payload
-                arrays = _read_from(slots[slot], layout, partial(free.put, slot))
-                yield Batch(arrays, blocks, pool_width, combination_width)
+                slot, placed = payload
+                yield _read_from(slots[slot], placed, partial(free.put, slot))
             elif kind == "done":
                 bad.count, bad.examples = payload
                 return

@@ -26,7 +26,7 @@ import numpy as np
 from learner.features import Batch, Featurizer
 from learner.model import GenCO
 from learner.ops import mix64
-from learner.serving import Encoded, ServingModel
+from learner.serving import ServingEncoded, ServingModel
 
 
 def hashed_uniform(key: np.ndarray) -> np.ndarray:
@@ -39,42 +39,40 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
 
     A draw inverts its pool's cumulative softmax at one uniform keyed by the request's seed, the
     sample and the pool's slot in the request: one uniform a pool rather than Gumbel noise on every
-    element (~5x fewer hashes), and a request draws the same alone or inside any batch.
+    element (a hash per pool, not per candidate), and a request draws the same alone or inside any batch.
     """
     grid = batch.pool_grid(element_logit)
     greedy = grid.argmax(1)
     if k <= 1:
         return greedy[None]
-    a = batch.arrays
     scaled = grid / np.float32(temperature)
     shares = np.exp(scaled - scaled[np.arange(len(greedy)), greedy][:, None])
     cumulative = np.cumsum(shares.T, axis=0, dtype=np.float64)  # (pool width, G): a column per position
     cumulative /= cumulative[-1]  # padding adds nothing, so each pool ends at exactly 1, above any uniform
-    key = (a["seed"].take(a["group_request"]) * 1_000_003 + a["group_slot"])[None] + np.arange(1, k)[:, None] * 65_537
+    pools = batch.pools
+    key = (batch.requests.seed.take(pools.request) * 1_000_003 + pools.slot)[None] + np.arange(1, k)[:, None] * 65_537
     uniform = hashed_uniform(key)  # (k - 1, G)
-    drawn = np.zeros(uniform.shape, dtype=np.int16)  # 3x faster to add booleans into than int64
+    drawn = np.zeros(uniform.shape, dtype=np.int16)  # booleans add into int16 faster than into int64
     for below in cumulative[:-1]:  # the drawn position is how many cumulative shares lie at or below u
         drawn += below <= uniform
     return np.concatenate([greedy[None], drawn])
 
 
-def pair_ascent(model: ServingModel, batch: Batch, enc: Encoded, start: np.ndarray,
+def pair_ascent(model: ServingModel, batch: Batch, enc: ServingEncoded, start: np.ndarray,
                 sweeps: int = 2) -> list[np.ndarray]:
     """(G,) positions after each sweep: from ``start``, every pool takes the element that is best given
     the other pools' current picks, its score plus the pair prior with each of them (all pools at once)."""
-    a = batch.arrays
-    sizes, width = a["group_size"], batch.combination_width
-    group_start = np.cumsum(sizes) - sizes
+    pools, elements, width = batch.pools, batch.elements, batch.combination_width
     # every (element, slot of another pool of its request): the same partners' slots in each sweep
-    partners = np.bincount(a["group_request"], minlength=batch.size).take(a["element_request"]) - 1
+    partners = np.bincount(pools.request, minlength=batch.size).take(elements.request) - 1
     element = np.repeat(np.arange(len(partners)), partners)
     nth = np.arange(len(element)) - np.repeat(np.cumsum(partners) - partners, partners)
-    slot = nth + (nth >= a["group_slot"].take(a["element_group"]).take(element))  # skipping its own
-    partner_cell = a["element_request"].take(element) * width + slot
+    slot = nth + (nth >= pools.slot.take(elements.pool).take(element))  # skipping its own
+    partner_cell = elements.request.take(element) * width + slot
     picks, results = start, []
     for _ in range(sweeps):
         dense = np.zeros(batch.size * width, dtype=np.int64)
-        dense[a["group_cell"]] = group_start + picks
+        dense[pools.cell] = pools.start + picks
         shift = model.pair_shift(batch, enc, element, dense.take(partner_cell))
         shift = np.bincount(element, weights=shift, minlength=len(enc.element_logit)).astype(np.float32)
         picks = batch.pool_grid(enc.element_logit + shift).argmax(1)
@@ -93,19 +91,17 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
     """Chosen position inside each pool (G,): the combination the combination head scores highest.
     ``thompson``: the priors' element effects are drawn from their posteriors first (keyed by request and
     element, so a request draws the same alone or in any batch), and the best combination for the draw wins."""
-    a = batch.arrays
     noise = None
     if thompson and model.priors is not None:
-        noise = hashed_normal(mix64(a["element_key"] ^ a["seed"].take(a["element_request"])))
+        noise = hashed_normal(mix64(batch.elements.key ^ batch.requests.seed.take(batch.elements.request)))
     enc = model.encode(batch, noise)
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
     if model.priors is not None and model.config.pair_prior:
         candidates = np.concatenate([candidates, np.stack(pair_ascent(model, batch, enc, candidates[0]))])
-    sizes = batch.arrays["group_size"]
-    combo_score = model.combination_logit(batch, enc, np.cumsum(sizes) - sizes + candidates)  # (k, B)
-    best = combo_score.argmax(0)[batch.arrays["group_request"]]
+    combo_score = model.combination_logit(batch, enc, batch.pools.start + candidates)  # (k, B)
+    best = combo_score.argmax(0)[batch.pools.request]
     return candidates[best, np.arange(candidates.shape[1])]
 
 
@@ -113,8 +109,9 @@ class Selector:
     """Picks combinations for contract SelectionRequests with the model as it was when the Selector was made.
 
     Requests are scored in batches of ``batch_size``; with ``threads`` > 1 that many batches at once.
-    numpy releases the GIL inside its loops, so on two cores two threads answer ~1.4x the requests of
-    one (benchmarks/speed.py). The agents keep one: their processes share the cores (genco/compute.py).
+    numpy releases the GIL inside its loops, so on two cores two threads answer more requests than one
+    (benchmarks/speed.py measures how many more). The agents keep one: their processes share the cores
+    (genco/compute.py).
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
@@ -136,8 +133,8 @@ class Selector:
         batch = self.featurizer.batch(requests)
         picks = choose(self.model, batch, self.k, self.temperature, self.thompson).tolist()
         return [
-            {batch.group_names[g]: batch.candidate_ids[g][picks[g]] for g in groups}
-            for groups in batch.request_groups()
+            {batch.component_names[g]: batch.candidate_ids[g][picks[g]] for g in pools}
+            for pools in batch.request_pools()
         ]
 
 

@@ -36,11 +36,15 @@ elements², hash into fixed tables, where only keys with many impressions carry 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from learner.idmap import KeyIndex
 from learner.ops import logit, mix64
+
+if TYPE_CHECKING:
+    from learner.features import Batch
 
 PAIR_STRENGTHS = tuple(float(round(10 ** (1.5 + x / 2))) for x in range(8))  # pseudo-impressions; the last ~ off
 COMPONENT_ROWS = 64
@@ -117,7 +121,7 @@ class CountTable:
 
 @dataclass
 class PriorKeys:
-    """What the priors read of a batch: keys from the featurizer (``features.Batch.arrays``)."""
+    """What the priors read of a batch: keys from the featurizer (``features.Batch``)."""
 
     ad: np.ndarray  # (B,) each request's ad
     element: np.ndarray  # (L,) each candidate element, keyed with its component
@@ -129,10 +133,10 @@ class PriorKeys:
     cross_weight: np.ndarray  # (C,) 1 for age and gender, 1 / segments for a query segment
 
     @classmethod
-    def of(cls, arrays: dict[str, np.ndarray]) -> PriorKeys:
-        return cls(arrays["context_key"][:, 3], arrays["element_key"], arrays["cell_key"],
-                   arrays["element_component"], arrays["element_request"], arrays["cross_key"],
-                   arrays["cross_element"], arrays["cross_weight"])
+    def of(cls, batch: Batch) -> PriorKeys:
+        elements, crosses = batch.elements, batch.crosses
+        return cls(batch.requests.ad_key, elements.key, elements.cell_key, elements.component, elements.request,
+                   crosses.key, crosses.element, crosses.weight)
 
 
 @dataclass
@@ -153,18 +157,17 @@ class LoggedKeys:
     effect_sum: np.ndarray  # (B,) the effects of each request's shown elements, summed
 
     @classmethod
-    def of(cls, arrays: dict[str, np.ndarray], effect: np.ndarray) -> LoggedKeys:
+    def of(cls, batch: Batch, effect: np.ndarray) -> LoggedKeys:
         """From a labelled batch's layout and its elements' effects (``PriorScores.element``)."""
-        shown, request, cross = arrays["shown_element"], arrays["shown_request"], arrays["shown_cross"]
-        first, second = arrays["shown_pair_first"], arrays["shown_pair_second"]
-        position = np.full(len(arrays["element_key"]), -1)
+        logged, elements, crosses = batch.logged, batch.elements, batch.crosses
+        shown, request, cross = logged.element, logged.request, logged.cross
+        first, second = logged.pair_first, logged.pair_second
+        position = np.full(len(elements.key), -1)
         position[shown] = np.arange(len(shown))
-        return cls(request, arrays["element_key"][shown], arrays["cell_key"][shown],
-                   arrays["element_component"][shown], arrays["cross_key"][cross],
-                   position[arrays["cross_element"][cross]], arrays["shown_cross_request"],
-                   arrays["cross_weight"][cross], arrays["shown_pair_key"], arrays["element_request"][first],
-                   effect[first] + effect[second],
-                   np.bincount(request, weights=effect[shown], minlength=len(arrays["context_key"])))
+        return cls(request, elements.key[shown], elements.cell_key[shown], elements.component[shown],
+                   crosses.key[cross], position[crosses.element[cross]], logged.cross_request, crosses.weight[cross],
+                   logged.pair_key, elements.request[first], effect[first] + effect[second],
+                   np.bincount(request, weights=effect[shown], minlength=batch.size))
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """GenCO's scores for serving, in numpy: ``GenCO.encode`` and ``combination_logit`` in eval mode.
 
-Why a copy: one request through the torch model is ~300 tiny tensor ops at ~7 µs
-of dispatch each (~2 ms); the same arithmetic in numpy costs ~1 µs an op. Training
-stays in torch; ``ServingModel(model)`` freezes a trained model's weights and
-priors (BatchNorm folded into the layer before it), and a test checks that both score
-every element and combination alike. Rows are gathered with ``take(index, axis=0)``, not
-``array[index]``: numpy's fancy indexing copies row by row, and on these shapes (24k rows
-of 4-64 floats) ``take`` measured 3-18x faster.
+Why a copy: one request through the torch model is hundreds of tiny tensor ops, each paying torch's
+dispatch, which costs far more than the arithmetic; numpy's overhead an op is a fraction of it.
+Training stays in torch; ``ServingModel(model)`` freezes a trained model's weights and priors
+(BatchNorm folded into the layer before it), and a test checks that both score every element and
+combination alike. Rows are gathered with ``take(index, axis=0)``, not ``array[index]``: numpy's
+fancy indexing copies row by row, and on these shapes (tens of thousands of rows of a few to a few
+dozen floats) ``take`` is much faster.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int) -> np.nd
 
 
 @dataclass
-class Encoded:
+class ServingEncoded:
     """Per-batch results shared by the element and combination scores (numpy twin of ``model.Encoded``)."""
 
     h: np.ndarray
@@ -127,24 +127,24 @@ class ServingModel:
         if self.priors is not None:
             self.network_weight = tuple(float(w) for w in model.network_weight.detach())
 
-    def encode(self, batch: Batch, noise: np.ndarray | None = None) -> Encoded:
+    def encode(self, batch: Batch, noise: np.ndarray | None = None) -> ServingEncoded:
         """``noise``: (L,) standard normal draws, one per element, to sample the priors' element effects from
         their posteriors (Thompson sampling); none: their means."""
-        c, a = self.config, batch.arrays
+        c, requests, elements = self.config, batch.requests, batch.elements
         n, d = batch.size, c.dim
-        context, segments = a["context"], a["segments"]
+        segments = batch.segments.row
         seg = np.zeros((n, d), dtype=np.float32)
         if len(segments):  # the mean of each request's segments; requests without any keep zeros
-            count = a["segment_count"]
+            count = requests.segment_count
             has = np.flatnonzero(count)
-            seg[has] = np.add.reduceat(self.context_table.take(segments, axis=0), a["segment_offsets"][has])
+            seg[has] = np.add.reduceat(self.context_table.take(segments, axis=0), requests.segment_offsets[has])
             seg[has] /= count[has, None]
-        ctx = self.context_table.take(context.ravel(), axis=0).reshape(n, -1)
-        h = _mlp(self.encoder, np.concatenate([ctx, seg, a["pool_stats"]], 1))
+        ctx = self.context_table.take(requests.context.ravel(), axis=0).reshape(n, -1)
+        h = _mlp(self.encoder, np.concatenate([ctx, seg, requests.pool_stats], 1))
 
-        element_request = a["element_request"]
-        emb = self.element_table.take(a["element"], axis=0)
-        comp = self.component_table.take(a["element_component"], axis=0)
+        element_request = elements.request
+        emb = self.element_table.take(elements.row, axis=0)
+        comp = self.component_table.take(elements.component, axis=0)
         if c.attention:
             z = self._cross_component_attention(batch, emb)
         else:
@@ -157,29 +157,29 @@ class ServingModel:
             taste = h @ self.taste
             network += (taste.take(element_request, axis=0) * emb).sum(1)
         if self.priors is None:
-            return Encoded(h, phi_h, taste, features, network, network, None, None)
-        prior = self.priors.scores(PriorKeys.of(a))
+            return ServingEncoded(h, phi_h, taste, features, network, network, None, None)
+        prior = self.priors.scores(PriorKeys.of(batch))
         element_prior = prior.element if prior.context is None else prior.element + prior.context
         if noise is not None:
             element_prior = element_prior + np.sqrt(prior.variance) * noise
         request_prior = prior.request.astype(np.float32)
         element_logit = self.network_weight[0] * network + element_prior + request_prior.take(element_request)
-        mixed_key = mix64(a["element_key"]) if c.pair_prior else None
-        return Encoded(h, phi_h, taste, features, network, element_logit.astype(np.float32),
+        mixed_key = mix64(elements.key) if c.pair_prior else None
+        return ServingEncoded(h, phi_h, taste, features, network, element_logit.astype(np.float32),
                        element_prior.astype(np.float32), request_prior, prior, mixed_key)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,
-        in the featurizer's blocks of similarly sized requests (``Batch.attention_blocks``), once per distinct
+        in the featurizer's blocks of similarly sized requests (``features.Attention``), once per distinct
         set of pools. Scores are laid out (keys, queries), so the softmax reduces along the axis numpy
         reduces fastest."""
-        hidden, a = self.config.attention_hidden, batch.arrays
-        last = batch.attention_blocks[-1]
+        hidden, attention = self.config.attention_hidden, batch.attention
+        last = attention.blocks[-1]
         padded = np.zeros((last.start + last.rows * last.width, 3 * hidden), dtype=np.float32)
-        padded[a["attended_cell"]] = emb.take(a["attended"], axis=0) @ self.qkv
-        bias = a["attention_bias"]
+        padded[attention.attended_cell] = emb.take(attention.attended, axis=0) @ self.qkv
+        bias = attention.bias
         outputs = []
-        for block in batch.attention_blocks:
+        for block in attention.blocks:
             rows, width = block.rows, block.width
             x = padded[block.start : block.start + rows * width].reshape(rows, width, 3 * hidden)
             scores = x[..., hidden : 2 * hidden] @ x[..., :hidden].transpose(0, 2, 1)
@@ -189,22 +189,22 @@ class ServingModel:
             weights = np.exp(scores, out=scores)
             weights /= weights.sum(1, keepdims=True)
             outputs.append((weights.transpose(0, 2, 1) @ x[..., 2 * hidden :]).reshape(rows * width, hidden))
-        return np.concatenate(outputs).take(a["element_attention_cell"], axis=0)
+        return np.concatenate(outputs).take(attention.element_cell, axis=0)
 
-    def combination_logit(self, batch: Batch, enc: Encoded, picks: np.ndarray) -> np.ndarray:
+    def combination_logit(self, batch: Batch, enc: ServingEncoded, picks: np.ndarray) -> np.ndarray:
         """s for K combinations per request. picks: (K, G) element index per pool.
 
         Laid out (slot, request, K): sums over a combination's elements run along the first axis, which
-        numpy reduces ~20x faster than a short last one, and each (slot, request) holds its K picks in a row.
+        numpy reduces far faster than a short last one, and each (slot, request) holds its K picks in a row.
         """
         k, n, width = picks.shape[0], batch.size, batch.combination_width
         dense = np.full((width, n, k), -1, dtype=np.int64)
-        dense[batch.arrays["group_slot"], batch.arrays["group_request"]] = picks.T
+        dense[batch.pools.slot, batch.pools.request] = picks.T
         present = dense >= 0
         index = np.maximum(dense, 0)
         if self.config.mil:
             # an element's MIL weight logit depends on its request, not on the combination: once per element
-            mil_h = self.mil_weight.h_share(enc.h).take(batch.arrays["element_request"], axis=0)
+            mil_h = self.mil_weight.h_share(enc.h).take(batch.elements.request, axis=0)
             mil_logit = self.mil_weight(enc.features @ self.mil_weight.f_weight, mil_h)[:, 0]
             weight = _softmax_masked(mil_logit.take(index), present, 0)
             combined = np.einsum("mbk,mbkf->bkf", weight, enc.features.take(index, axis=0))
@@ -221,7 +221,7 @@ class ServingModel:
         logit += enc.request_prior[:, None]
         return logit.T
 
-    def _pair_sum(self, batch: Batch, enc: Encoded, dense: np.ndarray) -> np.ndarray:
+    def _pair_sum(self, batch: Batch, enc: ServingEncoded, dense: np.ndarray) -> np.ndarray:
         """(B, K) each combination's pair shifts summed. dense: (width, B, K) elements, -1 where the request
         has no pool; every combination fills the same slots, so the real pairs are found once for all K."""
         width, n, k = dense.shape
@@ -234,7 +234,7 @@ class ServingModel:
         cell = (request[:, None] * k + np.arange(k)).ravel()
         return np.bincount(cell, weights=shift, minlength=n * k).reshape(n, k).astype(np.float32)
 
-    def pair_shift(self, batch: Batch, enc: Encoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    def pair_shift(self, batch: Batch, enc: ServingEncoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """``Priors.pair_shift`` of pairs of the batch's elements (indices into them, both real)."""
         effect = enc.prior.element
         return self.priors.pair_shift(enc.mixed_key.take(first) + enc.mixed_key.take(second),

@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
     "default": Preset(),
     # The paper's appendix exactly: plain SGD, lr 5e-3, embeddings of dimension 4, nothing added.
     "paper": Preset(ModelConfig(dim=4, prior=False), TrainConfig("sgd", 5e-3, "sgd", 5e-3)),
-    # The default without the pair prior: ~1.3x batched selection, no gain where elements go together.
+    # The default without the pair prior: faster batched selection, no gain where elements go together.
     "fast": Preset(ModelConfig(pair_prior=False)),
 }
 
@@ -80,13 +80,13 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
     The network learns on top of the priors; the serving blend (``network_weight``) learns from ``L_serve``,
     the loss of the scores serving uses, with the network's scores held fixed."""
     enc, t = model.encode(batch), batch.tensors
-    clicked, shown, request = t.clicked, t.shown_element, t.shown_request
+    clicked, shown, request = t.requests.clicked, t.logged.element, t.logged.request
     pair_prior = None
     if model.priors is not None and model.config.pair_prior:
         pair_prior = torch.from_numpy(model.logged_pair_prior(batch, enc)).float()[None]
-    network, prior = model.combination_parts(batch, enc, t.shown.unsqueeze(0), pair_prior)
+    network, prior = model.combination_parts(batch, enc, t.pools.shown.unsqueeze(0), pair_prior)
     s = network[0] if prior is None else network[0] + prior[0]
-    element_logit = enc.element_logit(t.element_request)
+    element_logit = enc.element_logit(t.elements.request)
     label = clicked.index_select(0, request)
     parts = {"ele": F.binary_cross_entropy_with_logits(element_logit.index_select(0, shown), label)}
     parts["comb"] = F.binary_cross_entropy_with_logits(s, clicked) if model.config.mil else s.new_zeros(())
@@ -103,7 +103,7 @@ def losses(model: GenCO, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Te
     total = parts["comb"] + parts["ele"] + model.config.rl_weight * parts["rl"]
     if prior is not None:
         blend, fixed = model.network_weight, enc.element_network.detach()
-        served = (blend[0] * fixed + enc.element_prior + enc.request_prior.index_select(0, t.element_request)
+        served = (blend[0] * fixed + enc.element_prior + enc.request_prior.index_select(0, t.elements.request)
                   ).index_select(0, shown)
         parts["serve"] = (F.binary_cross_entropy_with_logits(blend[1] * network[0].detach() + prior[0], clicked)
                           + F.binary_cross_entropy_with_logits(served, label))
@@ -116,18 +116,17 @@ def pool_log_softmax(batch: Batch, element_logit: torch.Tensor) -> torch.Tensor:
     """log π(e) within each (request, component) pool, for every element (L,).
 
     The grid holds one pool per column: torch's log_softmax along a short last axis (15 wide, one pool
-    per row) measured ~10x slower, forward and backward, than along the first."""
-    t, pools = batch.tensors, len(batch.arrays["group_size"])
-    cell = t.element_pos * pools + t.element_group
+    per row) is far slower, forward and backward, than along the first."""
+    elements, pools = batch.tensors.elements, len(batch.pools.size)
+    cell = elements.pos * pools + elements.pool
     grid = element_logit.new_full((batch.pool_width * pools,), float("-inf")).index_put((cell,), element_logit)
     return torch.log_softmax(grid.view(batch.pool_width, pools), 0).view(-1).index_select(0, cell)
 
 
 class RowAdam(torch.optim.SparseAdam):
     """SparseAdam's update, bit for bit and with its state, made with row gathers and copies instead of
-    sparse-tensor arithmetic: ~1.8 against 2.8 ms a step for the two hash tables on 200 ads, 6.0 against
-    10.4 ms on 5,000 (where a batch touches ~15k element rows). The rows are distinct (the gradient comes
-    coalesced), so each write is a copy, not an accumulation."""
+    sparse-tensor arithmetic, which costs more a step, the more so the more rows a batch touches. The rows
+    are distinct (the gradient comes coalesced), so each write is a copy, not an accumulation."""
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -172,7 +171,7 @@ class Learner:
         blend = {id(p) for name, p in self.model.named_parameters() if name in BLEND_PARAMETERS}
         sparse = [p for p in self.model.parameters() if id(p) in sparse_tables]
         dense = [p for p in self.model.parameters() if id(p) not in sparse_tables | blend]
-        # fused Adam: one kernel a step instead of ~10 ops a tensor
+        # fused Adam: one kernel a step instead of several small ops for each tensor
         dense_kinds = {"adam": partial(torch.optim.Adam, fused=True), "sgd": torch.optim.SGD}
         sparse_kinds = {"adam": RowAdam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         optimizers = [dense_kinds[cfg.optimizer](dense, lr=cfg.lr),

@@ -38,7 +38,7 @@ def test_unseen_component_is_featurized():
     request = SelectionRequest.model_validate(
         {"request_id": "r", "ad_id": "a", "candidates": {"sticker": ["s1", "s2"], "title": ["t1"]}})
     batch = Featurizer().batch([request])
-    assert batch.group_names == ["sticker", "title"] and batch.arrays["group_size"].tolist() == [2, 1]
+    assert batch.component_names == ["sticker", "title"] and batch.pools.size.tolist() == [2, 1]
 
 
 def test_pools_are_capped_but_the_shown_element_stays_trainable():
@@ -47,28 +47,28 @@ def test_pools_are_capped_but_the_shown_element_stays_trainable():
                               "shown": {"title": "t33"}, "clicked": True})
     f = Featurizer(max_candidates=15)
     labelled = f.batch([bag], labelled=True)
-    assert labelled.arrays["group_size"].tolist() == [15]
-    assert labelled.candidate_ids[0][int(labelled.arrays["element_pos"][labelled.arrays["shown"][0]])] == "t33"
+    assert labelled.pools.size.tolist() == [15]
+    assert labelled.candidate_ids[0][int(labelled.elements.pos[labelled.pools.shown[0]])] == "t33"
     assert f.batch([bag]).candidate_ids[0] == candidates[:15]  # serving never looks at what was shown
     within = bag.model_copy(update={"shown": {"title": "t3"}})  # the same ad's pools, listed once a batch
     both = f.batch([within, bag, within], labelled=True)
     assert both.candidate_ids == [candidates[:15], [*candidates[:14], "t33"], candidates[:15]]
-    assert both.arrays["element_pos"][both.arrays["shown"]].tolist() == [3, 14, 3]
+    assert both.elements.pos[both.pools.shown].tolist() == [3, 14, 3]
 
 
 def test_the_logged_combination_is_laid_out_for_training():
     bags = [Bag.model_validate(b) for b in make_log(seed=5, n_ads=10, bags=200)[1]]
     batch = Featurizer().batch(bags, labelled=True)
-    a = batch.arrays
-    shown = [[int(a["shown"][g]) for g in groups if a["shown"][g] >= 0] for groups in batch.request_groups()]
+    logged, pools = batch.logged, batch.pools
+    shown = [[int(pools.shown[g]) for g in group if pools.shown[g] >= 0] for group in batch.request_pools()]
     assert [len(s) for s in shown] == [len(bag.shown) for bag in bags]
-    assert a["shown_element"].tolist() == [e for s in shown for e in s]
-    assert a["shown_request"].tolist() == [r for r, s in enumerate(shown) for _ in s]
+    assert logged.element.tolist() == [e for s in shown for e in s]
+    assert logged.request.tolist() == [r for r, s in enumerate(shown) for _ in s]
     pairs = [(s[x], s[y]) for s in shown for x in range(len(s)) for y in range(x + 1, len(s))]
-    assert list(zip(a["shown_pair_first"].tolist(), a["shown_pair_second"].tolist(), strict=True)) == pairs
-    crosses = np.flatnonzero(np.isin(a["cross_element"], a["shown_element"]))
-    assert a["shown_cross"].tolist() == crosses.tolist() and len(crosses) >= 2 * len(a["shown_element"])
-    assert np.array_equal(a["shown_cross_request"], a["element_request"][a["cross_element"][crosses]])
+    assert list(zip(logged.pair_first.tolist(), logged.pair_second.tolist(), strict=True)) == pairs
+    crosses = np.flatnonzero(np.isin(batch.crosses.element, logged.element))
+    assert logged.cross.tolist() == crosses.tolist() and len(crosses) >= 2 * len(logged.element)
+    assert np.array_equal(logged.cross_request, batch.elements.request[batch.crosses.element[crosses]])
 
 
 def test_parsing_good_and_bad_lines_leaves_no_reference_cycles():
@@ -102,9 +102,17 @@ def test_the_parser_process_sends_what_parsing_in_process_gives(tmp_path):
     path.write_bytes(b"".join(lines))
     expected = list(bag_batches(iter(lines), Featurizer(), 256, BadLines(report_limit=0)))
 
+    def arrays(batch) -> list[np.ndarray]:
+        found = []
+        batch.map_arrays(lambda array: found.append(array) or array)
+        return found
+
     def same(got, want) -> bool:
-        return (got.attention_blocks == want.attention_blocks and got.arrays.keys() == want.arrays.keys()
-                and all(np.array_equal(got.arrays[k], want.arrays[k]) for k in want.arrays))
+        got_arrays, want_arrays = arrays(got), arrays(want)
+        return (got.attention.blocks == want.attention.blocks and len(got_arrays) == len(want_arrays)
+                and (got.pool_width, got.combination_width) == (want.pool_width, want.combination_width)
+                and all(a.dtype == b.dtype and np.array_equal(a, b)
+                        for a, b in zip(got_arrays, want_arrays, strict=True)))
 
     bad = BadLines(report_limit=0)
     assert all(same(got, want) for got, want in zip(file_batches(str(path), Featurizer(), 256, bad), expected,
@@ -134,13 +142,13 @@ def test_requests_with_the_same_pools_are_attended_once_with_the_outputs_and_gra
     featurizer = Featurizer()
     batch = featurizer.batch(bags, labelled=True)
     pools = {json.dumps(bag.candidates, sort_keys=True) for bag in bags}
-    attended_requests = np.unique(batch.arrays["element_request"][batch.arrays["attended"]])
+    attended_requests = np.unique(batch.elements.request[batch.attention.attended])
     assert len(attended_requests) == len(pools) < len(bags) // 4
 
     torch.manual_seed(0)
     model = Learner().model
-    weight = torch.randn(len(batch.arrays["element"]), model.config.attention_hidden)
-    emb = model.element_table.weight.index_select(0, torch.from_numpy(batch.arrays["element"]))
+    weight = torch.randn(len(batch.elements.row), model.config.attention_hidden)
+    emb = model.element_table.weight.index_select(0, torch.from_numpy(batch.elements.row))
     z = model._cross_component_attention(batch, emb)
     (z * weight).sum().backward()
     together = model.element_table.weight.grad.to_dense().clone()
@@ -148,7 +156,7 @@ def test_requests_with_the_same_pools_are_attended_once_with_the_outputs_and_gra
     alone, start = [], 0
     for bag in bags:  # the same requests, one batch each: nothing to share
         one = featurizer.batch([bag], labelled=True)
-        emb = model.element_table.weight.index_select(0, torch.from_numpy(one.arrays["element"]))
+        emb = model.element_table.weight.index_select(0, torch.from_numpy(one.elements.row))
         alone.append(model._cross_component_attention(one, emb))
         (alone[-1] * weight[start : start + len(alone[-1])]).sum().backward()
         start += len(alone[-1])

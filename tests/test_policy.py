@@ -41,7 +41,7 @@ def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
     greedy, chosen = choose(serving, batch, k=1), choose(serving, batch, k=16)
     enc = serving.encode(batch)
     candidates = sample_combinations(batch, enc.element_logit, k=16)
-    first = np.cumsum(batch.arrays["group_size"]) - batch.arrays["group_size"]
+    first = batch.pools.start
     scores = serving.combination_logit(batch, enc, np.stack([first + greedy, first + chosen]))
     assert np.array_equal(candidates[0], greedy)
     differs = (candidates[1:] != greedy).any(0).mean()  # pools where a sample strays from greedy
@@ -67,7 +67,7 @@ def test_the_numpy_serving_copy_scores_like_the_torch_model_it_was_taken_from(sm
     batch = Featurizer(model.config.sizes).batch(requests)
     serving = ServingModel(model)
     picks = sample_combinations(batch, serving.encode(batch).element_logit, k=16)
-    first = np.cumsum(batch.arrays["group_size"]) - batch.arrays["group_size"]
+    first = batch.pools.start
     with torch.no_grad():
         enc = model.encode(batch)
         expected = model.combination_logit(batch, enc, torch.from_numpy(first + picks)).numpy()
