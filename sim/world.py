@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sim.truth import KnownTruth, sigmoid
+
 # (name, coverage, mean candidates, quality scale) after the paper's Table 1.
 TABLE1_COMPONENTS: tuple[tuple[str, float, float, float], ...] = (
     ("title", 1.00, 6.3, 0.30),
@@ -71,15 +73,15 @@ class _Ad:
     pools: dict[str, list[_Element]] = field(default_factory=dict)
 
 
-class World:
+class World(KnownTruth):
     """Generates requests, logs uniform-random impressions and scores policies exactly."""
 
     def __init__(self, config: WorldConfig | None = None) -> None:
+        super().__init__()
         self.config = cfg = config or WorldConfig()
         self.rng = np.random.default_rng(cfg.seed)
         self._next_element = 0
         self.elements: dict[str, _Element] = {}
-        self._value_cache: dict[str, tuple[float, float]] = {}
         self.clock = 1_763_900_000.0
         r = cfg.style_dim
         self.age_taste = self.rng.normal(0, 1, (7, r)) / np.sqrt(r)
@@ -196,7 +198,7 @@ class World:
         pairs = 0.5 * (total @ total - (style * style).sum())
         logit = (cfg.base_logit + self._appeal(request) + sum(e.quality for e in elements)
                  + cfg.context * float(total @ self._taste(request)) + cfg.synergy * pairs)
-        return float(_sigmoid(np.array(logit)))
+        return float(sigmoid(np.array(logit)))
 
     def values(self, request: dict) -> tuple[float, float, dict[str, str]]:
         """Exact (uniform-policy CTR, oracle CTR, oracle combination) for a request, by enumeration."""
@@ -216,31 +218,7 @@ class World:
             logit = logit + cfg.context * (style @ taste).reshape(shape)
             total = total + style.reshape([*shape, cfg.style_dim])
             squares = squares + (style * style).sum(1).reshape(shape)
-        ctr = _sigmoid(logit + cfg.synergy * 0.5 * ((total * total).sum(-1) - squares))
+        ctr = sigmoid(logit + cfg.synergy * 0.5 * ((total * total).sum(-1) - squares))
         best = np.unravel_index(int(np.argmax(ctr)), ctr.shape)
         oracle = {c: request["candidates"][c][int(k)] for c, k in zip(comps, best, strict=True)}
         return float(ctr.mean()), float(ctr.max()), oracle
-
-    def _uniform_and_oracle(self, request: dict) -> tuple[float, float]:
-        """values() remembered per request id: several policies are scored on one request set."""
-        key = request["request_id"]
-        if key not in self._value_cache:
-            self._value_cache[key] = self.values(request)[:2]
-        return self._value_cache[key]
-
-    def score(self, requests: list[dict], selections: list[dict[str, str]]) -> dict[str, float]:
-        """True CTR of the selections beside the uniform policy and the oracle."""
-        policy = np.array([self.click_probability(r, s) for r, s in zip(requests, selections, strict=True)])
-        uniform, oracle = np.array([self._uniform_and_oracle(r) for r in requests]).T
-        gap = oracle.mean() - uniform.mean()
-        return {
-            "ctr": float(policy.mean()),
-            "uniform_ctr": float(uniform.mean()),
-            "oracle_ctr": float(oracle.mean()),
-            "lift": float(policy.mean() / uniform.mean() - 1),
-            "captured": float((policy.mean() - uniform.mean()) / gap) if gap > 0 else 0.0,
-        }
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sim.truth import KnownTruth, sigmoid
+
 # (name, id prefix, coverage, mean candidates, effect scale) after the paper's Table 1.
 COMPONENTS: tuple[tuple[str, str, float, float, float], ...] = (
     ("title", "ti", 1.00, 6.3, 0.30),
@@ -250,16 +252,16 @@ class _Elements:
         return np.arange(first, len(self.ids))
 
 
-class ZooWorld:
+class ZooWorld(KnownTruth):
     """One drawn world: generates requests, logs uniform-random impressions and scores policies exactly."""
 
     def __init__(self, config: ZooConfig) -> None:
+        super().__init__()
         self.config = cfg = config
         world_seed, calibration_seed = _seed_sequence(cfg.family, cfg.seed).spawn(2)[1].spawn(2)
         self.rng = np.random.default_rng(world_seed)
         self.tick = 0  # impressions so far
         self._ticks: dict[str, int] = {}  # request_id -> tick of its latest request
-        self._value_cache: dict[str, tuple[float, float]] = {}
         self._next_churn = cfg.churn_every
         self._next_drift = DRIFT_EVERY
         self._draw_people()
@@ -535,7 +537,7 @@ class ZooWorld:
         """Appends the bags of one chunk of traffic, numbered from ``i``; returns the next number."""
         shown = self._draw_shown(self.rng, ads)
         taste = self._user_part[users] + self._query_part[queries]
-        clicked = self.rng.random(len(ads)) < _sigmoid(self._logits(ads, taste, shown, int(ticks[0]) // DRIFT_EVERY))
+        clicked = self.rng.random(len(ads)) < sigmoid(self._logits(ads, taste, shown, int(ticks[0]) // DRIFT_EVERY))
         propensity = 1.0 / np.prod(np.maximum(self._sizes[ads], 1), axis=1)
         ids = self.elements.ids
         for tick, ad, user, query, row, click, prop in zip(ticks.tolist(), ads.tolist(), users.tolist(),
@@ -591,7 +593,7 @@ class ZooWorld:
         low, high = -15.0, 5.0
         for _ in range(50):
             mid = (low + high) / 2
-            low, high = (mid, high) if _sigmoid(logits + mid).mean() < self.config.target_ctr else (low, mid)
+            low, high = (mid, high) if sigmoid(logits + mid).mean() < self.config.target_ctr else (low, mid)
         return (low + high) / 2
 
     def click_probability(self, request: dict, shown: dict[str, str]) -> float:
@@ -601,7 +603,7 @@ class ZooWorld:
             e = self.elements.index[element]
             row[0, self.elements.component[e]] = e
         ad = np.array([int(request["ad_id"].removeprefix("ad-"))])
-        return float(_sigmoid(self._logits(ad, self._taste(request)[None], row, self._step(request)))[0])
+        return float(sigmoid(self._logits(ad, self._taste(request)[None], row, self._step(request)))[0])
 
     def values(self, request: dict) -> tuple[float, float, dict[str, str]]:
         """Exact (uniform-policy CTR, oracle CTR, oracle combination) for a request, by enumeration."""
@@ -619,30 +621,10 @@ class ZooWorld:
                 if weight:
                     pair = weight * self.elements.look[pools[k]] @ self.elements.look[pool].T  # (n_k, n_j)
                     logit = logit + _along(pair, k, len(comps), j)
-        ctr = _sigmoid(logit)
+        ctr = sigmoid(logit)
         best = np.unravel_index(int(np.argmax(ctr)), ctr.shape)
         oracle = {c: request["candidates"][c][int(i)] for c, i in zip(comps, best, strict=True)}
         return float(ctr.mean()), float(ctr.max()), oracle
-
-    def _uniform_and_oracle(self, request: dict) -> tuple[float, float]:
-        """values() remembered per request id: several policies are scored on one request set."""
-        key = request["request_id"]
-        if key not in self._value_cache:
-            self._value_cache[key] = self.values(request)[:2]
-        return self._value_cache[key]
-
-    def score(self, requests: list[dict], selections: list[dict[str, str]]) -> dict[str, float]:
-        """True CTR of the selections beside the uniform policy and the oracle."""
-        policy = np.array([self.click_probability(r, s) for r, s in zip(requests, selections, strict=True)])
-        uniform, oracle = np.array([self._uniform_and_oracle(r) for r in requests]).T
-        gap = oracle.mean() - uniform.mean()
-        return {
-            "ctr": float(policy.mean()),
-            "uniform_ctr": float(uniform.mean()),
-            "oracle_ctr": float(oracle.mean()),
-            "lift": float(policy.mean() / uniform.mean() - 1),
-            "captured": float((policy.mean() - uniform.mean()) / gap) if gap > 0 else 0.0,
-        }
 
 
 @contextmanager
@@ -671,6 +653,3 @@ def _along(values: np.ndarray, axis: int, ndim: int, second_axis: int | None = N
         shape[second_axis] = values.shape[1]
     return values.reshape(shape)
 
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))

@@ -1,0 +1,48 @@
+"""What every simulated world with exact truth gives a benchmark: selections scored by their true CTR.
+
+A world provides ``values(request)`` (the uniform policy's and the oracle's true CTR, and the oracle's
+combination) and ``click_probability(request, shown)``; ``KnownTruth`` turns them into the figures
+every benchmark reports, so that the worlds of sim/world.py and sim/zoo.py are scored alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class KnownTruth:
+    """``score`` for a world that knows each request's true CTRs."""
+
+    def __init__(self) -> None:
+        # values() remembered per request id: several policies are scored on one request set; a world
+        # that reissues an id drops its entry
+        self._value_cache: dict[str, tuple[float, float]] = {}
+
+    def values(self, request: dict) -> tuple[float, float, dict[str, str]]:
+        raise NotImplementedError
+
+    def click_probability(self, request: dict, shown: dict[str, str]) -> float:
+        raise NotImplementedError
+
+    def _uniform_and_oracle(self, request: dict) -> tuple[float, float]:
+        key = request["request_id"]
+        if key not in self._value_cache:
+            self._value_cache[key] = self.values(request)[:2]
+        return self._value_cache[key]
+
+    def score(self, requests: list[dict], selections: list[dict[str, str]]) -> dict[str, float]:
+        """True CTR of the selections beside the uniform policy and the oracle."""
+        policy = np.array([self.click_probability(r, s) for r, s in zip(requests, selections, strict=True)])
+        uniform, oracle = np.array([self._uniform_and_oracle(r) for r in requests]).T
+        gap = oracle.mean() - uniform.mean()
+        return {
+            "ctr": float(policy.mean()),
+            "uniform_ctr": float(uniform.mean()),
+            "oracle_ctr": float(oracle.mean()),
+            "lift": float(policy.mean() / uniform.mean() - 1),
+            "captured": float((policy.mean() - uniform.mean()) / gap) if gap > 0 else 0.0,
+        }
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
