@@ -52,9 +52,9 @@ def sample_combinations(batch: Batch, element_logit: np.ndarray, k: int, tempera
     pools = batch.pools
     key = (batch.requests.seed.take(pools.request) * 1_000_003 + pools.slot)[None] + np.arange(1, k)[:, None] * 65_537
     uniform = hashed_uniform(key)  # (k - 1, G)
-    drawn = np.zeros(uniform.shape, dtype=np.int16)  # booleans add into int16 faster than into int64
-    for below in cumulative[:-1]:  # the drawn position is how many cumulative shares lie at or below u
-        drawn += below <= uniform
+    # the drawn position is how many cumulative shares lie at or below u: one comparison of every position
+    # with every draw, not a pass per position (a single request paid ~15 numpy calls for it)
+    drawn = (cumulative[:-1, None] <= uniform).sum(0, dtype=np.int16)
     return np.concatenate([greedy[None], drawn])
 
 
