@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from contract.events import Bag, SelectionRequest
@@ -34,7 +35,7 @@ from learner.trainer import Learner, preset
 from sim.zoo import FAMILIES, HELD_OUT_SEEDS, TUNING_SEEDS, draw_world
 
 BATCH = 1024
-EVAL_REQUESTS = 3000
+EVAL_REQUESTS = 20_000  # of the world as it stands at the checkpoint; ``paired_se`` says what they leave uncertain
 
 
 class GenCOPolicy:
@@ -98,15 +99,24 @@ def run(family: str, seed: int, sizes: list[int], names: list[str]) -> list[dict
                 policy.learn(bags)
                 seconds[name] += time.perf_counter() - started
             learned += len(bags)
-        raw = [world.request(f"eval-{size}-{i}") for i in range(EVAL_REQUESTS)]
+        raw = world.requests_now(EVAL_REQUESTS, f"eval-{size}")
         requests = [SelectionRequest.model_validate(r) for r in raw]
-        for name, policy in policies.items():
-            score = world.score(raw, policy.select(requests))
+        ctr = {name: world.true_ctr(raw, policy.select(requests)) for name, policy in policies.items()}
+        for name in policies:
+            score = world.summarise(raw, ctr[name])
             rows.append({"family": family, "seed": seed, "size": size, "policy": name,
-                         "learn_s": round(seconds[name], 1), **score})
+                         "learn_s": round(seconds[name], 1), **score, "paired_se": paired_se(ctr, name, score)})
             print(f"{family:<8}{seed:>6}{size:>8}  {name:<22} captured {score['captured']:+.3f}  "
                   f"lift {score['lift']:+.3f}  ({seconds[name]:.0f} s)", flush=True)
     return rows
+
+
+def paired_se(ctr: dict[str, np.ndarray], name: str, score: dict[str, float]) -> dict[str, float]:
+    """The standard error, over the evaluation requests, of ``name``'s captured share less each other
+    policy's on the same requests: how much of a paired difference the choice of requests alone explains."""
+    gap = score["oracle_ctr"] - score["uniform_ctr"]
+    return {other: float((ctr[name] - values).std(ddof=1) / np.sqrt(len(values)) / gap) if gap > 0 else 0.0
+            for other, values in ctr.items() if other != name}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -134,8 +144,10 @@ def summarise(rows: list[dict]) -> str:
             best = max(baselines, key=lambda b: statistics.mean(by_policy[b].values()))
             paired = [by_policy[GENCO][s] - by_policy[best][s] for s in seeds
                       if s in by_policy[GENCO] and s in by_policy[best]]
+            noise = [r["paired_se"][best] for r in here if r["policy"] == GENCO and best in r.get("paired_se", {})]
+            noise_note = f"; the requests' noise ±{statistics.mean(noise):.3f} a seed (1 se)" if noise else ""
             out += ["", f"genco − best baseline ({best}), paired by seed: {_mean_sd(paired)} "
-                        f"(min {min(paired):+.3f}, {sum(p > 0 for p in paired)}/{len(paired)} seeds ahead)"]
+                        f"(min {min(paired):+.3f}, {sum(p > 0 for p in paired)}/{len(paired)} seeds ahead{noise_note})"]
         out.append("")
     return "\n".join(out)
 

@@ -30,9 +30,16 @@ class KnownTruth:
             self._value_cache[key] = self.values(request)[:2]
         return self._value_cache[key]
 
+    def true_ctr(self, requests: list[dict], selections: list[dict[str, str]]) -> np.ndarray:
+        """Each selection's true CTR: what paired comparisons of two policies on one request set read."""
+        return np.array([self.click_probability(r, s) for r, s in zip(requests, selections, strict=True)])
+
     def score(self, requests: list[dict], selections: list[dict[str, str]]) -> dict[str, float]:
         """True CTR of the selections beside the uniform policy and the oracle."""
-        policy = np.array([self.click_probability(r, s) for r, s in zip(requests, selections, strict=True)])
+        return self.summarise(requests, self.true_ctr(requests, selections))
+
+    def summarise(self, requests: list[dict], policy: np.ndarray) -> dict[str, float]:
+        """``score`` from the selections' ``true_ctr``."""
         uniform, oracle = np.array([self._uniform_and_oracle(r) for r in requests]).T
         gap = oracle.mean() - uniform.mean()
         return {

@@ -523,6 +523,15 @@ class ZooWorld(KnownTruth):
         [(ticks, ads, users, queries)] = list(self._traffic(1))
         return self._request(request_id, int(ticks[0]), int(ads[0]), int(users[0]), int(queries[0]))
 
+    def requests_now(self, n: int, prefix: str) -> list[dict]:
+        """``n`` SelectionRequests (ids ``{prefix}-0``...) of the world as it stands, which does not move: an
+        evaluation set that no churn or drift step splits, drawn from a generator of its own so that the log
+        goes on as if it had not been drawn."""
+        rng = np.random.default_rng([self.config.seed, self.tick, zlib.crc32(prefix.encode())])
+        ads, users, queries = self._draw_traffic(rng, n)
+        return [self._request(f"{prefix}-{i}", self.tick, ad, user, query)
+                for i, (ad, user, query) in enumerate(zip(ads.tolist(), users.tolist(), queries.tolist(), strict=True))]
+
     def uniform_log(self, n: int, start: int = 0) -> list[dict]:
         """Bags from a uniform-random serving policy, in chronological order."""
         bags = []

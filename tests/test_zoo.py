@@ -164,3 +164,19 @@ def test_old_requests_are_scored_as_the_world_was_when_they_were_made(churned):
     assert then == (later.click_probability(fresh, shown), later.values(fresh))
     copy = {**request, "request_id": "copied"}  # an unknown id: its time comes from its ts
     assert world.click_probability(copy, shown) == then[0]
+
+
+def test_an_evaluation_set_neither_moves_the_world_nor_changes_its_log():
+    """Requests drawn to evaluate at a checkpoint all see the world as it stands, however many there are
+    (20,000 would span a churn of the fastest worlds), and the log after them is the log without them."""
+    seed = min(range(20), key=lambda s: draw_config("churn", s).churn_every)
+    world, untouched = draw_world("churn", seed), draw_world("churn", seed)
+    world.uniform_log(1000)
+    untouched.uniform_log(1000)
+    evaluation = world.requests_now(3 * world.config.churn_every, "eval")
+    assert {r["ts"] for r in evaluation} == {evaluation[0]["ts"]}
+    listed = {}
+    for request in evaluation:  # an ad lists the same candidates in every request: no churn in between
+        assert listed.setdefault(request["ad_id"], request["candidates"]) == request["candidates"]
+    assert len(listed) > 1
+    assert world.uniform_log(500, start=1000) == untouched.uniform_log(500, start=1000)
