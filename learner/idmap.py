@@ -40,10 +40,15 @@ class KeyIndex:
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Each key's row, -1 for keys never added."""
         keys = np.where(keys == _EMPTY, _ZERO_KEY, keys)
-        rows = np.full(len(keys), -1, dtype=np.int64)
         position = self._home(keys)
-        pending = np.arange(len(keys))
+        # the first probe on whole arrays: at most half full, most keys settle here, and the rest go round
+        # the loop with their indices
+        slot = self._slots.take(position)
+        hit = slot == keys
+        rows = np.where(hit, self._rows.take(position), -1)
+        pending = np.flatnonzero(~hit & (slot != _EMPTY))
         mask = len(self._slots) - 1
+        position[pending] = (position[pending] + 1) & mask
         while len(pending):
             slot = self._slots[position[pending]]
             hit = slot == keys[pending]
