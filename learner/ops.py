@@ -57,11 +57,6 @@ def pair_key(a, b):
     return mix64(a) + mix64(b)
 
 
-def low_bits(keys, bits: int):
-    """A key's row in a table of 2**bits rows: its low bits (keys are uniform already)."""
-    return keys & ((1 << bits) - 1)
-
-
 def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-4, 1 - 1e-4)
     return np.log(p / (1 - p))
