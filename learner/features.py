@@ -73,7 +73,7 @@ class HashSizes:
 
 
 ATTENTION_ROWS = 256  # requests attended in one block: sorted by size, so padding stays near each block's own
-_AD = CONTEXT_KINDS.index("ad")
+_USER, _AGE, _GENDER, _AD, _QUERY = (CONTEXT_KINDS.index(kind) for kind in ("user", "age", "gender", "ad", "query"))
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)  # an axis's arrays: numpy, or torch tensors sharing their memory
 _NOT_AN_ARRAY = {"array": False}  # metadata of an axis's fields that ``_Axis.map`` leaves as they are
@@ -530,7 +530,7 @@ class Featurizer:
             segment_count=np.diff(np.append(segment_offsets, len(listing.segments))),
             pool_stats=np.log1p(stats),
             clicked=np.asarray(clicked, dtype=np.float32),
-            seed=mix64(combine(ad_key, combine(context_key[:, 0], context_key[:, 4]))) & 0x7FFFFFFF,
+            seed=mix64(combine(ad_key, combine(context_key[:, _USER], context_key[:, _QUERY]))) & 0x7FFFFFFF,
         )
 
     def _segment_layout(self, listing: _Listing, requests: Requests[np.ndarray]) -> Segments[np.ndarray]:
@@ -628,7 +628,7 @@ def _context_crosses(requests: Requests[np.ndarray], segments: Segments[np.ndarr
     every = np.arange(len(elements.key))
     element = np.concatenate([every, every, segment_element])
     context_key = requests.context_key
-    value = np.concatenate([context_key[elements.request, 1], context_key[elements.request, 2],
+    value = np.concatenate([context_key[elements.request, _AGE], context_key[elements.request, _GENDER],
                             np.repeat(segments.key, per_segment)])
     weight = np.concatenate([np.ones(2 * len(elements.key)),
                              np.repeat(1 / requests.segment_count[segments.request], per_segment)])
