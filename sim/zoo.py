@@ -83,6 +83,7 @@ SECONDS_PER_TICK = 0.01
 DRIFT_EVERY = 2_000  # impressions between two steps of the appeal and template-quality random walks
 DRIFT_MEMORY = 200_000  # impressions over which a walk reverts (by 1/e) to its mean, 0
 CALIBRATION_DRAWS = 20_000
+TRAFFIC_BLOCK = 4_096  # ticks whose draws (ad, user, query, picks, click) come from one generator
 
 TUNING_SEEDS = range(0, 100)
 """Seeds for tuning anything judged on the zoo (defaults, hyper-parameters, design choices)."""
@@ -258,8 +259,9 @@ class ZooWorld(KnownTruth):
     def __init__(self, config: ZooConfig) -> None:
         super().__init__()
         self.config = cfg = config
-        world_seed, calibration_seed = _seed_sequence(cfg.family, cfg.seed).spawn(2)[1].spawn(2)
-        self.rng = np.random.default_rng(world_seed)
+        world_seed, calibration_seed, self._traffic_seed = _seed_sequence(cfg.family, cfg.seed).spawn(2)[1].spawn(3)
+        self.rng = np.random.default_rng(world_seed)  # the world's own draws: construction, churn, drift
+        self._block: tuple[int, np.ndarray] = (-1, np.zeros((0, 0)))  # the traffic block last drawn
         self.tick = 0  # impressions so far
         self._ticks: dict[str, int] = {}  # request_id -> tick of its latest request
         self._next_churn = cfg.churn_every
@@ -479,21 +481,40 @@ class ZooWorld(KnownTruth):
     # -- traffic ----------------------------------------------------------------------------------
     def _draw_traffic(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ads, users and queries of ``n`` impressions, each Zipf-distributed."""
-        draws = rng.random((3, n))
+        return self._place_traffic(rng.random((3, n)))
+
+    def _place_traffic(self, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ads, users and queries from uniform ``draws`` (3, n)."""
         ads = np.minimum(np.searchsorted(self._ad_cdf, draws[0]), len(self._ad_cdf) - 1)
         users = np.minimum(np.searchsorted(self._user_cdf, draws[1]), len(self._user_cdf) - 1)
         queries = np.minimum(np.searchsorted(self._query_cdf, draws[2]), len(self._query_cdf) - 1)
         return ads, users, queries
 
-    def _draw_shown(self, rng: np.random.Generator, ads: np.ndarray) -> np.ndarray:
-        """A uniform-random combination for each ad: one element index per component, -1 where it has none."""
+    def _shown(self, ads: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """A uniform-random combination for each ad from uniform ``draws`` (n, components): one element index per
+        component, -1 where it has none."""
         sizes = self._sizes[ads]
-        picks = (rng.random(sizes.shape) * sizes).astype(np.int64)
+        picks = (draws * sizes).astype(np.int64)
         shown = np.take_along_axis(self._pools[ads], np.minimum(picks, MAX_POOL - 1)[..., None], 2)[..., 0]
         return np.where(sizes > 0, shown, -1)
 
-    def _traffic(self, n: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """``n`` impressions as (ticks, ads, users, queries), in chunks over which the world stands still: the
+    def _tick_draws(self, ticks: np.ndarray) -> np.ndarray:
+        """(len(ticks), 4 + components) uniform draws of each of the contiguous ``ticks``: its ad, user, query,
+        a pick per component and its click. A function of the world's seed and the tick alone, so the log is
+        the same however a caller cuts it into requests (checkpoints, --sizes)."""
+        rows = []
+        for block in range(int(ticks[0]) // TRAFFIC_BLOCK, int(ticks[-1]) // TRAFFIC_BLOCK + 1):
+            if self._block[0] != block:
+                parent = self._traffic_seed
+                seed = np.random.SeedSequence(parent.entropy, spawn_key=(*parent.spawn_key, block))
+                self._block = (block, np.random.default_rng(seed).random((TRAFFIC_BLOCK, 4 + len(COMPONENTS))))
+            start = block * TRAFFIC_BLOCK
+            low, high = max(int(ticks[0]), start), min(int(ticks[-1]) + 1, start + TRAFFIC_BLOCK)
+            rows.append(self._block[1][low - start : high - start])
+        return np.concatenate(rows)
+
+    def _traffic(self, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``n`` impressions as (ticks, their ``_tick_draws``), in chunks over which the world stands still: the
         caller must use a chunk before asking for the next (churn and drift happen in between)."""
         while n > 0:
             self._advance_to(self.tick + 1)
@@ -501,7 +522,7 @@ class ZooWorld(KnownTruth):
             ticks = np.arange(self.tick + 1, self.tick + count + 1)
             self.tick += count
             n -= count
-            yield (ticks, *self._draw_traffic(self.rng, count))
+            yield ticks, self._tick_draws(ticks)
 
     def _request(self, request_id: str, tick: int, ad: int, user: int, query: int) -> dict:
         """The SelectionRequest of one impression, remembered by id so that it can be scored later."""
@@ -520,7 +541,8 @@ class ZooWorld(KnownTruth):
 
     def request(self, request_id: str) -> dict:
         """A SelectionRequest for a random ad, user and query (advances the world by one impression)."""
-        [(ticks, ads, users, queries)] = list(self._traffic(1))
+        [(ticks, draws)] = list(self._traffic(1))
+        ads, users, queries = self._place_traffic(draws[:, :3].T)
         return self._request(request_id, int(ticks[0]), int(ads[0]), int(users[0]), int(queries[0]))
 
     def requests_now(self, n: int, prefix: str) -> list[dict]:
@@ -537,16 +559,16 @@ class ZooWorld(KnownTruth):
         bags = []
         i = start
         with _collector_paused():
-            for ticks, ads, users, queries in self._traffic(n):
-                i = self._log_chunk(bags, i, ticks, ads, users, queries)
+            for ticks, draws in self._traffic(n):
+                i = self._log_chunk(bags, i, ticks, draws)
         return bags
 
-    def _log_chunk(self, bags: list[dict], i: int, ticks: np.ndarray, ads: np.ndarray, users: np.ndarray,
-                   queries: np.ndarray) -> int:
+    def _log_chunk(self, bags: list[dict], i: int, ticks: np.ndarray, draws: np.ndarray) -> int:
         """Appends the bags of one chunk of traffic, numbered from ``i``; returns the next number."""
-        shown = self._draw_shown(self.rng, ads)
+        ads, users, queries = self._place_traffic(draws[:, :3].T)
+        shown = self._shown(ads, draws[:, 3:-1])
         taste = self._user_part[users] + self._query_part[queries]
-        clicked = self.rng.random(len(ads)) < sigmoid(self._logits(ads, taste, shown, int(ticks[0]) // DRIFT_EVERY))
+        clicked = draws[:, -1] < sigmoid(self._logits(ads, taste, shown, int(ticks[0]) // DRIFT_EVERY))
         propensity = 1.0 / np.prod(np.maximum(self._sizes[ads], 1), axis=1)
         ids = self.elements.ids
         for tick, ad, user, query, row, click, prop in zip(ticks.tolist(), ads.tolist(), users.tolist(),
@@ -598,7 +620,8 @@ class ZooWorld(KnownTruth):
     def _calibrate(self, rng: np.random.Generator) -> float:
         """The base logit at which the uniform policy's CTR (at the start) is the drawn target."""
         ads, users, queries = self._draw_traffic(rng, CALIBRATION_DRAWS)
-        logits = self._logits(ads, self._user_part[users] + self._query_part[queries], self._draw_shown(rng, ads), 0)
+        shown = self._shown(ads, rng.random((len(ads), len(COMPONENTS))))
+        logits = self._logits(ads, self._user_part[users] + self._query_part[queries], shown, 0)
         low, high = -15.0, 5.0
         for _ in range(50):
             mid = (low + high) / 2

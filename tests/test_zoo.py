@@ -180,3 +180,17 @@ def test_an_evaluation_set_neither_moves_the_world_nor_changes_its_log():
         assert listed.setdefault(request["ad_id"], request["candidates"]) == request["candidates"]
     assert len(listed) > 1
     assert world.uniform_log(500, start=1000) == untouched.uniform_log(500, start=1000)
+
+
+def test_the_log_is_the_same_however_it_is_requested():
+    """A benchmark that checkpoints at other sizes, or a caller that reads the log in other chunks, sees the
+    same impressions and clicks: across churn and drift steps and traffic blocks alike."""
+    seed = min(range(20), key=lambda s: draw_config("churn", s).churn_every)
+    whole, pieces = draw_world("churn", seed), draw_world("churn", seed)
+    size = 2 * whole.config.churn_every + 1
+    log = whole.uniform_log(size)
+    cut: list[dict] = []
+    for n in (1, 999, 4_096, 7, size):
+        cut += pieces.uniform_log(min(n, size - len(cut)), start=len(cut))
+    assert cut == log
+    assert len({bag["ad_id"] for bag in log}) > 1 and 0 < sum(bag["clicked"] for bag in log) < len(log)
