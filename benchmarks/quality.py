@@ -12,6 +12,7 @@ share, and genco against the *best* baseline (the one with the highest mean ther
 Run: .venv/bin/python benchmarks/quality.py [--families paper churn] [--seeds held-out | tuning | 1000 1001]
      [--sizes 100000 400000] [--policies genco hierarchical] [--out bench-out/quality.json]
      .venv/bin/python benchmarks/quality.py --summarise bench-out/quality.json
+     .venv/bin/python benchmarks/quality.py --ceiling   # what the best fixed combination per ad captures
 """
 
 from __future__ import annotations
@@ -171,6 +172,17 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def ceiling(family: str, seed: int, sizes: list[int]) -> list[float]:
+    """At each checkpoint, on the very requests ``run`` evaluates, what the best fixed combination per ad,
+    known exactly, captures: what is left to a learner beyond it is context, and below it estimation."""
+    world, captured = draw_world(family, seed), []
+    for size in sorted(sizes):
+        world.advance(size - world.tick)
+        raw = world.requests_now(EVAL_REQUESTS, f"eval-{size}")
+        captured.append(world.summarise(raw, world.best_fixed_ctr(raw))["captured"])
+    return captured
+
+
 def seeds_from(spec: list[str]) -> list[int]:
     """``held-out`` or ``tuning`` (their first five), or explicit seeds."""
     if spec == ["held-out"]:
@@ -188,7 +200,18 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=list(POLICIES))
     parser.add_argument("--out", default="bench-out/quality.json")
     parser.add_argument("--summarise", nargs="+", metavar="JSON", help="print the tables of earlier runs and stop")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="print what the best fixed combination per ad captures (no learning) and stop")
     args = parser.parse_args()
+    if args.ceiling:
+        print("| family | bags | best fixed combination per ad, per seed | mean |\n|---|---|---|---|")
+        for family in args.families:
+            per_seed = [ceiling(family, seed, args.sizes) for seed in seeds_from(args.seeds)]
+            for i, size in enumerate(sorted(args.sizes)):
+                values = [c[i] for c in per_seed]
+                print(f"| {family} | {size // 1000}k | {', '.join(f'{v:.3f}' for v in values)} | "
+                      f"{statistics.mean(values):.3f} |", flush=True)
+        return
     if args.summarise:
         rows = {(r["family"], r["size"], r["seed"], r["policy"]): r  # a later file's run of the same cell wins
                 for path in args.summarise for r in json.loads(Path(path).read_text())}

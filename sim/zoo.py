@@ -639,6 +639,13 @@ class ZooWorld(KnownTruth):
 
     def values(self, request: dict) -> tuple[float, float, dict[str, str]]:
         """Exact (uniform-policy CTR, oracle CTR, oracle combination) for a request, by enumeration."""
+        ctr = self.ctr_grid(request)
+        best = np.unravel_index(int(np.argmax(ctr)), ctr.shape)
+        oracle = {c: ids[int(i)] for (c, ids), i in zip(request["candidates"].items(), best, strict=True)}
+        return float(ctr.mean()), float(ctr.max()), oracle
+
+    def ctr_grid(self, request: dict) -> np.ndarray:
+        """The true CTR of every combination of the request's candidates, one axis per component."""
         ad = int(request["ad_id"].removeprefix("ad-"))
         step = self._step(request)
         comps = list(request["candidates"])
@@ -653,10 +660,27 @@ class ZooWorld(KnownTruth):
                 if weight:
                     pair = weight * self.elements.look[pools[k]] @ self.elements.look[pool].T  # (n_k, n_j)
                     logit = logit + _along(pair, k, len(comps), j)
-        ctr = sigmoid(logit)
-        best = np.unravel_index(int(np.argmax(ctr)), ctr.shape)
-        oracle = {c: request["candidates"][c][int(i)] for c, i in zip(comps, best, strict=True)}
-        return float(ctr.mean()), float(ctr.max()), oracle
+        return sigmoid(logit)
+
+    def best_fixed_ctr(self, requests: list[dict]) -> np.ndarray:
+        """Each request's true CTR under the one combination that does best for its ad (and listing) over
+        all of ``requests``: what a policy that ignores who is asking gets, knowing everything else exactly."""
+        grids = [self.ctr_grid(r) for r in requests]
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            listing = tuple(tuple(ids) for ids in r["candidates"].values())
+            groups.setdefault((r["ad_id"], listing), []).append(i)
+        out = np.empty(len(requests))
+        for members in groups.values():
+            stacked = np.stack([grids[i] for i in members])
+            best = np.unravel_index(int(stacked.sum(0).argmax()), stacked.shape[1:])
+            out[members] = stacked[(slice(None), *best)]
+        return out
+
+    def advance(self, n: int) -> None:
+        """Moves the world on by ``n`` impressions without logging them (the log goes on after them)."""
+        for _ in self._traffic(n):
+            pass
 
 
 @contextmanager

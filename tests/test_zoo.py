@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -194,3 +195,23 @@ def test_the_log_is_the_same_however_it_is_requested():
         cut += pieces.uniform_log(min(n, size - len(cut)), start=len(cut))
     assert cut == log
     assert len({bag["ad_id"] for bag in log}) > 1 and 0 < sum(bag["clicked"] for bag in log) < len(log)
+
+
+def test_the_best_fixed_combination_is_the_oracle_only_where_no_context_acts():
+    """The context-free ceiling: on a world whose context weight is zero it is the oracle itself; on a
+    context world the oracle's per-request choices beat it, and it still beats the uniform policy."""
+    config = draw_config("context", 3)
+    for context, low, high in ((0.0, 1.0 - 1e-9, 1.0 + 1e-9), (config.context, 0.2, 0.95)):
+        world = ZooWorld(dataclasses.replace(config, context=context))
+        world.advance(5_000)
+        requests = world.requests_now(2_000, "ceiling")
+        captured = world.summarise(requests, world.best_fixed_ctr(requests))["captured"]
+        assert low < captured < high, (context, captured)
+
+
+def test_advancing_the_world_skips_the_log_without_changing_what_follows():
+    skipped, logged = draw_world("churn", 1), draw_world("churn", 1)
+    skipped.advance(3_000)
+    logged.uniform_log(3_000)
+    assert skipped.tick == logged.tick == 3_000
+    assert skipped.uniform_log(200, start=3_000) == logged.uniform_log(200, start=3_000)
