@@ -217,7 +217,7 @@ class Priors:
                           ) -> tuple[np.ndarray, np.ndarray]:
         """Each element's effect from its counts ``element`` (rows of n, Σ excess, Σ variance) less one ad's
         ``own``, shrunk towards its ``component``'s mean."""
-        _, s_c, v_c = (self.components[component] / self.weight).T
+        _, s_c, v_c = (self.components.take(component, axis=0) / self.weight).T
         other = element - own
         return self._shrunk(other[:, 1], np.maximum(other[:, 2], 0.0), s_c / (v_c + 1.0), self.spreads[0])
 
@@ -305,18 +305,17 @@ class Priors:
                                            default=self.spreads[0])
         cells, cell_elements = self.cells.used()
         cells = cells / self.weight
-        mean, mean_variance = self.element_posterior(elements[cell_elements], element_components[cell_elements],
-                                                     cells)
+        mean, mean_variance = self.element_posterior(elements.take(cell_elements, axis=0),
+                                                     element_components.take(cell_elements), cells)
         self.spreads[1] = between_variance(cells[:, 1], cells[:, 2], mean, mean_variance, default=self.spreads[1])
         if self.crosses is not None:
             crosses, cross_elements = self.crosses.used()
             seen = np.flatnonzero(crosses[:, 2] > 0)
             if len(seen) > _REFIT_SAMPLE:
                 seen = seen[:: len(seen) // _REFIT_SAMPLE + 1]
-            crosses = crosses[seen] / self.weight
-            self.spreads[2] = between_variance(crosses[:, 1], crosses[:, 2],
-                                               self.pooled_effect(elements[cross_elements[seen]]),
-                                               default=self.spreads[2])
+            crosses = crosses.take(seen, axis=0) / self.weight  # take: fancy indexing copies row by row
+            pooled = self.pooled_effect(elements.take(cross_elements.take(seen), axis=0))
+            self.spreads[2] = between_variance(crosses[:, 1], crosses[:, 2], pooled, default=self.spreads[2])
 
     def _choose_pair_strength(self, excess: np.ndarray, variance: np.ndarray, logged: LoggedKeys,
                               decay: float = 0.99) -> None:
