@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 PAIR_STRENGTHS = tuple(float(round(10 ** (1.5 + x / 2))) for x in range(8))  # pseudo-impressions; the last ~ off
 COMPONENT_ROWS = 64
+_PAIR_CAUTION = 2  # steps of PAIR_STRENGTHS (half-decades) stronger than the strength that predicts best
 _REFIT_EVERY = 8  # steps between two refits of the spreads
 _REFIT_SAMPLE = 1 << 16  # rows of a hashed table the cross spread is measured on
 _RESCALE_AT = 1e60  # the fading weight's bound before every table is rescaled
@@ -320,10 +321,10 @@ class Priors:
     def _choose_pair_strength(self, excess: np.ndarray, variance: np.ndarray, logged: LoggedKeys,
                               decay: float = 0.99) -> None:
         """Take the pairs' shrinkage by how well each candidate strength predicts this batch's clicks from
-        the counts so far: a weaker one only when clearly better than the strongest (z > 2), and then one
-        step stronger than the best predictor, since serving's argmax over summed pair shifts pays more for
-        noise than prediction does. Prequential, not empirical Bayes: the spread of pair cells also holds
-        what persists besides synergy (docs/decisions.md)."""
+        the counts so far: a weaker one only when clearly better than the strongest (z > 2), and then
+        ``_PAIR_CAUTION`` steps stronger than the best predictor, since serving's argmax over summed pair
+        shifts pays more for noise than prediction does. Prequential, not empirical Bayes: the spread of pair
+        cells also holds what persists besides synergy (docs/decisions.md)."""
         _, s, v = self.pairs.get(logged.pair, self.weight).T
         strengths = np.array(PAIR_STRENGTHS)
         shifts = (s - v * logged.pair_additive)[:, None] / (v[:, None] + self._pair_information(strengths))
@@ -337,7 +338,7 @@ class Priors:
         z = total / np.sqrt(np.maximum(squares - total * total / np.maximum(count, 1), 1e-12))
         trusted = np.where(z > 2, total, 0.0)
         best = int(trusted.argmax()) if (trusted > 0).any() else len(strengths) - 1
-        self.pair_strength = float(strengths[min(best + 1, len(strengths) - 1)])
+        self.pair_strength = float(strengths[min(best + _PAIR_CAUTION, len(strengths) - 1)])
 
     # -- persistence --------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
