@@ -513,16 +513,18 @@ class ZooWorld(KnownTruth):
             rows.append(self._block[1][low - start : high - start])
         return np.concatenate(rows)
 
-    def _traffic(self, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``n`` impressions as (ticks, their ``_tick_draws``), in chunks over which the world stands still: the
-        caller must use a chunk before asking for the next (churn and drift happen in between)."""
+    def _traffic(self, n: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """``n`` impressions as (ticks, ads, users, queries, the rest of their ``_tick_draws``: a pick per
+        component and the click), in chunks over which the world stands still: the caller must use a chunk
+        before asking for the next (churn and drift happen in between)."""
         while n > 0:
             self._advance_to(self.tick + 1)
             count = min(n, min(self._next_churn, self._next_drift) - self.tick - 1)
             ticks = np.arange(self.tick + 1, self.tick + count + 1)
             self.tick += count
             n -= count
-            yield ticks, self._tick_draws(ticks)
+            draws = self._tick_draws(ticks)
+            yield (ticks, *self._place_traffic(draws[:, :3].T), draws[:, 3:])
 
     def _request(self, request_id: str, tick: int, ad: int, user: int, query: int) -> dict:
         """The SelectionRequest of one impression, remembered by id so that it can be scored later."""
@@ -541,8 +543,7 @@ class ZooWorld(KnownTruth):
 
     def request(self, request_id: str) -> dict:
         """A SelectionRequest for a random ad, user and query (advances the world by one impression)."""
-        [(ticks, draws)] = list(self._traffic(1))
-        ads, users, queries = self._place_traffic(draws[:, :3].T)
+        [(ticks, ads, users, queries, _)] = list(self._traffic(1))
         return self._request(request_id, int(ticks[0]), int(ads[0]), int(users[0]), int(queries[0]))
 
     def requests_now(self, n: int, prefix: str) -> list[dict]:
@@ -559,14 +560,15 @@ class ZooWorld(KnownTruth):
         bags = []
         i = start
         with _collector_paused():
-            for ticks, draws in self._traffic(n):
-                i = self._log_chunk(bags, i, ticks, draws)
+            for ticks, ads, users, queries, draws in self._traffic(n):
+                i = self._log_chunk(bags, i, ticks, ads, users, queries, draws)
         return bags
 
-    def _log_chunk(self, bags: list[dict], i: int, ticks: np.ndarray, draws: np.ndarray) -> int:
-        """Appends the bags of one chunk of traffic, numbered from ``i``; returns the next number."""
-        ads, users, queries = self._place_traffic(draws[:, :3].T)
-        shown = self._shown(ads, draws[:, 3:-1])
+    def _log_chunk(self, bags: list[dict], i: int, ticks: np.ndarray, ads: np.ndarray, users: np.ndarray,
+                   queries: np.ndarray, draws: np.ndarray) -> int:
+        """Appends the bags of one chunk of traffic, numbered from ``i``; returns the next number. ``draws``:
+        a uniform draw per component for the picks, then one for the click."""
+        shown = self._shown(ads, draws[:, :-1])
         taste = self._user_part[users] + self._query_part[queries]
         clicked = draws[:, -1] < sigmoid(self._logits(ads, taste, shown, int(ticks[0]) // DRIFT_EVERY))
         propensity = 1.0 / np.prod(np.maximum(self._sizes[ads], 1), axis=1)
