@@ -25,7 +25,7 @@ MODEL_VERSION = Gauge("genco_model_version", "Snapshot version the selector serv
 MODEL_LOADED_AT = Gauge("genco_model_loaded_timestamp_seconds", "When the served snapshot was loaded",
                         multiprocess_mode="livemax")
 SNAPSHOT_LOAD_FAILURES = Counter("genco_snapshot_load_failures", "Snapshots the selector could not load (it kept "
-                                 "serving the one before)")
+                                 "serving the one before), checkpoints the learner could not resume from")
 SELECTIONS = Counter("genco_selections", "Selection responses sent", ["policy"])
 SELECTION_LATENCY = Histogram("genco_selection_latency_seconds", "Request consumed -> response sent",
                               buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0))

@@ -30,7 +30,7 @@ from river import metrics
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
 from contract.jsonl import parse_line
-from learner.snapshots import SnapshotStore
+from learner.snapshots import SnapshotError, SnapshotStore
 from learner.trainer import Learner, preset
 from state.kv import Store, encode_time
 from stream.fetch import SafeFetch
@@ -39,6 +39,7 @@ from stream.metrics import (
     DUPLICATES,
     EVENTS_IN,
     PROGRESSIVE_LOGLOSS,
+    SNAPSHOT_LOAD_FAILURES,
     SNAPSHOT_VERSION,
     TRAINED_BAGS,
     TRAINING_STEPS,
@@ -75,14 +76,33 @@ class TrainingAgent:
         self.ready = asyncio.Event()  # set once partitions are assigned
 
     def _resume(self) -> Learner:
+        """The learner of the recorded checkpoint; of the newest older one that loads when it does not (a
+        file damaged on disk must not crash-loop the learner while an earlier checkpoint is intact)."""
         recorded = self.store.get(_CHECKPOINT)
         self.learner_version = int(recorded) if recorded else 0
         if not self.learner_version:
             return Learner(preset("default"))
-        snapshot = self.snapshots.load(self.learner_version, with_optimizer=True)
-        m = snapshot.manifest
-        log.info("resuming from checkpoint v%d (%d bags seen)", m.version, m.bags_seen)
-        return Learner.resume(snapshot.model, m.train_config, snapshot.optimizer_state, m.bags_seen, m.steps)
+        older = [v for v in reversed(self.snapshots.checkpoints()) if v < self.learner_version]
+        failures = []
+        for version in [self.learner_version, *older]:
+            try:
+                snapshot = self.snapshots.load(version, with_optimizer=True)
+                m = snapshot.manifest
+                learner = Learner.resume(snapshot.model, m.train_config, snapshot.optimizer_state, m.bags_seen,
+                                         m.steps)
+            except Exception as error:  # whatever a bad file raises: the next older checkpoint may load
+                SNAPSHOT_LOAD_FAILURES.inc()
+                log.error("checkpoint v%d does not load: %s: %s", version, type(error).__name__, error)
+                failures.append(f"v{version}: {type(error).__name__}: {error}")
+                continue
+            if version != self.learner_version:
+                log.error("resuming from the older checkpoint v%d: what v%d had learned since is lost to the "
+                          "model (its bags stay marked trained, so none is counted twice)", version,
+                          self.learner_version)
+            log.info("resuming from checkpoint v%d (%d bags seen)", m.version, m.bags_seen)
+            return learner
+        raise SnapshotError(f"no checkpoint in {self.snapshots.directory} loads ({'; '.join(failures)}); move the "
+                            "snapshots aside to start the learner afresh")
 
     def trained(self, impression_id: str) -> bool:
         return impression_id in self.unrecorded or self.store.get(b"t" + impression_id.encode()) is not None

@@ -119,3 +119,36 @@ def test_a_snapshot_that_fails_to_load_in_any_way_leaves_the_last_good_one_servi
     assert serve_up_to(2) == 1 and serve_up_to(3) == 1, "kept serving the last good snapshot"
     assert SNAPSHOT_LOAD_FAILURES._value.get() - failures == 2
     assert serve_up_to(4) == 4
+
+
+def test_a_checkpoint_damaged_on_disk_resumes_the_learner_from_the_one_before(tmp_path, small_world):
+    """The learner restarts from the newest checkpoint that loads, counting the one that does not, instead of
+    crash-looping on it; with none left it stops with an error that names each."""
+    from stream.kafka import Connection, Topics
+    from stream.metrics import SNAPSHOT_LOAD_FAILURES
+    from stream.training import TrainingAgent
+
+    _, bags = small_world
+
+    def agent() -> TrainingAgent:
+        return TrainingAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path, window_s=60.0)
+
+    first = agent()
+    first.train(bags[:1024])
+    first.publish(checkpoint=True)  # v1
+    first.train(bags[1024:2048])
+    first.publish(checkpoint=True)  # v2, the one recorded
+    first.store.close()
+    (tmp_path / "snapshots" / "v00000002" / "optimizer.safetensors").write_bytes(b"\x00" * 64)
+    failures = SNAPSHOT_LOAD_FAILURES._value.get()
+
+    second = agent()
+    assert (second.learner.bags_seen, second.learner.steps) == (1024, 1), "resumed from v1"
+    assert SNAPSHOT_LOAD_FAILURES._value.get() - failures == 1
+    assert second.version == 2, "new snapshots still count up from the newest"
+    second.store.close()
+
+    weights = tmp_path / "snapshots" / "v00000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short: its checksum no longer matches
+    with pytest.raises(SnapshotError, match=r"v2: .*; v1: .*checksum"):
+        agent()
