@@ -168,11 +168,11 @@ class Attention(_Axis[Array]):
 @dataclass
 class Crosses(_Axis[Array]):
     """Per (element, context value) cross (C): each element with its request's age, with its gender, and with
-    each of its query segments; what the context prior counts, one whole impression each."""
+    each of its query segments; what the context prior counts."""
 
     element: Array  # (C,) the element (into L)
     key: Array  # (C,) the key of the element with the value
-    kind: Array  # (C,) int8: 0 an age, 1 a gender, 2 a query segment; each kind has its own spread
+    weight: Array  # (C,) float: 1 for age and gender, 1 / segments for a segment (a request's count as one)
 
 
 @dataclass
@@ -630,8 +630,9 @@ def _context_crosses(requests: Requests[np.ndarray], segments: Segments[np.ndarr
     context_key = requests.context_key
     value = np.concatenate([context_key[elements.request, _AGE], context_key[elements.request, _GENDER],
                             np.repeat(segments.key, per_segment)])
-    kind = np.repeat(np.arange(3, dtype=np.int8), [len(every), len(every), len(segment_element)])
-    return Crosses(element, combine(elements.key[element], value), kind)
+    weight = np.concatenate([np.ones(2 * len(elements.key)),
+                             np.repeat(1 / requests.segment_count[segments.request], per_segment)])
+    return Crosses(element, combine(elements.key[element], value), weight)
 
 
 def _logged_layout(pools: Pools[np.ndarray], elements: Elements[np.ndarray], crosses: Crosses[np.ndarray],

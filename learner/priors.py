@@ -16,18 +16,14 @@ in log-odds count alike on ads of 1% and of 10% CTR. Levels:
     component a component's mean excess
     element   an element across every ad that lists it (a template shared by many ads)
     cell      an element in one ad
-    cross     an element with one context value: an age, a gender, a query segment (each impression counted
-              whole in every cross it has: a count of fractions w would claim information Σ w·v where its
-              clicks hold (Σ w·v)² / Σ w²·v)
+    cross     an element with one context value: an age, a gender, a query segment
     pair      two elements shown together
 
 Shrinkage is hierarchical and empirical-Bayes, in log-odds (normal approximations): a cell is shrunk towards its
 element's record in the *other* ads, which is shrunk towards its component's mean; so a new element in
 an ad starts from its template's history across ads, else from its component's mean. The spread of
 each level around its parent is estimated from the counts (method of moments, refit as they grow),
-not tuned. A cross is shrunk the same way towards its element's effect over all ads, by the spread of its
-kind (age, gender or query segment: context acts through some and not others), and a request's crosses add
-up, as its elements do; a pair is shrunk towards the
+not tuned. A cross is shrunk the same way towards its element's effect over all ads; a pair towards the
 sum of its two elements' effects, with a strength chosen by how well each candidate strength predicts the next
 batch (``_choose_pair_strength``; docs/decisions.md).
 
@@ -52,7 +48,6 @@ if TYPE_CHECKING:
 
 PAIR_STRENGTHS = tuple(float(round(10 ** (1.5 + x / 2))) for x in range(8))  # pseudo-impressions; the last ~ off
 COMPONENT_ROWS = 64
-CROSS_KINDS = 3  # age, gender, query segment (``features.Crosses.kind``)
 _PAIR_CAUTION = 2  # steps of PAIR_STRENGTHS (half-decades) stronger than the strength that predicts best
 _REFIT_EVERY = 8  # steps between two refits of the spreads
 _REFIT_SAMPLE = 1 << 16  # rows of a hashed table the cross spread is measured on
@@ -136,13 +131,13 @@ class PriorKeys:
     element_request: np.ndarray  # (L,)
     cross: np.ndarray  # (C,) an element with one of its request's context values
     cross_element: np.ndarray  # (C,) that element (into L)
-    cross_kind: np.ndarray  # (C,) 0 age, 1 gender, 2 query segment
+    cross_weight: np.ndarray  # (C,) 1 for age and gender, 1 / segments for a query segment
 
     @classmethod
     def of(cls, batch: Batch) -> PriorKeys:
         elements, crosses = batch.elements, batch.crosses
         return cls(batch.requests.ad_key, elements.key, elements.cell_key, elements.component, elements.request,
-                   crosses.key, crosses.element, crosses.kind)
+                   crosses.key, crosses.element, crosses.weight)
 
 
 @dataclass
@@ -156,7 +151,7 @@ class LoggedKeys:
     cross: np.ndarray  # (X,) the shown elements' crosses
     cross_shown: np.ndarray  # (X,) their shown element (into S)
     cross_request: np.ndarray  # (X,)
-    cross_kind: np.ndarray  # (X,)
+    cross_weight: np.ndarray  # (X,)
     pair: np.ndarray  # (P,) every two shown elements of one request
     pair_request: np.ndarray  # (P,)
     pair_additive: np.ndarray  # (P,) the sum of the pair's two elements' effects, before this batch
@@ -171,7 +166,7 @@ class LoggedKeys:
         position = np.full(len(elements.key), -1)
         position[shown] = np.arange(len(shown))
         return cls(request, elements.key[shown], elements.cell_key[shown], elements.component[shown],
-                   crosses.key[cross], position[crosses.element[cross]], logged.cross_request, crosses.kind[cross],
+                   crosses.key[cross], position[crosses.element[cross]], logged.cross_request, crosses.weight[cross],
                    logged.pair_key, elements.request[first], effect[first] + effect[second],
                    np.bincount(request, weights=effect[shown], minlength=batch.size))
 
@@ -198,9 +193,7 @@ class Priors:
         self.pairs = CountTable(pair_cells) if pairs else None
         self.total = np.zeros(2)  # (n, clicks)
         self.weight = 1.0  # an impression counted now, against one counted at the last rescale
-        # τ² (log-odds) of elements around components, cells around them, crosses of each kind around elements
-        self.spreads = np.full(2 + CROSS_KINDS, _FLOOR)
-        self.cross_kinds = np.zeros(cross_cells, dtype=np.int8) if context else None  # of each cross cell
+        self.spreads = np.full(3, _FLOOR)  # τ² (log-odds) of elements around components, cells around them, crosses
         self.pair_strength = PAIR_STRENGTHS[-1]
         self.pair_gains = np.zeros((3, len(PAIR_STRENGTHS)))  # per strength, decayed: (batches, Σ gain, Σ gain²)
         self.steps = 0
@@ -239,10 +232,9 @@ class Priors:
         """Each element's effect over every ad, shrunk towards zero (what crosses deviate from)."""
         return self._shrunk(element[:, 1], element[:, 2], 0.0, self.spreads[0])[0]
 
-    def cross_deviation(self, cross: np.ndarray, pooled: np.ndarray, kind: np.ndarray) -> np.ndarray:
-        """How much better each (element, context value) does than its element's ``pooled`` effect, shrunk by
-        the spread of crosses of its ``kind``."""
-        return self._shrunk(cross[:, 1] - cross[:, 2] * pooled, cross[:, 2], 0.0, self.spreads[2 + kind])[0]
+    def cross_deviation(self, cross: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+        """How much better each (element, context value) does than its element's ``pooled`` effect, shrunk."""
+        return self._shrunk(cross[:, 1] - cross[:, 2] * pooled, cross[:, 2], 0.0, self.spreads[2])[0]
 
     def scores(self, keys: PriorKeys) -> PriorScores:
         element = self.elements.get(keys.element, self.weight)
@@ -250,8 +242,8 @@ class Priors:
         context = None
         if self.crosses is not None:
             deviation = self.cross_deviation(self.crosses.get(keys.cross, self.weight),
-                                             self.pooled_effect(element)[keys.cross_element], keys.cross_kind)
-            context = np.bincount(keys.cross_element, weights=deviation, minlength=len(effect))
+                                             self.pooled_effect(element)[keys.cross_element])
+            context = np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(effect))
         return PriorScores(logit(self.ad_rate(keys.ad)), effect, context, variance)
 
     def pair_shift(self, pair_keys: np.ndarray, additive: np.ndarray) -> np.ndarray:
@@ -284,9 +276,8 @@ class Priors:
             self.components[:, column] += self.weight * np.bincount(logged.component, weights=values,
                                                                     minlength=COMPONENT_ROWS)
         if self.crosses is not None:
-            rows = self.crosses.add(logged.cross, self.weight, excess[logged.cross_request],
-                                    variance[logged.cross_request], elements[logged.cross_shown])
-            self.cross_kinds[rows] = logged.cross_kind
+            self.crosses.add(logged.cross, self.weight * logged.cross_weight, excess[logged.cross_request],
+                             variance[logged.cross_request], elements[logged.cross_shown])
         self._fade(len(clicked))
         self.steps += 1
         if self.steps < 4 * _REFIT_EVERY or self.steps % _REFIT_EVERY == 0:  # while the tables are small, always
@@ -325,11 +316,7 @@ class Priors:
                 seen = seen[:: len(seen) // _REFIT_SAMPLE + 1]
             crosses = crosses.take(seen, axis=0) / self.weight  # take: fancy indexing copies row by row
             pooled = self.pooled_effect(elements.take(cross_elements.take(seen), axis=0))
-            kinds = self.cross_kinds.take(seen)
-            for kind in range(CROSS_KINDS):
-                of = kinds == kind
-                self.spreads[2 + kind] = between_variance(crosses[of, 1], crosses[of, 2], pooled[of],
-                                                          default=self.spreads[2 + kind])
+            self.spreads[2] = between_variance(crosses[:, 1], crosses[:, 2], pooled, default=self.spreads[2])
 
     def _choose_pair_strength(self, excess: np.ndarray, variance: np.ndarray, logged: LoggedKeys,
                               decay: float = 0.99) -> None:
@@ -356,7 +343,6 @@ class Priors:
     # -- persistence --------------------------------------------------------------------------
     def state(self) -> dict[str, np.ndarray]:
         state = {"components": self.components, "total": self.total, "spreads": self.spreads,
-                 **({"cross_kinds": self.cross_kinds} if self.crosses is not None else {}),
                  "pair_gains": self.pair_gains,
                  "scalars": np.array([self.weight, self.pair_strength, self.steps], dtype=np.float64)}
         for name in ("ads", "elements", "cells", "crosses", "pairs"):
@@ -372,8 +358,6 @@ class Priors:
                 table.load(name, state)
         self.components = np.array(state["components"], dtype=np.float64)
         self.total, self.spreads = np.array(state["total"]), np.array(state["spreads"])
-        if self.crosses is not None:
-            self.cross_kinds = np.array(state["cross_kinds"], dtype=np.int8)
         self.pair_gains = np.array(state["pair_gains"])
         self.weight, self.pair_strength, steps = (float(x) for x in state["scalars"])
         self.steps = int(steps)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -78,49 +77,6 @@ def test_the_context_prior_serves_each_gender_its_own_title(context_prior):
         {"request_id": f"r-{gender}", "ad_id": "ad-1", "user": {"id": "u-new", "age": 3, "gender": gender},
          "candidates": {"title": ["t-a", "t-b"], "image": ["i-1", "i-2"]}})])[0]["title"] for gender in (1, 2)}
     assert (picks == {1: "t-a", 2: "t-b"}) == context_prior  # an additive prior gives both the same title
-
-
-def _segment_bags(n: int, effect: np.ndarray, rng: np.random.Generator) -> list[Bag]:
-    """Title i does better or worse with query segment s by effect[i, s] (log-odds); every query has three
-    segments, whose effects add up (over √3). Age and gender change nothing. Served uniformly."""
-    bags = []
-    for i in range(n):
-        title, chosen = int(rng.integers(len(effect))), rng.choice(effect.shape[1], 3, replace=False)
-        rate = 1 / (1 + math.exp(2.5 - effect[title, chosen].sum() / math.sqrt(3)))
-        bags.append(Bag.model_validate({
-            "impression_id": f"q-{i}", "ts": i, "ad_id": "ad-1",
-            "user": {"id": f"u-{i % 500}", "age": int(rng.integers(7)), "gender": int(rng.integers(3))},
-            "query": {"id": f"q-{i}", "segments": [f"s-{s}" for s in chosen]},
-            "candidates": {"title": [f"t-{t}" for t in range(len(effect))]}, "shown": {"title": f"t-{title}"},
-            "clicked": bool(rng.random() < rate)}))
-    return bags
-
-
-def test_the_context_prior_serves_each_query_the_title_its_segments_favour():
-    """Each segment's cross counts whole impressions and is shrunk by the spread of segments' crosses alone:
-    counted as a third of an impression (its query has three) it claimed three times the information its
-    clicks hold, and sharing one spread with the demographics' crosses, which show none, it was shrunk to
-    nothing; the prior then served every query alike."""
-    rng = np.random.default_rng(0)
-    effect = rng.normal(0, 0.6, (8, 12))
-    bags = _segment_bags(8192, effect, rng)
-    queries = [rng.choice(12, 3, replace=False) for _ in range(300)]
-    requests = [SelectionRequest.model_validate({
-        "request_id": f"r-{i}", "ad_id": "ad-1", "user": {"id": "u-new", "age": 2, "gender": 1},
-        "query": {"id": f"new-{i}", "segments": [f"s-{s}" for s in chosen]},
-        "candidates": {"title": [f"t-{t}" for t in range(8)]}}) for i, chosen in enumerate(queries)]
-    value, spreads = {}, None
-    for context_prior in (True, False):
-        torch.manual_seed(0)
-        learner = Learner(preset("default", context_prior=context_prior))
-        learner.learn(bags)
-        picks = [int(p["title"].removeprefix("t-")) for p in Selector(learner.model).select(requests)]
-        value[context_prior] = np.mean([effect[t, q].sum() for t, q in zip(picks, queries, strict=True)])
-        spreads = spreads if spreads is not None else learner.model.priors.spreads
-    best = np.mean([effect[:, q].sum(1).max() for q in queries])
-    assert value[True] - value[False] > 0.25 * (best - value[False])
-    age, gender, segment = spreads[2:]
-    assert segment > 10 * max(age, gender)
 
 
 def _paired_bags(n: int, seed: int = 0) -> list[Bag]:
