@@ -630,6 +630,15 @@ class ZooWorld(KnownTruth):
             low, high = (mid, high) if sigmoid(logits + mid).mean() < self.config.target_ctr else (low, mid)
         return (low + high) / 2
 
+    def structure(self, ads: np.ndarray, elements: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the world knows of (ad, element) index pairs beyond their effects: the element's scale in its
+        ad (sd of its effect in log-odds, context aside), the ad's category, and whether it is a template
+        (the same quality in every ad, up to a deviation per category). For ``sim.bound``."""
+        category = self._ad_category[ads]
+        component = self.elements.component[elements]
+        scale = self._importance[category, component] / np.sqrt(1 + self.config.context**2)
+        return scale, category, self.elements.template[elements] > 0
+
     def click_probability(self, request: dict, shown: dict[str, str]) -> float:
         """True CTR of showing ``shown`` for ``request``, as the world was when the request was made."""
         row = np.full((1, len(COMPONENTS)), -1, dtype=np.int64)
