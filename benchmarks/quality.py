@@ -33,7 +33,8 @@ from learner.baselines import ClickCounter, ContextLogReg, HierarchicalCounter, 
 from learner.compute import configure_compute
 from learner.policy import Selector
 from learner.trainer import Learner, preset
-from sim.zoo import FAMILIES, HELD_OUT_SEEDS, TUNING_SEEDS, draw_world
+from sim.bound import KnownStructure
+from sim.zoo import FAMILIES, HELD_OUT_SEEDS, TUNING_SEEDS, ZooWorld, draw_world
 
 BATCH = 1024
 EVAL_REQUESTS = 20_000  # of the world as it stands at the checkpoint; ``paired_se`` says what they leave uncertain
@@ -64,19 +65,21 @@ class PriorsAlone(GenCOPolicy):
 
 
 GENCO = "genco"
-POLICIES: dict[str, Callable[[], object]] = {
-    GENCO: lambda: GenCOPolicy("default"),
-    "priors alone": lambda: PriorsAlone("default"),
+BOUND = "known structure"  # not a baseline: told the world's structure (sim/bound.py), what estimation can reach
+POLICIES: dict[str, Callable[[ZooWorld], object]] = {  # each made for the world it will learn
+    GENCO: lambda world: GenCOPolicy("default"),
+    "priors alone": lambda world: PriorsAlone("default"),
     # The paper's ablations, on the network alone: with the priors on, they would hide its contribution.
-    "network alone": lambda: GenCOPolicy("default", prior=False),
-    "network w/o MIL": lambda: GenCOPolicy("default", prior=False, mil=False),
-    "network w/o RL": lambda: GenCOPolicy("default", prior=False, rl_weight=0.0),
-    "network w/o attention": lambda: GenCOPolicy("default", prior=False, attention=False),
-    "genco-paper": lambda: GenCOPolicy("paper"),
-    "hierarchical": HierarchicalCounter,
-    "logreg": ContextLogReg,
-    "counter": ClickCounter,
-    "uniform": Uniform,
+    "network alone": lambda world: GenCOPolicy("default", prior=False),
+    "network w/o MIL": lambda world: GenCOPolicy("default", prior=False, mil=False),
+    "network w/o RL": lambda world: GenCOPolicy("default", prior=False, rl_weight=0.0),
+    "network w/o attention": lambda world: GenCOPolicy("default", prior=False, attention=False),
+    "genco-paper": lambda world: GenCOPolicy("paper"),
+    "hierarchical": lambda world: HierarchicalCounter(),
+    "logreg": lambda world: ContextLogReg(),
+    "counter": lambda world: ClickCounter(),
+    "uniform": lambda world: Uniform(),
+    BOUND: KnownStructure,
 }
 BASELINES = ("hierarchical", "logreg", "counter")
 DEFAULT_POLICIES = (GENCO, *BASELINES)
@@ -89,7 +92,7 @@ def run(family: str, seed: int, sizes: list[int], names: list[str]) -> list[dict
     policies = {}
     for name in names:
         torch.manual_seed(seed)
-        policies[name] = POLICIES[name]()
+        policies[name] = POLICIES[name](world)
     seconds = dict.fromkeys(names, 0.0)
     rows, learned = [], 0
     for size in sorted(sizes):
@@ -168,6 +171,11 @@ def summarise(rows: list[dict]) -> str:
                 noise_note += f"; one ad's part of a seed's difference: {', '.join(f'{t:+.3f}' for t in top)}"
             out += ["", f"genco − best baseline ({best}), paired by seed: {_mean_sd(paired)} "
                         f"(min {min(paired):+.3f}, {sum(p > 0 for p in paired)}/{len(paired)} seeds ahead{noise_note})"]
+        if GENCO in by_policy and BOUND in by_policy:
+            paired = [by_policy[GENCO][s] - by_policy[BOUND][s] for s in seeds
+                      if s in by_policy[GENCO] and s in by_policy[BOUND]]
+            out += ["", f"genco − {BOUND} (told the world's structure, additive only), paired by seed: "
+                        f"{_mean_sd(paired)} (min {min(paired):+.3f}, max {max(paired):+.3f})"]
         out.append("")
     return "\n".join(out)
 
