@@ -677,6 +677,8 @@ class ZooWorld(KnownTruth):
         """Each request's true CTR under the one combination that does best for its ad (and listing) over
         all of ``requests``: what a policy that ignores who is asking gets, knowing everything else exactly."""
         grids = [self.ctr_grid(r) for r in requests]
+        for request, grid in zip(requests, grids, strict=True):  # what ``summarise`` would enumerate again
+            self._value_cache.setdefault(request["request_id"], (float(grid.mean()), float(grid.max())))
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             listing = tuple(tuple(ids) for ids in r["candidates"].values())
@@ -689,9 +691,11 @@ class ZooWorld(KnownTruth):
         return out
 
     def advance(self, n: int) -> None:
-        """Moves the world on by ``n`` impressions without logging them (the log goes on after them)."""
-        for _ in self._traffic(n):
-            pass
+        """Moves the world on by ``n`` impressions without logging them (the log goes on after them): every
+        churn and drift step due by the last of them happens, as in ``_traffic``, whose draws depend on the
+        tick alone and are not needed."""
+        self._advance_to(self.tick + n)
+        self.tick += n
 
 
 @contextmanager
