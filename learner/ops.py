@@ -3,7 +3,7 @@
 Hashing: an id string becomes a 64-bit key once (``id_key``, BLAKE2b salted by the id's kind: stable
 across processes and machines, unlike Python's ``hash``); everything derived from keys (table rows,
 the keys of an element in an ad, of an element with a context value, of a pair) mixes them with
-splitmix64 (``mix64``), in numpy or torch alike.
+splitmix64's finaliser (``mix64``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ import hashlib
 import numpy as np
 import torch
 
-GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's constants as signed int64
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
 
 def id_key(kind: str, value: str) -> int:
     """The 64-bit key (signed) of an id of one kind (``"ad"``, ``"title"``, ``"segment"``...)."""
@@ -24,27 +20,22 @@ def id_key(kind: str, value: str) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)  # (kind, value) pair spells another
 
 
-_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.uint64(c % (1 << 64)) for c in (GOLDEN, _MIX1, _MIX2))
+_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 _U_30, _U_27, _U_31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
-def mix64(x):
-    """splitmix64 of int64 keys, numpy arrays or torch tensors alike: every output bit depends on every
-    input bit. Products wrap, as intended. numpy runs it on an unsigned view, whose right shifts are
-    logical already, in place: a third fewer calls, which is what a short array's hash costs; torch's
-    signed shifts take masks to be logical."""
-    if not isinstance(x, torch.Tensor):
-        x = np.asarray(x, dtype=np.int64).view(np.uint64) * _U_GOLDEN
-        x ^= x >> _U_30
-        x *= _U_MIX1
-        x ^= x >> _U_27
-        x *= _U_MIX2
-        x ^= x >> _U_31
-        return x.view(np.int64)
-    x = x * GOLDEN
-    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _MIX1
-    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of int64 keys: every output bit depends on every input bit. Products wrap, as intended.
+    Run on an unsigned view, whose right shifts are logical already, in place: a third fewer calls, which is
+    what a short array's hash costs. Snapshots hold tables hashed with it, so its outputs must never change
+    (a test pins them)."""
+    x = np.asarray(x, dtype=np.int64).view(np.uint64) * _U_GOLDEN
+    x ^= x >> _U_30
+    x *= _U_MIX1
+    x ^= x >> _U_27
+    x *= _U_MIX2
+    x ^= x >> _U_31
+    return x.view(np.int64)
 
 
 def combine(a, b):
