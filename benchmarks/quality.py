@@ -8,6 +8,8 @@ captured = (policy − uniform) / (oracle − uniform); lift = policy / uniform 
 Figures and defaults come from held-out seeds only (``--seeds held-out``, the default); the
 tuning seeds are for trying things. Tables: per family and checkpoint, every policy's captured
 share, and genco against the *best* baseline (the one with the highest mean there), paired by seed.
+``--policies "known structure"`` adds a learner told each world's structure (sim/bound.py): no baseline,
+but how far estimating additive quality from the log can go; genco is printed against it too.
 
 Run: .venv/bin/python benchmarks/quality.py [--families paper churn] [--seeds held-out | tuning | 1000 1001]
      [--sizes 100000 400000] [--policies genco hierarchical] [--out bench-out/quality.json]
