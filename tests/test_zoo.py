@@ -211,7 +211,9 @@ def test_the_best_fixed_combination_is_the_oracle_only_where_no_context_acts():
 
 def test_advancing_the_world_skips_the_log_without_changing_what_follows():
     skipped, logged = draw_world("churn", 1), draw_world("churn", 1)
-    skipped.advance(3_000)
-    logged.uniform_log(3_000)
-    assert skipped.tick == logged.tick == 3_000
-    assert skipped.uniform_log(200, start=3_000) == logged.uniform_log(200, start=3_000)
+    n = skipped.config.churn_every + 3_000  # across a churn and its drift steps
+    skipped.advance(n)
+    logged.uniform_log(n)
+    assert skipped.tick == logged.tick == n
+    assert skipped.requests_now(50, "now") == logged.requests_now(50, "now")  # the churned listings
+    assert skipped.uniform_log(200, start=n) == logged.uniform_log(200, start=n)
