@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from learner.idmap import KeyIndex
+from learner.priors import CountTable
 from sim.zoo import ZooWorld
 
 _AD_STRENGTH = 50.0  # pseudo-impressions at the overall CTR in an ad's own CTR, as the hierarchical counter's
@@ -33,15 +34,12 @@ class KnownStructure:
 
     def __init__(self, world: ZooWorld) -> None:
         self.world = world
-        self.ad_counts = np.zeros((0, 2))  # per ad index: impressions, clicks
+        self.ads = CountTable()  # per ad index: impressions and clicks (in the excess column, as genco's priors)
         self.total = np.zeros(2)
-        self.cells = KeyIndex()
-        self.cell_counts = np.zeros((0, 2))  # per cell: Σ excess over the ad's CTR, Σ its variance
+        self.cells = CountTable()  # per (ad, element): impressions, Σ excess over the ad's CTR, Σ its variance
 
     def _ad_rate(self, ads: np.ndarray) -> np.ndarray:
-        if len(self.ad_counts) <= ads.max(initial=0):
-            self.ad_counts = np.vstack([self.ad_counts, np.zeros((ads.max() + 1 - len(self.ad_counts), 2))])
-        n, clicks = self.ad_counts[ads].T
+        n, clicks, _ = self.ads.get(ads, 1.0).T
         base = (self.total[1] + 1.0) / (self.total[0] + 20.0)
         return (clicks + _AD_STRENGTH * base) / (n + _AD_STRENGTH)
 
@@ -53,12 +51,9 @@ class KnownStructure:
         shown = [(i, index[e]) for i, bag in enumerate(bags) for e in bag.shown.values()]
         request, elements = np.array(shown).T
         rate = self._ad_rate(ads)
-        rows = self.cells.add((ads[request] << _SHIFT) | elements)
-        if len(self.cells) > len(self.cell_counts):
-            self.cell_counts = np.vstack([self.cell_counts, np.zeros((len(self.cells) - len(self.cell_counts), 2))])
-        for column, values in enumerate(((clicked - rate)[request], (rate * (1 - rate))[request])):
-            self.cell_counts[:, column] += np.bincount(rows, weights=values, minlength=len(self.cell_counts))
-        np.add.at(self.ad_counts, ads, np.stack([np.ones(len(ads)), clicked], 1))
+        self.cells.add((ads[request] << _SHIFT) | elements, 1.0, (clicked - rate)[request],
+                       (rate * (1 - rate))[request], np.zeros(len(request), dtype=np.int64))
+        self.ads.add(ads, 1.0, clicked, np.zeros(len(ads)), np.zeros(len(ads), dtype=np.int64))
         self.total += [len(ads), clicked.sum()]
 
     def effects(self, ads: np.ndarray, elements: np.ndarray) -> np.ndarray:
@@ -67,10 +62,8 @@ class KnownStructure:
         scale, category, template = self.world.structure(ads, elements)
         out = np.zeros(len(ads))
         own = np.flatnonzero(~template)
-        rows = self.cells.find((ads[own] << _SHIFT) | elements[own])
-        seen = rows >= 0
-        excess, variance = self.cell_counts[rows[seen]].T
-        out[own[seen]] = excess / (variance + 1 / scale[own[seen]] ** 2)  # prior N(0, scale²)
+        _, excess, variance = self.cells.get((ads[own] << _SHIFT) | elements[own], 1.0).T
+        out[own] = excess / (variance + 1 / scale[own] ** 2)  # prior N(0, scale²); an unseen cell counts 0
         shared = np.flatnonzero(template)
         found = groups.find((elements[shared] << _SHIFT) | category[shared])
         out[shared] = scale[shared] * np.where(found >= 0, share[np.maximum(found, 0)], common[elements[shared]])
@@ -81,10 +74,10 @@ class KnownStructure:
         template << _SHIFT | category), and its common quality (by element index, ``size`` at least): a
         category's measurement, Σ scale·excess / Σ scale²·variance, deviates from the common quality by
         the category's deviation (variance d²) and its own noise."""
-        keys = self.cells.keys
+        keys = self.cells.index.keys
         cell_ads, cell_elements = keys >> _SHIFT, keys & ((1 << _SHIFT) - 1)
         scale, category, template = self.world.structure(cell_ads, cell_elements)
-        excess, variance = self.cell_counts[: len(keys)].T
+        _, excess, variance = self.cells.used()[0].T
         d2 = self.world.config.template_deviation ** 2
         groups = KeyIndex()
         group = groups.add((cell_elements[template] << _SHIFT) | category[template])

@@ -49,5 +49,5 @@ def test_an_own_element_never_shown_in_an_ad_starts_at_zero_there(learned):
 
 
 def learner_cells(learner: KnownStructure) -> list[tuple[int, int]]:
-    keys = learner.cells.keys
+    keys = learner.cells.index.keys
     return list(zip((keys >> 32).tolist(), (keys & ((1 << 32) - 1)).tolist(), strict=True))
