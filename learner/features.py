@@ -26,7 +26,7 @@ from typing import Generic, NamedTuple, TypeVar
 import numpy as np
 import torch
 
-from learner.ops import combine, id_key, mix64, pair_key
+from learner.ops import combine, id_key, mix64, pair_key, upper_pairs
 
 PAPER_COMPONENTS = ("title", "image", "marketing", "highlight", "attribute", "structure_attribute")
 CONTEXT_KINDS = ("user", "age", "gender", "ad", "query")
@@ -439,7 +439,7 @@ class Featurizer:
         listing = self._list(records, labelled)
         clicked = [1.0 if r.clicked else 0.0 for r in records] if labelled else [0.0] * len(records)
         pools, combination_width = self._pool_layout(listing)
-        requests = self._request_layout(listing, pools, clicked)
+        requests = self._request_layout(listing, _pool_stats(pools, len(records)), clicked)
         segments = self._segment_layout(listing, requests)
         elements, pool_width = self._element_layout(listing, pools, requests)
         crosses = _context_crosses(requests, segments, elements)
@@ -450,6 +450,17 @@ class Featurizer:
         if labelled:
             batch.add_distinct_rows()
         return batch
+
+    def with_request(self, template: Batch, record) -> Batch:
+        """A one-request batch for ``record`` from ``template``, a one-request unlabelled batch of the same ad
+        and candidates: the pools and every layout on them are the template's, the context the record's."""
+        listing = _Listing(context=list(self.context_keys(record)), segment_at=[0])
+        if record.query:
+            listing.segments.extend(map(self._context["segment"].__getitem__, record.query.segments))
+        requests = self._request_layout(listing, template.requests.pool_stats, [0.0])
+        segments = self._segment_layout(listing, requests)
+        return replace(template, requests=requests, segments=segments,
+                       crosses=_context_crosses(requests, segments, template.elements))
 
     # -- the listing ----------------------------------------------------------------------------
     def _list(self, records: list, labelled: bool) -> _Listing:
@@ -512,23 +523,18 @@ class Featurizer:
         return Pools(request, slot, request * width + slot, component, size, start,
                      np.where(shown >= 0, start + shown, -1)), width
 
-    def _request_layout(self, listing: _Listing, pools: Pools[np.ndarray], clicked: list[float],
+    def _request_layout(self, listing: _Listing, pool_stats: np.ndarray, clicked: list[float],
                         ) -> Requests[np.ndarray]:
-        """Each request's context rows and keys, where its segments lie, its pool sizes and its seed."""
+        """Each request's context rows and keys, where its segments lie, its ``pool_stats`` and its seed."""
         context_key = np.asarray(listing.context, dtype=np.int64).reshape(-1, len(CONTEXT_KINDS))
-        n = len(context_key)
         segment_offsets = np.asarray(listing.segment_at, dtype=np.int64)
-        columns = len(PAPER_COMPONENTS) + 1  # the components beyond the paper's six share the last
-        column = np.minimum(pools.component, len(PAPER_COMPONENTS))
-        stats = np.bincount(pools.request * columns + column, weights=pools.size,
-                            minlength=n * columns).reshape(n, columns).astype(np.float32)
         ad_key = context_key[:, _AD]
         return Requests(
             context=self._context_offset + (context_key & self._context_mask),
             context_key=context_key,
             segment_offsets=segment_offsets,
             segment_count=np.diff(np.append(segment_offsets, len(listing.segments))),
-            pool_stats=np.log1p(stats),
+            pool_stats=pool_stats,
             clicked=np.asarray(clicked, dtype=np.float32),
             seed=mix64(combine(ad_key, combine(context_key[:, _USER], context_key[:, _QUERY]))) & 0x7FFFFFFF,
         )
@@ -560,6 +566,14 @@ class Featurizer:
             slot=index - np.asarray(listing.element_at, dtype=np.int64)[request],
             pool_cell=pool * width + pos,
         ), width
+
+
+def _pool_stats(pools: Pools[np.ndarray], n: int) -> np.ndarray:
+    """(n, 7) float: log(1 + candidates) of each of the n requests' paper components, then of the others together."""
+    columns = len(PAPER_COMPONENTS) + 1  # the components beyond the paper's six share the last
+    column = np.minimum(pools.component, len(PAPER_COMPONENTS))
+    stats = np.bincount(pools.request * columns + column, weights=pools.size, minlength=n * columns)
+    return np.log1p(stats.reshape(n, columns).astype(np.float32))
 
 
 def _attention_layout(listing: _Listing, elements: Elements[np.ndarray]) -> Attention[np.ndarray]:
@@ -649,7 +663,7 @@ def _logged_layout(pools: Pools[np.ndarray], elements: Elements[np.ndarray], cro
     dense = np.full(n * width, -1, dtype=np.int64)
     dense[pools.cell] = shown
     dense = dense.reshape(n, width)
-    i, j = np.triu_indices(width, 1)
+    i, j = upper_pairs(width)
     first, second = dense[:, i], dense[:, j]
     both = (first >= 0) & (second >= 0)
     first, second = first[both], second[both]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from learner.features import CONTEXT_KINDS, PAPER_COMPONENTS, Batch, HashSizes
-from learner.ops import gather_rows, pair_key, take_rows
+from learner.ops import gather_rows, pair_key, take_rows, upper_pairs
 from learner.priors import LoggedKeys, PriorKeys, Priors, PriorScores
 
 
@@ -168,7 +168,7 @@ class GenCO(nn.Module):
         """(K, B) each combination's pairs' synergy summed, in log-odds. dense: (K, B, M) elements (into L),
         -1 where the request has no pool; every combination fills the same pools, so the pairs are found once."""
         k, n, width = dense.shape
-        i, j = np.triu_indices(width, 1)
+        i, j = upper_pairs(width)
         present = dense[0] >= 0
         request, pair = np.nonzero(present[:, i] & present[:, j])
         first, second = dense[:, request, i[pair]].ravel(), dense[:, request, j[pair]].ravel()

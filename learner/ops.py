@@ -8,6 +8,7 @@ splitmix64's finaliser (``mix64``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -20,22 +21,38 @@ def id_key(kind: str, value: str) -> int:
     return int.from_bytes(digest.digest(), "little", signed=True)  # (kind, value) pair spells another
 
 
-_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.uint64(c) for c in (_GOLDEN, _MIX1, _MIX2))
 _U_30, _U_27, _U_31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_MASK = (1 << 64) - 1
+_SHORT = 8  # keys up to which Python's ints mix faster than numpy, which pays ~1 µs an operation on any array
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 of int64 keys: every output bit depends on every input bit. Products wrap, as intended.
     Run on an unsigned view, whose right shifts are logical already, in place: a third fewer calls, which is
-    what a short array's hash costs. Snapshots hold tables hashed with it, so its outputs must never change
-    (a test pins them)."""
-    x = np.asarray(x, dtype=np.int64).view(np.uint64) * _U_GOLDEN
+    what a short array's hash costs; the shortest (a lone request's seed) in Python's ints. Snapshots hold
+    tables hashed with it, so its outputs must never change (a test pins them, and holds both ways alike)."""
+    x = np.asarray(x, dtype=np.int64).view(np.uint64)
+    if x.size <= _SHORT:
+        return np.array([_mix_int(v) for v in x.ravel().tolist()], dtype=np.uint64).reshape(x.shape).view(np.int64)
+    x = x * _U_GOLDEN
     x ^= x >> _U_30
     x *= _U_MIX1
     x ^= x >> _U_27
     x *= _U_MIX2
     x ^= x >> _U_31
     return x.view(np.int64)
+
+
+def _mix_int(x: int) -> int:
+    """``mix64`` of one unsigned 64-bit key, in Python ints."""
+    x = (x * _GOLDEN) & _MASK
+    x ^= x >> 30
+    x = (x * _MIX1) & _MASK
+    x ^= x >> 27
+    x = (x * _MIX2) & _MASK
+    return x ^ (x >> 31)
 
 
 def combine(a, b):
@@ -46,6 +63,15 @@ def combine(a, b):
 def pair_key(a, b):
     """The key of an unordered pair of element keys: the wrapping sum of their mixes."""
     return mix64(a) + mix64(b)
+
+
+@functools.cache
+def upper_pairs(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.triu_indices(width, 1)``, read-only: every two of ``width`` slots, (i, j) with i < j. Kept per width,
+    since building them costs more than a lone request's whole pair sum."""
+    i, j = np.triu_indices(width, 1)
+    i.flags.writeable = j.flags.writeable = False
+    return i, j
 
 
 def logit(p: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 from learner.features import Batch, Featurizer
 from learner.model import GenCO
 from learner.ops import mix64
-from learner.serving import ServingEncoded, ServingModel
+from learner.serving import PoolScores, ServingEncoded, ServingModel
 
 
 def hashed_uniform(key: np.ndarray) -> np.ndarray:
@@ -87,14 +87,15 @@ def hashed_normal(key: np.ndarray) -> np.ndarray:
 
 
 def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 1.0,
-           thompson: bool = False) -> np.ndarray:
+           thompson: bool = False, pools: PoolScores | None = None) -> np.ndarray:
     """Chosen position inside each pool (G,): the combination the combination head scores highest.
     ``thompson``: the priors' element effects are drawn from their posteriors first (keyed by request and
-    element, so a request draws the same alone or in any batch), and the best combination for the draw wins."""
+    element, so a request draws the same alone or in any batch), and the best combination for the draw wins.
+    ``pools``: the batch's ``ServingModel.score_pools``, where the caller keeps them."""
     noise = None
     if thompson and model.priors is not None:
         noise = hashed_normal(mix64(batch.elements.key ^ batch.requests.seed.take(batch.elements.request)))
-    enc = model.encode(batch, noise)
+    enc = model.encode(batch, noise, pools)
     candidates = sample_combinations(batch, enc.element_logit, k, temperature)
     if k <= 1:
         return candidates[0]
@@ -112,10 +113,16 @@ class Selector:
     numpy releases the GIL inside its loops, so on two cores two threads answer more requests than one
     (benchmarks/speed.py measures how many more). The agents keep one: their processes share the cores
     (genco/compute.py).
+
+    A request that comes alone (the selector agent's whole fetch at low traffic, where latency shows) reuses
+    what an earlier lone request of the same ad and candidates computed from its pools: their layouts and
+    ``ServingModel.score_pools``, every pair's shift included. Only its context is computed anew, and the
+    answer is the same to the bit (a test checks it). Up to ``cached_ads`` ads are kept; past that the cache
+    starts over, and the ads that recur refill it.
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
-                 batch_size: int = 1024, thompson: bool = False) -> None:
+                 batch_size: int = 1024, thompson: bool = False, cached_ads: int = 1024) -> None:
         self.model = ServingModel(model)
         self.k = k
         self.temperature = temperature
@@ -123,6 +130,8 @@ class Selector:
         self.batch_size = batch_size
         self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genco-select") if threads > 1 else None
+        self._pools: dict[tuple, tuple[Batch, PoolScores]] = {}  # (ad, candidates) -> a lone request's
+        self._cached_ads = cached_ads
 
     def select(self, requests: list) -> list[dict[str, str]]:
         batches = [requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
@@ -130,12 +139,34 @@ class Selector:
         return [answer for batch in answers for answer in batch]
 
     def _select_batch(self, requests: list) -> list[dict[str, str]]:
-        batch = self.featurizer.batch(requests)
-        picks = choose(self.model, batch, self.k, self.temperature, self.thompson).tolist()
+        if len(requests) == 1:
+            batch, pool_scores = self._lone(requests[0])
+        else:
+            batch, pool_scores = self.featurizer.batch(requests), None
+        picks = choose(self.model, batch, self.k, self.temperature, self.thompson, pool_scores).tolist()
         return [
             {batch.component_names[g]: batch.candidate_ids[g][picks[g]] for g in pools}
             for pools in batch.request_pools()
         ]
+
+    @property
+    def cached_pools(self) -> int:
+        """How many ads' pools (with their candidates) lone requests can reuse now."""
+        return len(self._pools)
+
+    def _lone(self, request) -> tuple[Batch, PoolScores]:
+        """A lone request's batch and pool scores, from the cache when its ad and candidates are there."""
+        key = (request.ad_id, tuple((component, tuple(ids)) for component, ids in request.candidates.items()))
+        cached = self._pools.get(key)
+        if cached is not None:
+            template, pool_scores = cached
+            return self.featurizer.with_request(template, request), pool_scores
+        batch = self.featurizer.batch([request])
+        if len(self._pools) >= self._cached_ads:
+            self._pools.clear()
+        pool_scores = self.model.score_pools(batch, every_pair=True)
+        self._pools[key] = batch, pool_scores
+        return batch, pool_scores
 
 
 def uniform_propensity(candidates: dict[str, list[str]]) -> float:

@@ -179,6 +179,7 @@ class PriorScores:
     element: np.ndarray  # (L,) the element in this ad, over the ad's CTR
     context: np.ndarray | None  # (L,) how much better the element does with this request's context
     variance: np.ndarray  # (L,) of ``element``, for Thompson sampling
+    pooled: np.ndarray  # (L,) the element's effect over every ad, which its context crosses deviate from
 
 
 class Priors:
@@ -237,14 +238,24 @@ class Priors:
         return self._shrunk(cross[:, 1] - cross[:, 2] * pooled, cross[:, 2], 0.0, self.spreads[2])[0]
 
     def scores(self, keys: PriorKeys) -> PriorScores:
+        scores = self.pool_scores(keys)
+        scores.context = self.context_scores(keys, scores.pooled)
+        return scores
+
+    def pool_scores(self, keys: PriorKeys) -> PriorScores:
+        """The scores that depend on the requests' ads and candidates alone, not on who asks: all but
+        ``context``, which is None (serving keeps these per ad; ``policy.Selector``)."""
         element = self.elements.get(keys.element, self.weight)
         effect, variance = self.cell_posterior(self.cells.get(keys.cell, self.weight), element, keys.component)
-        context = None
-        if self.crosses is not None:
-            deviation = self.cross_deviation(self.crosses.get(keys.cross, self.weight),
-                                             self.pooled_effect(element)[keys.cross_element])
-            context = np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(effect))
-        return PriorScores(logit(self.ad_rate(keys.ad)), effect, context, variance)
+        return PriorScores(logit(self.ad_rate(keys.ad)), effect, None, variance, self.pooled_effect(element))
+
+    def context_scores(self, keys: PriorKeys, pooled: np.ndarray) -> np.ndarray | None:
+        """(L,) each element's shift for its request's context (None without the context prior); ``pooled``:
+        the elements' effects over every ad (``PriorScores.pooled``)."""
+        if self.crosses is None:
+            return None
+        deviation = self.cross_deviation(self.crosses.get(keys.cross, self.weight), pooled[keys.cross_element])
+        return np.bincount(keys.cross_element, weights=deviation * keys.cross_weight, minlength=len(pooled))
 
     def pair_shift(self, pair_keys: np.ndarray, additive: np.ndarray) -> np.ndarray:
         """How much better each pair does together than its two elements' effects (summed in ``additive``)

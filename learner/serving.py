@@ -12,7 +12,7 @@ dozen floats) ``take`` is much faster.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 
 from learner.features import Batch
 from learner.model import GenCO
-from learner.ops import mix64
+from learner.ops import mix64, upper_pairs
 from learner.priors import PriorKeys, PriorScores
 
 Layer = tuple[np.ndarray, np.ndarray, bool]  # (weight (in, out), bias, ReLU after)
@@ -67,9 +67,9 @@ class SplitMLP:
         return share
 
     def __call__(self, f_part: np.ndarray, h_share: np.ndarray) -> np.ndarray:
-        """The output for first-layer shares already computed: ``f @ f_weight`` (a fresh array, overwritten)
-        and ``h_share``, broadcast or gathered to its rows."""
-        hidden = np.add(f_part, h_share, out=f_part)
+        """The output for first-layer shares already computed: ``f @ f_weight`` (``PoolScores`` keeps it, so it
+        is not overwritten) and ``h_share``, broadcast or gathered to its rows."""
+        hidden = f_part + h_share
         return _mlp(self.rest, np.maximum(hidden, 0, out=hidden))
 
 
@@ -93,19 +93,32 @@ def _softmax_masked(scores: np.ndarray, allowed: np.ndarray, axis: int) -> np.nd
 
 
 @dataclass
+class PoolScores:
+    """``encode``'s share that depends on the requests' pools alone (their ads and candidates), not on who
+    asks: a Selector keeps it per ad for requests that come one at a time (``policy.Selector``)."""
+
+    emb: np.ndarray  # (L, dim) the elements' embeddings
+    features: np.ndarray  # (L, F) f_e
+    phi_f: np.ndarray  # (L, φ's first layer) f_e's share of φ's first layer
+    mil_f: np.ndarray | None  # (L, 8) f_e's share of the MIL weights' first layer (with MIL)
+    prior: PriorScores | None  # the priors without context
+    mixed_key: np.ndarray | None  # each element's key mixed once, for its pairs' keys (with the pair prior)
+    pair_shifts: np.ndarray | None = None  # (L, L) every two elements' pair shift, where computed up front
+
+
+@dataclass
 class ServingEncoded:
     """Per-batch results shared by the element and combination scores (numpy twin of ``model.Encoded``)."""
 
     h: np.ndarray
     phi_h: np.ndarray  # h's share of φ's first layer, its bias included
     taste: np.ndarray | None  # W h: the request's taste, which φ scores each element's embedding against
-    features: np.ndarray
+    pools: PoolScores
     element_network: np.ndarray  # p_e as the network alone scores it
     element_logit: np.ndarray  # p_e as serving scores it
     element_prior: np.ndarray | None
     request_prior: np.ndarray | None
     prior: PriorScores | None = None
-    mixed_key: np.ndarray | None = None  # each element's key mixed once, for its pairs' keys (with the pair prior)
 
 
 class ServingModel:
@@ -127,10 +140,36 @@ class ServingModel:
         if self.priors is not None:
             self.network_weight = tuple(float(w) for w in model.network_weight.detach())
 
-    def encode(self, batch: Batch, noise: np.ndarray | None = None) -> ServingEncoded:
+    def score_pools(self, batch: Batch, every_pair: bool = False) -> PoolScores:
+        """What ``encode`` computes from the batch's pools alone. ``every_pair``: also every two elements'
+        pair shift (with the pair prior), which a one-request batch's pair ascent and combinations then read
+        instead of looking pairs up each time."""
+        c, elements = self.config, batch.elements
+        emb = self.element_table.take(elements.row, axis=0)
+        comp = self.component_table.take(elements.component, axis=0)
+        if c.attention:
+            z = self._cross_component_attention(batch, emb)
+        else:
+            z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
+        features = np.concatenate([emb, comp, z], 1)
+        mil_f = features @ self.mil_weight.f_weight if c.mil else None
+        prior = mixed_key = None
+        if self.priors is not None:
+            prior = self.priors.pool_scores(PriorKeys.of(batch))
+            mixed_key = mix64(elements.key) if c.pair_prior else None
+        pools = PoolScores(emb, features, features @ self.phi.f_weight, mil_f, prior, mixed_key)
+        if every_pair and mixed_key is not None:
+            first, second = np.divmod(np.arange(len(mixed_key) ** 2), len(mixed_key))
+            pools.pair_shifts = self._looked_up_pair_shift(pools, first, second).reshape(len(mixed_key), -1)
+        return pools
+
+    def encode(self, batch: Batch, noise: np.ndarray | None = None, pools: PoolScores | None = None,
+               ) -> ServingEncoded:
         """``noise``: (L,) standard normal draws, one per element, to sample the priors' element effects from
-        their posteriors (Thompson sampling); none: their means."""
+        their posteriors (Thompson sampling); none: their means. ``pools``: the batch's ``score_pools``,
+        where the caller has them already."""
         c, requests, elements = self.config, batch.requests, batch.elements
+        pools = pools or self.score_pools(batch)
         n, d = batch.size, c.dim
         segments = batch.segments.row
         seg = np.zeros((n, d), dtype=np.float32)
@@ -143,30 +182,22 @@ class ServingModel:
         h = _mlp(self.encoder, np.concatenate([ctx, seg, requests.pool_stats], 1))
 
         element_request = elements.request
-        emb = self.element_table.take(elements.row, axis=0)
-        comp = self.component_table.take(elements.component, axis=0)
-        if c.attention:
-            z = self._cross_component_attention(batch, emb)
-        else:
-            z = np.zeros((len(emb), c.attention_hidden), dtype=np.float32)
-        features = np.concatenate([emb, comp, z], 1)
         phi_h = self.phi.h_share(h)
-        network = self.phi(features @ self.phi.f_weight, phi_h.take(element_request, axis=0))[:, 0]
+        network = self.phi(pools.phi_f, phi_h.take(element_request, axis=0))[:, 0]
         taste = None
         if self.taste is not None:
             taste = h @ self.taste
-            network += (taste.take(element_request, axis=0) * emb).sum(1)
+            network += (taste.take(element_request, axis=0) * pools.emb).sum(1)
         if self.priors is None:
-            return ServingEncoded(h, phi_h, taste, features, network, network, None, None)
-        prior = self.priors.scores(PriorKeys.of(batch))
+            return ServingEncoded(h, phi_h, taste, pools, network, network, None, None)
+        prior = replace(pools.prior, context=self.priors.context_scores(PriorKeys.of(batch), pools.prior.pooled))
         element_prior = prior.element if prior.context is None else prior.element + prior.context
         if noise is not None:
             element_prior = element_prior + np.sqrt(prior.variance) * noise
         request_prior = prior.request.astype(np.float32)
         element_logit = self.network_weight[0] * network + element_prior + request_prior.take(element_request)
-        mixed_key = mix64(elements.key) if c.pair_prior else None
-        return ServingEncoded(h, phi_h, taste, features, network, element_logit.astype(np.float32),
-                       element_prior.astype(np.float32), request_prior, prior, mixed_key)
+        return ServingEncoded(h, phi_h, taste, pools, network, element_logit.astype(np.float32),
+                              element_prior.astype(np.float32), request_prior, prior)
 
     def _cross_component_attention(self, batch: Batch, emb: np.ndarray) -> np.ndarray:
         """Each element attends to itself and every candidate of the other components of its request,
@@ -205,9 +236,9 @@ class ServingModel:
         if self.config.mil:
             # an element's MIL weight logit depends on its request, not on the combination: once per element
             mil_h = self.mil_weight.h_share(enc.h).take(batch.elements.request, axis=0)
-            mil_logit = self.mil_weight(enc.features @ self.mil_weight.f_weight, mil_h)[:, 0]
+            mil_logit = self.mil_weight(enc.pools.mil_f, mil_h)[:, 0]
             weight = _softmax_masked(mil_logit.take(index), present, 0)
-            combined = np.einsum("mbk,mbkf->bkf", weight, enc.features.take(index, axis=0))
+            combined = np.einsum("mbk,mbkf->bkf", weight, enc.pools.features.take(index, axis=0))
             network = self.phi(combined @ self.phi.f_weight, enc.phi_h[:, None])[..., 0]
             if enc.taste is not None:
                 network += np.einsum("bkd,bd->bk", combined[..., : self.config.dim], enc.taste)
@@ -225,7 +256,7 @@ class ServingModel:
         """(B, K) each combination's pair shifts summed. dense: (width, B, K) elements, -1 where the request
         has no pool; every combination fills the same slots, so the real pairs are found once for all K."""
         width, n, k = dense.shape
-        i, j = np.triu_indices(width, 1)
+        i, j = upper_pairs(width)
         present = dense[:, :, 0] >= 0
         pair, request = np.nonzero(present[i] & present[j])
         rows = dense.reshape(width * n, k)
@@ -236,6 +267,11 @@ class ServingModel:
 
     def pair_shift(self, batch: Batch, enc: ServingEncoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """``Priors.pair_shift`` of pairs of the batch's elements (indices into them, both real)."""
-        effect = enc.prior.element
-        return self.priors.pair_shift(enc.mixed_key.take(first) + enc.mixed_key.take(second),
+        if enc.pools.pair_shifts is not None:
+            return enc.pools.pair_shifts[first, second]
+        return self._looked_up_pair_shift(enc.pools, first, second)
+
+    def _looked_up_pair_shift(self, pools: PoolScores, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        effect = pools.prior.element
+        return self.priors.pair_shift(pools.mixed_key.take(first) + pools.mixed_key.take(second),
                                       effect.take(first) + effect.take(second))

@@ -129,6 +129,7 @@ def test_pair_keys_ignore_order_and_hashed_tables_spread_them_evenly():
     # snapshots hold tables hashed by these keys: the hash must never change
     assert mix64(np.array([0, 1, -1, 123456789])).tolist() == [0, -2152535657050944081, 3703370420611038912,
                                                                -7201185058992827804]
+    assert all(np.array_equal(mix64(a[i : i + 5]), mix64(a)[i : i + 5]) for i in range(0, 500, 5))  # short: ints
     rows = CountTable(cells=1 << 10).rows(pair_key(a, b))
     counts = np.bincount(rows, minlength=1 << 10)  # ~195 a cell; Poisson spread ~14
     assert rows.min() >= 0 and counts.min() > 130 and counts.max() < 260

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from contract.events import SelectionRequest
 from learner.features import Featurizer
 from learner.policy import Selector, ServingPolicy, choose, hashed_uniform, sample_combinations
+from learner.priors import PAIR_STRENGTHS
 from learner.serving import ServingModel
 from learner.trainer import Learner, preset
 
@@ -33,6 +36,28 @@ def test_a_request_gets_the_same_answer_alone_or_in_any_batch(trained):
     assert alone == together[:40]
     assert shuffled == together
     assert threaded == together
+
+
+@pytest.mark.parametrize("thompson", [False, True])
+def test_a_lone_request_for_pools_seen_before_reuses_them_and_answers_as_in_a_batch(trained, thompson):
+    """Lone requests reuse what an earlier one of the same ad and candidates computed from its pools; only the
+    context is new. The answers must be the batch's, to the bit, also when the cache starts over and when an
+    ad's candidates change. The pair prior at its weakest shrinkage, so that pairs sway the answers."""
+    model, requests = copy.deepcopy(trained[0]), trained[1]
+    model.priors.pair_strength = PAIR_STRENGTHS[0]
+    changed = [SelectionRequest.model_validate({**r.model_dump(), "request_id": f"{r.request_id}-changed",
+                                                "candidates": {c: ids[::-1][:3] for c, ids in r.candidates.items()}})
+               for r in requests[:20]]
+    mixed = [*requests[:150], *changed, *requests[150:]]
+    together = Selector(model, k=16, thompson=thompson).select(mixed)
+    selector = Selector(model, k=16, thompson=thompson)
+    alone = [selector.select([r])[0] for r in mixed]
+    assert alone == together
+    pools = {(r.ad_id, str(r.candidates)) for r in mixed}
+    assert selector.cached_pools == len(pools) < len(mixed) / 3  # most requests were answered from the cache
+    small = Selector(model, k=16, thompson=thompson, cached_ads=7)
+    assert [small.select([r])[0] for r in mixed] == together
+    assert 0 < small.cached_pools <= 7
 
 
 def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
