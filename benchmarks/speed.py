@@ -127,7 +127,7 @@ def measure_selection(args: argparse.Namespace, snapshots: Path, requests_path: 
     latencies, first_sight = {}, {}
     for name, selector in selectors.items():
         first_sight[name] = []  # a lone request for pools the selector has not seen: its cache's misses
-        for request in requests[2000:4000]:  # warm up: a selector that has served a while has seen most ads
+        for request in requests[2000:]:  # warm up: a selector that has served a while has seen its head ads
             t = time.perf_counter()
             cached = selector.cached_pools
             selector.select([request])

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -117,8 +119,8 @@ class Selector:
     A request that comes alone (the selector agent's whole fetch at low traffic, where latency shows) reuses
     what an earlier lone request of the same ad and candidates computed from its pools: their layouts and
     ``ServingModel.score_pools``, every pair's shift included. Only its context is computed anew, and the
-    answer is the same to the bit (a test checks it). Up to ``cached_ads`` ads are kept; past that the cache
-    starts over, and the ads that recur refill it.
+    answer is the same to the bit (a test checks it). Up to ``cached_ads`` ads are kept, the one asked for
+    least recently leaving first: with Zipf traffic the head ads stay.
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
@@ -130,8 +132,9 @@ class Selector:
         self.batch_size = batch_size
         self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genco-select") if threads > 1 else None
-        self._pools: dict[tuple, tuple[Batch, PoolScores]] = {}  # (ad, candidates) -> a lone request's
+        self._pools: OrderedDict[tuple, tuple[Batch, PoolScores]] = OrderedDict()  # (ad, candidates) ->
         self._cached_ads = cached_ads
+        self._pools_lock = threading.Lock()  # callers in several threads may each send a lone request
 
     def select(self, requests: list) -> list[dict[str, str]]:
         batches = [requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
@@ -157,15 +160,19 @@ class Selector:
     def _lone(self, request) -> tuple[Batch, PoolScores]:
         """A lone request's batch and pool scores, from the cache when its ad and candidates are there."""
         key = (request.ad_id, tuple((component, tuple(ids)) for component, ids in request.candidates.items()))
-        cached = self._pools.get(key)
+        with self._pools_lock:
+            cached = self._pools.get(key)
+            if cached is not None:
+                self._pools.move_to_end(key)
         if cached is not None:
             template, pool_scores = cached
             return self.featurizer.with_request(template, request), pool_scores
         batch = self.featurizer.batch([request])
-        if len(self._pools) >= self._cached_ads:
-            self._pools.clear()
         pool_scores = self.model.score_pools(batch, every_pair=True)
-        self._pools[key] = batch, pool_scores
+        with self._pools_lock:
+            self._pools[key] = batch, pool_scores
+            if len(self._pools) > self._cached_ads:
+                self._pools.popitem(last=False)
         return batch, pool_scores
 
 
