@@ -454,9 +454,8 @@ class Featurizer:
     def with_request(self, template: Batch, record) -> Batch:
         """A one-request batch for ``record`` from ``template``, a one-request unlabelled batch of the same ad
         and candidates: the pools and every layout on them are the template's, the context the record's."""
-        listing = _Listing(context=list(self.context_keys(record)), segment_at=[0])
-        if record.query:
-            listing.segments.extend(map(self._context["segment"].__getitem__, record.query.segments))
+        listing = _Listing()
+        self._list_context(listing, record)
         requests = self._request_layout(listing, template.requests.pool_stats, [0.0])
         segments = self._segment_layout(listing, requests)
         return replace(template, requests=requests, segments=segments,
@@ -467,17 +466,12 @@ class Featurizer:
         """Every request's context and segment keys, and its pools' ids and elements' keys: listed by the
         request, or copied from an earlier request with the same pools (``_PoolSharing``)."""
         listing = _Listing()
-        context, segments, segment_at = listing.context, listing.segments, listing.segment_at
         pool_at, pool_count, element_at = listing.pool_at, listing.pool_count, listing.element_at
         pool_size, elements, twin = listing.pool_size, listing.elements, listing.twin
-        context_keys, segment_key = self.context_keys, self._context["segment"].__getitem__
+        list_context = self._list_context
         sharing = _PoolSharing(records, labelled)
         for r, record in enumerate(records):
-            query = record.query
-            context.extend(context_keys(record))
-            segment_at.append(len(segments))
-            if query:
-                segments.extend(map(segment_key, query.segments))
+            list_context(listing, record)
             pool_at.append(len(pool_size))
             element_at.append(len(elements))
             pool_count.append(len(record.candidates))
@@ -487,6 +481,13 @@ class Featurizer:
                 sharing.listed_plainly(r, record)
             twin.append(r)
         return listing
+
+    def _list_context(self, listing: _Listing, record) -> None:
+        """A request's context keys, and its query segments' keys with where they start."""
+        listing.context.extend(self.context_keys(record))
+        listing.segment_at.append(len(listing.segments))
+        if record.query:
+            listing.segments.extend(map(self._context["segment"].__getitem__, record.query.segments))
 
     def _list_pools(self, listing: _Listing, record, labelled: bool) -> bool:
         """List a request's pools, each cut to ``max_candidates``. False when a logged element past the cut
