@@ -87,6 +87,10 @@ class _Axis(Generic[Array]):
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if f.metadata.get("array", True)})
 
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if f.metadata.get("array", True))
+
 
 @dataclass
 class Requests(_Axis[Array]):
@@ -270,6 +274,11 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.requests.seed)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the batch's arrays (not of the ids behind its pools)."""
+        return sum(part.nbytes for f in fields(self) if isinstance(part := getattr(self, f.name), _Axis))
 
     def request_pools(self) -> list[range]:
         """The pools of each request."""

@@ -108,6 +108,9 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
     return candidates[best, np.arange(candidates.shape[1])]
 
 
+EVERY_PAIR_ELEMENTS = 128  # a cached request's table of every pair's shift holds L² of them (128 KB here)
+
+
 class Selector:
     """Picks combinations for contract SelectionRequests with the model as it was when the Selector was made.
 
@@ -118,13 +121,15 @@ class Selector:
 
     A request that comes alone (the selector agent's whole fetch at low traffic, where latency shows) reuses
     what an earlier lone request of the same ad and candidates computed from its pools: their layouts and
-    ``ServingModel.score_pools``, every pair's shift included. Only its context is computed anew, and the
-    answer is the same to the bit (a test checks it). Up to ``cached_ads`` ads are kept, the one asked for
-    least recently leaving first: with Zipf traffic the head ads stay.
+    ``ServingModel.score_pools``, every pair's shift included where the request considers at most
+    ``EVERY_PAIR_ELEMENTS`` elements. Only its context is computed anew, and the answer is the same to the
+    bit (a test checks it). The cache holds up to ``cache_bytes`` of arrays, the ad asked for least recently
+    leaving first: with Zipf traffic the head ads stay. Its size is counted in bytes, not ads, because a
+    request may list up to 64 components of 15 candidates, whose pair table alone is 7 MB.
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
-                 batch_size: int = 1024, thompson: bool = False, cached_ads: int = 1024) -> None:
+                 batch_size: int = 1024, thompson: bool = False, cache_bytes: int = 64 << 20) -> None:
         self.model = ServingModel(model)
         self.k = k
         self.temperature = temperature
@@ -132,8 +137,9 @@ class Selector:
         self.batch_size = batch_size
         self.featurizer = Featurizer(model.config.sizes, model.config.max_candidates)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genco-select") if threads > 1 else None
-        self._pools: OrderedDict[tuple, tuple[Batch, PoolScores]] = OrderedDict()  # (ad, candidates) ->
-        self._cached_ads = cached_ads
+        # (ad, candidates) -> a lone request's batch, its pool scores and their bytes
+        self._pools: OrderedDict[tuple, tuple[Batch, PoolScores, int]] = OrderedDict()
+        self._cache_bytes, self.cached_bytes = cache_bytes, 0
         self._pools_lock = threading.Lock()  # callers in several threads may each send a lone request
 
     def select(self, requests: list) -> list[dict[str, str]]:
@@ -165,14 +171,18 @@ class Selector:
             if cached is not None:
                 self._pools.move_to_end(key)
         if cached is not None:
-            template, pool_scores = cached
+            template, pool_scores, _ = cached
             return self.featurizer.with_request(template, request), pool_scores
         batch = self.featurizer.batch([request])
-        pool_scores = self.model.score_pools(batch, every_pair=True)
-        with self._pools_lock:
-            self._pools[key] = batch, pool_scores
-            if len(self._pools) > self._cached_ads:
-                self._pools.popitem(last=False)
+        pool_scores = self.model.score_pools(batch, every_pair=len(batch.elements.key) <= EVERY_PAIR_ELEMENTS)
+        size = batch.nbytes + pool_scores.nbytes
+        if size <= self._cache_bytes:
+            with self._pools_lock:
+                replaced = self._pools.pop(key, None)  # another thread's copy of the same
+                self._pools[key] = batch, pool_scores, size
+                self.cached_bytes += size - (replaced[2] if replaced else 0)
+                while self.cached_bytes > self._cache_bytes:
+                    self.cached_bytes -= self._pools.popitem(last=False)[1][2]
         return batch, pool_scores
 
 

@@ -105,6 +105,13 @@ class PoolScores:
     mixed_key: np.ndarray | None  # each element's key mixed once, for its pairs' keys (with the pair prior)
     pair_shifts: np.ndarray | None = None  # (L, L) every two elements' pair shift, where computed up front
 
+    @property
+    def nbytes(self) -> int:
+        prior = () if self.prior is None else (self.prior.request, self.prior.element, self.prior.variance,
+                                               self.prior.pooled)
+        arrays = (self.emb, self.features, self.phi_f, self.mil_f, self.mixed_key, self.pair_shifts, *prior)
+        return sum(array.nbytes for array in arrays if array is not None)
+
 
 @dataclass
 class ServingEncoded:

@@ -10,7 +10,7 @@ import torch
 
 from contract.events import SelectionRequest
 from learner.features import Featurizer
-from learner.policy import Selector, ServingPolicy, choose, hashed_uniform, sample_combinations
+from learner.policy import EVERY_PAIR_ELEMENTS, Selector, ServingPolicy, choose, hashed_uniform, sample_combinations
 from learner.priors import PAIR_STRENGTHS
 from learner.serving import ServingModel
 from learner.trainer import Learner, preset
@@ -55,9 +55,23 @@ def test_a_lone_request_for_pools_seen_before_reuses_them_and_answers_as_in_a_ba
     assert alone == together
     pools = {(r.ad_id, str(r.candidates)) for r in mixed}
     assert selector.cached_pools == len(pools) < len(mixed) / 3  # most requests were answered from the cache
-    small = Selector(model, k=16, thompson=thompson, cached_ads=7)
+    budget = 7 * selector.cached_bytes // selector.cached_pools  # room for about 7 ads' pools
+    small = Selector(model, k=16, thompson=thompson, cache_bytes=budget)
     assert [small.select([r])[0] for r in mixed] == together
-    assert small.cached_pools == 7
+    assert 3 < small.cached_pools < 12 and small.cached_bytes <= budget
+
+
+def test_a_lone_request_too_large_for_a_pair_table_or_the_cache_answers_as_in_a_batch(trained):
+    model, requests = copy.deepcopy(trained[0]), trained[1]
+    model.priors.pair_strength = PAIR_STRENGTHS[0]
+    wide = [SelectionRequest.model_validate({**r.model_dump(), "request_id": f"{r.request_id}-wide", "candidates": {
+        **r.candidates, **{f"extra-{c}": [f"x{c}-{i}" for i in range(15)] for c in range(8)}}}) for r in requests[:100]]
+    assert all(sum(min(len(ids), 15) for ids in r.candidates.values()) > EVERY_PAIR_ELEMENTS for r in wide)
+    together = Selector(model, k=16).select(wide)
+    selector, uncached = Selector(model, k=16), Selector(model, k=16, cache_bytes=1000)
+    assert [selector.select([r])[0] for r in wide] == together
+    assert [uncached.select([r])[0] for r in wide] == together
+    assert 0 < selector.cached_pools < len(wide) / 2 and uncached.cached_pools == uncached.cached_bytes == 0
 
 
 def test_sampling_adds_options_and_never_loses_the_greedy_combination(trained):
