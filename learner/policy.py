@@ -174,16 +174,45 @@ class Selector:
             template, pool_scores, _ = cached
             return self.featurizer.with_request(template, request), pool_scores
         batch = self.featurizer.batch([request])
-        pool_scores = self.model.score_pools(batch, every_pair=len(batch.elements.key) <= EVERY_PAIR_ELEMENTS)
-        size = batch.nbytes + pool_scores.nbytes
-        if size <= self._cache_bytes:
-            with self._pools_lock:
-                replaced = self._pools.pop(key, None)  # another thread's copy of the same
-                self._pools[key] = batch, pool_scores, size
-                self.cached_bytes += size - (replaced[2] if replaced else 0)
-                while self.cached_bytes > self._cache_bytes:
-                    self.cached_bytes -= self._pools.popitem(last=False)[1][2]
+        pool_scores = self._score_pools(batch)
+        self._keep(key, batch, pool_scores)
         return batch, pool_scores
+
+    def warm(self, previous: Selector, seconds: float = 0.1) -> int:
+        """Score for this selector's model the pools ``previous`` kept for lone requests, the most recently
+        asked for first, for up to ``seconds``; returns how many. The learner publishes a snapshot every few
+        seconds, and each gets a new Selector: warmed before the swap (``stream.selector``), its cache
+        starts with the ads being asked for, and that work stays off the request path. Layouts depend on
+        the featurizer's sizes, so a previous selector with other sizes warms nothing."""
+        if (previous.featurizer.sizes, previous.featurizer.max_candidates) != (
+                self.featurizer.sizes, self.featurizer.max_candidates):
+            return 0
+        deadline = time.monotonic() + seconds
+        with previous._pools_lock:
+            recent_first = [(key, template) for key, (template, _, _) in reversed(previous._pools.items())]
+        warmed = []
+        for key, template in recent_first:
+            if time.monotonic() > deadline:
+                break
+            warmed.append((key, template, self._score_pools(template)))
+        for key, template, pool_scores in reversed(warmed):  # the most recent kept last, so it leaves last
+            self._keep(key, template, pool_scores)
+        return len(warmed)
+
+    def _score_pools(self, batch: Batch) -> PoolScores:
+        return self.model.score_pools(batch, every_pair=len(batch.elements.key) <= EVERY_PAIR_ELEMENTS)
+
+    def _keep(self, key: tuple, batch: Batch, pool_scores: PoolScores) -> None:
+        """Cache a lone request's batch and pool scores, the least recently asked for leaving to make room."""
+        size = batch.nbytes + pool_scores.nbytes
+        if size > self._cache_bytes:
+            return
+        with self._pools_lock:
+            replaced = self._pools.pop(key, None)  # another thread's copy of the same
+            self._pools[key] = batch, pool_scores, size
+            self.cached_bytes += size - (replaced[2] if replaced else 0)
+            while self.cached_bytes > self._cache_bytes:
+                self.cached_bytes -= self._pools.popitem(last=False)[1][2]
 
 
 def uniform_propensity(candidates: dict[str, list[str]]) -> float:

@@ -57,7 +57,13 @@ class SelectorAgent:
 
     def _load(self, version: int) -> ServingPolicy:
         snapshot = self.snapshots.load(version)
-        return ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore)
+        policy = ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore)
+        if policy.selector and self.policy.selector:  # its cache starts with the ads lone requests ask for
+            try:
+                policy.selector.warm(self.policy.selector)
+            except Exception as error:  # a cache must never keep a snapshot from serving
+                log.warning("snapshot v%d starts with a cold cache (%s: %s)", version, type(error).__name__, error)
+        return policy
 
     async def swap_to_newest(self) -> None:
         """Serve the newest snapshot if it is newer than the one served (loading off the event loop)."""

@@ -61,6 +61,24 @@ def test_a_lone_request_for_pools_seen_before_reuses_them_and_answers_as_in_a_ba
     assert 3 < small.cached_pools < 12 and small.cached_bytes <= budget
 
 
+def test_a_selector_warmed_from_the_last_snapshots_cache_answers_as_a_fresh_one(trained):
+    """A new snapshot's selector scores the pools its predecessor kept, for its own model: its cache starts
+    with the same ads in the same order, and its answers are its own model's, not the old scores'."""
+    model, requests = trained
+    newer = copy.deepcopy(model)
+    newer.priors.pair_strength = PAIR_STRENGTHS[0]  # a snapshot whose pair shifts differ
+    old = Selector(model, k=16)
+    for request in requests[:100]:
+        old.select([request])
+    warm, fresh = Selector(newer, k=16), Selector(newer, k=16)
+    assert warm.warm(old, seconds=60) == old.cached_pools == warm.cached_pools
+    assert list(warm._pools) == list(old._pools)  # the most recently asked for still leaves last
+    answers = [fresh.select([r])[0] for r in requests]
+    assert [warm.select([r])[0] for r in requests] == answers
+    assert [old.select([r])[0] for r in requests] != answers  # so old scores carried over would show
+    assert Selector(newer, k=16).warm(old, seconds=0) <= 1
+
+
 def test_a_lone_request_too_large_for_a_pair_table_or_the_cache_answers_as_when_computed_afresh(trained):
     """Against lone requests computed afresh rather than a batch: the extra components' elements are untrained,
     so their scores tie exactly, and a batch's other shapes may round such a tie the other way."""

@@ -121,6 +121,31 @@ def test_a_snapshot_that_fails_to_load_in_any_way_leaves_the_last_good_one_servi
     assert serve_up_to(4) == 4
 
 
+def test_a_new_snapshot_is_served_with_the_ads_lone_requests_asked_for_already_scored(tmp_path, small_world):
+    """The selector warms each new snapshot's cache from the one it replaces, in the loading thread."""
+    import asyncio
+
+    from contract.events import SelectionRequest
+    from stream.kafka import Connection, Topics
+    from stream.selector import SelectorAgent
+
+    world, bags = small_world
+    learner = Learner(Preset(SMALL, TrainConfig(batch_size=256)))
+    store = SnapshotStore(tmp_path, keep=10)
+    for version in (1, 2):
+        learner.learn(bags[(version - 1) * 1024 : version * 1024])
+        store.save(learner.model, version=version, bags_seen=learner.bags_seen, steps=learner.steps, train_config={})
+    agent = SelectorAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path, explore=0.0)
+    (tmp_path / "LATEST").write_text("v00000001")
+    asyncio.run(agent.swap_to_newest())
+    for i in range(60):
+        agent.policy.respond([SelectionRequest.model_validate(world.request(f"w-{i}"))])
+    asked = agent.policy.selector.cached_pools
+    (tmp_path / "LATEST").write_text("v00000002")
+    asyncio.run(agent.swap_to_newest())
+    assert agent.policy.version == 2 and agent.policy.selector.cached_pools == asked > 10
+
+
 def test_a_checkpoint_damaged_on_disk_resumes_the_learner_from_the_one_before(tmp_path, small_world):
     """The learner restarts from the newest checkpoint that loads, counting the one that does not, instead of
     crash-looping on it; with none left it stops with an error that names each."""
