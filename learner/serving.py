@@ -107,10 +107,9 @@ class PoolScores:
 
     @property
     def nbytes(self) -> int:
-        prior = () if self.prior is None else (self.prior.request, self.prior.element, self.prior.variance,
-                                               self.prior.pooled)
-        arrays = (self.emb, self.features, self.phi_f, self.mil_f, self.mixed_key, self.pair_shifts, *prior)
-        return sum(array.nbytes for array in arrays if array is not None)
+        """Bytes of its arrays and of its priors' (read from the fields, so a field added is counted too)."""
+        parts = [*vars(self).values(), *(vars(self.prior).values() if self.prior is not None else ())]
+        return sum(part.nbytes for part in parts if isinstance(part, np.ndarray))
 
 
 @dataclass
