@@ -75,7 +75,7 @@ def pair_ascent(model: ServingModel, batch: Batch, enc: ServingEncoded, start: n
     for _ in range(sweeps):
         dense = np.zeros(batch.size * width, dtype=np.int64)
         dense[pools.cell] = pools.start + picks
-        shift = model.pair_shift(batch, enc, element, dense.take(partner_cell))
+        shift = model.pair_shift(enc.pools, element, dense.take(partner_cell))
         shift = np.bincount(element, weights=shift, minlength=len(enc.element_logit)).astype(np.float32)
         picks = batch.pool_grid(enc.element_logit + shift).argmax(1)
         results.append(picks)

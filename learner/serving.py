@@ -254,11 +254,11 @@ class ServingModel:
             return network.T
         logit = self.network_weight[1] * network + (enc.element_prior.take(index) * present).sum(0)
         if self.config.pair_prior:
-            logit += self._pair_sum(batch, enc, dense)
+            logit += self._pair_sum(enc.pools, dense)
         logit += enc.request_prior[:, None]
         return logit.T
 
-    def _pair_sum(self, batch: Batch, enc: ServingEncoded, dense: np.ndarray) -> np.ndarray:
+    def _pair_sum(self, pools: PoolScores, dense: np.ndarray) -> np.ndarray:
         """(B, K) each combination's pair shifts summed. dense: (width, B, K) elements, -1 where the request
         has no pool; every combination fills the same slots, so the real pairs are found once for all K."""
         width, n, k = dense.shape
@@ -266,16 +266,17 @@ class ServingModel:
         present = dense[:, :, 0] >= 0
         pair, request = np.nonzero(present[i] & present[j])
         rows = dense.reshape(width * n, k)
-        shift = self.pair_shift(batch, enc, rows.take(i[pair] * n + request, axis=0).ravel(),
+        shift = self.pair_shift(pools, rows.take(i[pair] * n + request, axis=0).ravel(),
                                 rows.take(j[pair] * n + request, axis=0).ravel())
         cell = (request[:, None] * k + np.arange(k)).ravel()
         return np.bincount(cell, weights=shift, minlength=n * k).reshape(n, k).astype(np.float32)
 
-    def pair_shift(self, batch: Batch, enc: ServingEncoded, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """``Priors.pair_shift`` of pairs of the batch's elements (indices into them, both real)."""
-        if enc.pools.pair_shifts is not None:
-            return enc.pools.pair_shifts[first, second]
-        return self._looked_up_pair_shift(enc.pools, first, second)
+    def pair_shift(self, pools: PoolScores, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """``Priors.pair_shift`` of pairs of a batch's elements (indices into them, both real), from its ``pools``:
+        read from their table of every pair's shift where they have one, else looked up."""
+        if pools.pair_shifts is not None:
+            return pools.pair_shifts[first, second]
+        return self._looked_up_pair_shift(pools, first, second)
 
     def _looked_up_pair_shift(self, pools: PoolScores, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         effect = pools.prior.element
