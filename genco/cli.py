@@ -28,12 +28,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     store = SnapshotStore(args.snapshot_dir)
     resumed = store.latest_version()
+    curve_before = None  # the resumed snapshot's learning curve, which this training continues
     if resumed:
         snapshot = store.load(with_optimizer=True)
         m = snapshot.manifest
         learner = Learner.resume(snapshot.model, m.train_config, snapshot.optimizer_state, m.bags_seen, m.steps)
+        curve_before = m.progressive_logloss
     else:
         learner = Learner(preset(args.preset, train={"batch_size": args.batch_size} if args.batch_size else None))
+    bags_before = learner.bags_seen
     bad = BadLines()
     progressive = ProgressiveLogLoss()  # each bag is scored before the step that learns from it
     start, trained = time.perf_counter(), 0
@@ -42,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         trained += batch.size
     elapsed = time.perf_counter() - start
     manifest = store.save(learner.model, version=resumed + 1, bags_seen=learner.bags_seen, steps=learner.steps,
-                          train_config=learner.preset.train.to_dict(), optimizer_state=learner.optimizer_state())
+                          train_config=learner.preset.train.to_dict(), optimizer_state=learner.optimizer_state(),
+                          progressive_logloss=progressive.curve(curve_before, bags_before))
     summary = {"trained": trained, "bad_lines": bad.count, "steps": learner.steps, "bags_seen": learner.bags_seen,
                "version": manifest.version, "seconds": round(elapsed, 3),
                "bags_per_s": round(trained / elapsed, 1) if elapsed else None,
@@ -148,6 +152,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     lift = f"{pol['pooled'] / uni['pooled'] - 1:+.1%}" if pol["pooled"] and uni["pooled"] else "-"
     lines.append(f"{'pooled':<22}{fmt(pol['pooled']):>10}{fmt(uni['pooled']):>10}{lift:>9}")
     _emit(result, args.json, lines)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from genco.report import build
+    from learner.snapshots import SnapshotStore
+
+    if not SnapshotStore(args.snapshot_dir).latest_version():
+        print(f"no snapshot in {args.snapshot_dir}", file=sys.stderr)
+        return 2
+    bad = BadLines()
+    with open(args.bags, "rb") as lines:
+        bags = [bag for _, bag in read_records(lines, _bag_model(), bad)]
+    if not bags:
+        print(f"no valid bag in {args.bags}", file=sys.stderr)
+        return 2
+    summary = build(bags, args.snapshot_dir, Path(args.out), k=args.k, threads=args.threads)
+    summary["bad_lines"] = bad.count
+    importance = summary["component_importance"]
+    lines = [f"report on {len(bags)} bags ({bad.count} bad lines skipped), snapshot v{summary['model_version']}, "
+             f"in {summary['seconds']:.1f} s",
+             "component importance (predicted CTR gain of the best element over a random one, pp): "
+             + ", ".join(f"{c} {100 * importance[c]:.2f}" for c in sorted(importance, key=importance.get,
+                                                                          reverse=True)),
+             f"calibrated sCTR pooled {summary['sctr']['policy']['pooled']:.5f} "
+             f"(uniform {summary['sctr']['uniform']['pooled']:.5f})",
+             f"written: {summary['report']} and {len(summary['figures'])} figures"]
+    lines += [f"not drawn: {name}: {why}" for name, why in summary["skipped"].items()]
+    _emit(summary, args.json, lines)
     return 0
 
 
@@ -276,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=_positive, default=1, help=THREADS_HELP)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    report = sub.add_parser("report", help="what a snapshot learned, on a uniform-random log: component importance, "
+                            "MIL weights, lift by number of candidates, calibrated sCTR; OUTDIR/report.md and PNGs")
+    report.add_argument("bags")
+    report.add_argument("--snapshot-dir", required=True)
+    report.add_argument("--out", required=True, metavar="OUTDIR")
+    report.add_argument("--k", type=int, default=16, help="combinations sampled per request")
+    report.add_argument("--threads", type=_positive, default=1, help=THREADS_HELP)
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(run=cmd_report)
 
     serve = sub.add_parser("serve", help="run every agent (joiner, learner, selector) until SIGTERM")
     serve.add_argument("--broker", default=None, help="kafka://host:port[,host:port] (default: GENCO_BROKER, "

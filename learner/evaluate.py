@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 Selection = dict[str, str]
 
 
@@ -62,3 +64,61 @@ def calibrated_sctr(bags: Sequence, selections: Sequence[Selection]) -> dict:
         },
         "exposures": {c: exposure.get(c, 0.0) for c in components},
     }
+
+
+# The paper's Table 4 brackets of candidate counts, as (low, high) inclusive: [<3, 3-5, >5] for title, image and
+# marketing; [<4, 4-8, >8] for the others.
+PAPER_BRACKETS: dict[str, tuple[tuple[int, int], ...]] = {
+    **dict.fromkeys(("title", "image", "marketing"), ((1, 2), (3, 5), (6, 1000))),
+    **dict.fromkeys(("highlight", "attribute", "structure_attribute"), ((1, 3), (4, 8), (9, 1000))),
+}
+MIN_BUCKET_BAGS = 200  # a bracket with fewer bags says nothing: the component's counts are split in tertiles instead
+
+
+def _bracket_name(low: int, high: int) -> str:
+    if low == high:
+        return str(low)
+    if low <= 1:
+        return f"<{high + 1}"
+    return f">{low - 1}" if high >= 1000 else f"{low}-{high}"
+
+
+def brackets(component: str, counts: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """The candidate-count brackets of ``component`` (``counts``: its candidate count in each bag): the paper's
+    where each holds at least ``MIN_BUCKET_BAGS`` bags, else tertiles of the counts (fewer where they tie)."""
+    paper = PAPER_BRACKETS.get(component)
+    if paper and all(sum(low <= n <= high for n in counts) >= MIN_BUCKET_BAGS for low, high in paper):
+        return paper
+    edges = sorted({int(q) for q in np.quantile(np.asarray(counts), [1 / 3, 2 / 3])} | {max(counts)})
+    out, low = [], min(counts)
+    for edge in edges:
+        if edge >= low:
+            out.append((low, edge))
+            low = edge + 1
+    return tuple(out)
+
+
+def sctr_by_candidates(bags: Sequence, selections: Sequence[Selection]) -> list[dict]:
+    """Algorithm 1 per component within brackets of its candidate count (the paper's Table 4): each bucket's bags,
+    the policy's calibrated sCTR (with its standard error, delta method), the uniform policy's and the lift."""
+    rows: dict[str, list[tuple[int, bool, bool]]] = {}  # component -> (candidates, matched, clicked) per bag
+    for bag, selection in zip(bags, selections, strict=True):
+        for component, element in bag.shown.items():
+            rows.setdefault(component, []).append(
+                (len(bag.candidates[component]), selection.get(component) == element, bool(bag.clicked)))
+    buckets = []
+    for component in sorted(rows):
+        n, matched, clicked = (np.array(column) for column in zip(*rows[component], strict=True))
+        for low, high in brackets(component, n.tolist()):
+            inside = (n >= low) & (n <= high)
+            weight = np.where(matched & inside, n, 0).astype(float)
+            y = clicked.astype(float)
+            exposure = weight.sum()
+            policy = float(weight @ y / exposure) if exposure else None
+            uniform = float(y[inside].mean()) if inside.any() else None
+            se = float(np.sqrt(((weight * (y - policy)) ** 2).sum()) / exposure) if exposure else None
+            buckets.append({"component": component, "candidates": _bracket_name(low, high), "low": low,
+                            "high": high, "bags": int(inside.sum()), "matched": int((matched & inside).sum()),
+                            "policy": policy, "policy_se": se, "uniform": uniform,
+                            "lift": policy / uniform - 1 if policy is not None and uniform else None})
+    return buckets

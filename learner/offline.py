@@ -159,13 +159,18 @@ def file_batches(path: str, featurizer: Featurizer, lines_per_batch: int, bad: B
         parser.join()
 
 
+CURVE_POINTS = 200  # windows of a snapshot's learning curve: enough for a plot, small in a manifest
+
+
 class ProgressiveLogLoss:
     """Log loss of each bag's prediction made before the step that learns from it, beside that of
-    predicting the running mean CTR; per batch in numpy, weighted into river's running means."""
+    predicting the running mean CTR; per batch in numpy, weighted into river's running means. Each batch's
+    figures are kept too (three numbers a batch), for the learning curve a snapshot carries (``curve``)."""
 
     def __init__(self) -> None:
         self.model, self.running_mean = stats.Mean(), stats.Mean()
         self.clicks = self.bags = 0
+        self._batches: list[tuple[int, float, float]] = []  # (bags, model's mean loss, running mean's)
 
     def update(self, clicked: np.ndarray, predicted: np.ndarray) -> None:
         n = len(clicked)
@@ -174,10 +179,46 @@ class ProgressiveLogLoss:
         seen = self.bags + np.arange(n)
         before = self.clicks + np.cumsum(clicked) - clicked
         mean = np.clip(np.divide(before, seen, out=np.zeros(n), where=seen > 0), 1e-6, 1 - 1e-6)
-        self.model.update(float(_log_loss(clicked, np.clip(predicted, 1e-15, 1 - 1e-15)).mean()), w=n)
-        self.running_mean.update(float(_log_loss(clicked, mean).mean()), w=n)
+        model, running_mean = (float(_log_loss(clicked, np.clip(predicted, 1e-15, 1 - 1e-15)).mean()),
+                               float(_log_loss(clicked, mean).mean()))
+        self.model.update(model, w=n)
+        self.running_mean.update(running_mean, w=n)
+        self._batches.append((n, model, running_mean))
         self.clicks += float(clicked.sum())
         self.bags += n
+
+    def curve(self, before: dict | None = None, bags_before: int = 0, points: int = CURVE_POINTS) -> dict:
+        """The progressive log loss in at most ``points`` windows of about equal bags, as JSON lists: ``bags``,
+        the bags learned by each window's end (counted from ``bags_before``), and each window's mean log loss,
+        ``model`` and ``running_mean``. ``before``: the curve of the training this one resumes, which it
+        continues (windows are merged two by two until they fit)."""
+        series = {"bags": [], "model": [], "running_mean": []} if before is None else {
+            key: list(before[key]) for key in ("bags", "model", "running_mean")}
+        widths = np.diff([0, *series["bags"]]).tolist()
+        end = bags_before
+        for n, model, running_mean in self._batches:
+            end += n
+            widths.append(n)
+            series["bags"].append(end)
+            series["model"].append(model)
+            series["running_mean"].append(running_mean)
+        while len(widths) > points:  # merge neighbours: each window's mean weighted by its bags
+            pairs = range(0, len(widths) - 1, 2)
+            merged: dict[str, list] = {"bags": [], "model": [], "running_mean": []}
+            new_widths = []
+            for i in pairs:
+                w = widths[i] + widths[i + 1]
+                new_widths.append(w)
+                merged["bags"].append(series["bags"][i + 1])
+                for key in ("model", "running_mean"):
+                    merged[key].append((series[key][i] * widths[i] + series[key][i + 1] * widths[i + 1]) / w)
+            if len(widths) % 2:
+                new_widths.append(widths[-1])
+                for key in merged:
+                    merged[key].append(series[key][-1])
+            series, widths = merged, new_widths
+        return {"bags": series["bags"], "model": [round(x, 6) for x in series["model"]],
+                "running_mean": [round(x, 6) for x in series["running_mean"]]}
 
 
 def _log_loss(clicked: np.ndarray, p: np.ndarray) -> np.ndarray:

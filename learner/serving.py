@@ -234,16 +234,9 @@ class ServingModel:
         Laid out (slot, request, K): sums over a combination's elements run along the first axis, which
         numpy reduces far faster than a short last one, and each (slot, request) holds its K picks in a row.
         """
-        k, n, width = picks.shape[0], batch.size, batch.combination_width
-        dense = np.full((width, n, k), -1, dtype=np.int64)
-        dense[batch.pools.slot, batch.pools.request] = picks.T
-        present = dense >= 0
-        index = np.maximum(dense, 0)
+        dense, present, index = self._slots(batch, picks)
         if self.config.mil:
-            # an element's MIL weight logit depends on its request, not on the combination: once per element
-            mil_h = self.mil_weight.h_share(enc.h).take(batch.elements.request, axis=0)
-            mil_logit = self.mil_weight(enc.pools.mil_f, mil_h)[:, 0]
-            weight = _softmax_masked(mil_logit.take(index), present, 0)
+            weight = self._mil_weight(batch, enc, index, present)
             combined = np.einsum("mbk,mbkf->bkf", weight, enc.pools.features.take(index, axis=0))
             network = self.phi(combined @ self.phi.f_weight, enc.phi_h[:, None])[..., 0]
             if enc.taste is not None:
@@ -257,6 +250,33 @@ class ServingModel:
             logit += self._pair_sum(enc.pools, dense)
         logit += enc.request_prior[:, None]
         return logit.T
+
+    def mil_weights(self, batch: Batch, enc: ServingEncoded, picks: np.ndarray) -> np.ndarray:
+        """(K, G) the MIL weight w_j(h, f) of each pool's element in K combinations per request (picks: (K, G)
+        element index per pool): the share of the combination's features that its element brings, which the
+        paper reads as component importance (its Figure 3). Beside ``combination_logit``, not inside it, so
+        selection computes nothing it does not use."""
+        if not self.config.mil:
+            raise ValueError("the model has no MIL head (ModelConfig.mil is off)")
+        _, present, index = self._slots(batch, picks)
+        weight = self._mil_weight(batch, enc, index, present)  # (width, B, K)
+        return weight[batch.pools.slot, batch.pools.request].T
+
+    @staticmethod
+    def _slots(batch: Batch, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """K combinations' elements laid out (slot, request, K), -1 where a request has no pool; whether each is
+        present; and the elements with 0 for the absent ones, safe to index with."""
+        dense = np.full((batch.combination_width, batch.size, picks.shape[0]), -1, dtype=np.int64)
+        dense[batch.pools.slot, batch.pools.request] = picks.T
+        present = dense >= 0
+        return dense, present, np.maximum(dense, 0)
+
+    def _mil_weight(self, batch: Batch, enc: ServingEncoded, index: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """(slot, request, K) softmax of the MIL weight logits over each combination's present elements."""
+        # an element's MIL weight logit depends on its request, not on the combination: once per element
+        mil_h = self.mil_weight.h_share(enc.h).take(batch.elements.request, axis=0)
+        mil_logit = self.mil_weight(enc.pools.mil_f, mil_h)[:, 0]
+        return _softmax_masked(mil_logit.take(index), present, 0)
 
     def _pair_sum(self, pools: PoolScores, dense: np.ndarray) -> np.ndarray:
         """(B, K) each combination's pair shifts summed. dense: (width, B, K) elements, -1 where the request

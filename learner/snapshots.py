@@ -48,6 +48,9 @@ class Manifest:
     train_config: dict
     sha256: str
     format: int = FORMAT
+    # ``genco train``'s learning curve (``offline.ProgressiveLogLoss.curve``), for ``genco report``; None where
+    # the snapshot was written without one (the streaming learner, snapshots older than the field)
+    progressive_logloss: dict | None = None
 
 
 @dataclass
@@ -85,7 +88,8 @@ class SnapshotStore:
         return int(name.removeprefix("v")) if name.startswith("v") and name[1:].isdigit() else 0
 
     def save(self, model: GenCO, *, version: int, bags_seen: int, steps: int, train_config: dict,
-             optimizer_state: dict[str, torch.Tensor] | None = None) -> Manifest:
+             optimizer_state: dict[str, torch.Tensor] | None = None,
+             progressive_logloss: dict | None = None) -> Manifest:
         from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -97,7 +101,7 @@ class SnapshotStore:
                 save_file({k: v.contiguous() for k, v in optimizer_state.items()},
                           str(staging / "optimizer.safetensors"))
             manifest = Manifest(version, bags_seen, steps, time.time(), model.config.to_dict(), train_config,
-                                _sha256(weights))
+                                _sha256(weights), progressive_logloss=progressive_logloss)
             (staging / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
             final = self.directory / _name(version)
             if final.exists():
