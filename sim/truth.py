@@ -24,6 +24,37 @@ class KnownTruth:
     def click_probability(self, request: dict, shown: dict[str, str]) -> float:
         raise NotImplementedError
 
+    def ctr_grid(self, request: dict) -> np.ndarray:
+        """The true CTR of every combination of the request's candidates, one axis per component (in the
+        order of ``request["candidates"]``): worlds that can enumerate them (sim/zoo.py) give it."""
+        raise NotImplementedError
+
+    def true_sctr(self, requests: list[dict], selections: dict[str, list[dict[str, str]]]) -> dict[str, dict]:
+        """What calibrated sCTR (Algorithm 1, ``learner.evaluate``) estimates, exactly, for each policy's
+        ``selections`` of ``requests`` (policy -> one selection per request): per component, the mean true CTR
+        when the policy chooses that component and every other is drawn uniformly; pooled, the same over every
+        (request, component); for the whole combination, the mean true CTR of the selection. Each request's
+        grid is enumerated once for every policy."""
+        sums: dict[str, dict[str, float]] = {name: {} for name in selections}
+        counts: dict[str, int] = {}
+        combination = dict.fromkeys(selections, 0.0)
+        for i, request in enumerate(requests):
+            grid, candidates = self.ctr_grid(request), request["candidates"]
+            axes = tuple(range(grid.ndim))
+            # each candidate's true CTR with the other components drawn uniformly: once for every policy
+            marginals = [grid.mean(axis=axes[:j] + axes[j + 1 :]).tolist() for j in axes]
+            index = {c: {e: k for k, e in enumerate(ids)} for c, ids in candidates.items()}
+            for component in candidates:
+                counts[component] = counts.get(component, 0) + 1
+            for name, chosen in selections.items():
+                picks = tuple(index[c][chosen[i][c]] for c in candidates)
+                combination[name] += float(grid[picks])
+                for component, pick, marginal in zip(candidates, picks, marginals, strict=True):
+                    sums[name][component] = sums[name].get(component, 0.0) + marginal[pick]
+        return {name: {"per_component": {c: sums[name][c] / counts[c] for c in sorted(counts)},
+                       "pooled": sum(sums[name].values()) / sum(counts.values()),
+                       "combination": combination[name] / len(requests)} for name in selections}
+
     def _uniform_and_oracle(self, request: dict) -> tuple[float, float]:
         key = request["request_id"]
         if key not in self._value_cache:
