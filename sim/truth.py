@@ -31,12 +31,15 @@ class KnownTruth:
 
     def true_sctr(self, requests: list[dict], selections: dict[str, list[dict[str, str]]]) -> dict[str, dict]:
         """What calibrated sCTR (Algorithm 1, ``learner.evaluate``) estimates, exactly, for each policy's
-        ``selections`` of ``requests`` (policy -> one selection per request): per component, the mean true CTR
-        when the policy chooses that component and every other is drawn uniformly; pooled, the same over every
-        (request, component); for the whole combination, the mean true CTR of the selection. Each request's
-        grid is enumerated once for every policy."""
+        ``selections`` of ``requests`` (policy -> one selection per request), laid out as ``calibrated_sctr``
+        lays out its estimate: ``policy``, per component the mean true CTR when the policy chooses that
+        component and every other is drawn uniformly, pooled the same over every (request, component), and for
+        the whole combination the mean true CTR of the selection; ``uniform``, the same for the uniform policy.
+        Each request's grid is enumerated once for every policy."""
         sums: dict[str, dict[str, float]] = {name: {} for name in selections}
         counts: dict[str, int] = {}
+        uniform: dict[str, float] = {}
+        uniform_whole = 0.0
         combination = dict.fromkeys(selections, 0.0)
         for i, request in enumerate(requests):
             grid, candidates = self.ctr_grid(request), request["candidates"]
@@ -44,16 +47,24 @@ class KnownTruth:
             # each candidate's true CTR with the other components drawn uniformly: once for every policy
             marginals = [grid.mean(axis=axes[:j] + axes[j + 1 :]).tolist() for j in axes]
             index = {c: {e: k for k, e in enumerate(ids)} for c, ids in candidates.items()}
+            mean = float(grid.mean())
+            uniform_whole += mean
             for component in candidates:
                 counts[component] = counts.get(component, 0) + 1
+                uniform[component] = uniform.get(component, 0.0) + mean
             for name, chosen in selections.items():
                 picks = tuple(index[c][chosen[i][c]] for c in candidates)
                 combination[name] += float(grid[picks])
                 for component, pick, marginal in zip(candidates, picks, marginals, strict=True):
                     sums[name][component] = sums[name].get(component, 0.0) + marginal[pick]
-        return {name: {"per_component": {c: sums[name][c] / counts[c] for c in sorted(counts)},
-                       "pooled": sum(sums[name].values()) / sum(counts.values()),
-                       "combination": combination[name] / len(requests)} for name in selections}
+
+        def figures(total: dict[str, float], whole: float) -> dict:
+            return {"per_component": {c: total[c] / counts[c] for c in sorted(counts)},
+                    "pooled": sum(total.values()) / sum(counts.values()), "combination": whole / len(requests)}
+
+        exact_uniform = figures(uniform, uniform_whole)
+        return {name: {"policy": figures(sums[name], combination[name]), "uniform": exact_uniform}
+                for name in selections}
 
     def _uniform_and_oracle(self, request: dict) -> tuple[float, float]:
         key = request["request_id"]
