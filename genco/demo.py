@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -96,13 +97,23 @@ async def _drive(server: AdServer, seconds: float, status: StatusLine) -> tuple[
     return run.result(), time.monotonic() - started
 
 
+def plotted_windows(windows: list[dict]) -> list[dict]:
+    """The windows the plot shows: those with a uniform CTR, less a last one that holds under half the median
+    window's responses. The run ends mid-window, and a tail of a few dozen responses samples a handful of
+    requests, whose uniform and oracle CTRs can fall by half: a drop in the plot that no policy made."""
+    rows = [r for r in windows if r["uniform_ctr"] is not None]
+    if len(rows) > 2 and rows[-1]["responses"] < 0.5 * statistics.median(r["responses"] for r in rows[:-1]):
+        rows = rows[:-1]
+    return rows
+
+
 def _plot(report: Report, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report.windows if r["uniform_ctr"] is not None]
+    rows = plotted_windows(report.windows)
     x = [r["t"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label, style in (("oracle_ctr", "oracle", "k--"), ("genco_ctr", "GenCO (learned policy)", "C0-o"),

@@ -156,3 +156,13 @@ def test_demo_runs_the_live_system_and_leaves_a_plot(tmp_path):
     agents_log = (tmp_path / "demo" / "agents.log").read_text()
     assert all(f"genco.{agent}" in agents_log for agent in ("joiner", "learner", "selector"))
     assert " INFO " not in result.stdout + result.stderr
+
+
+def test_the_demo_plot_leaves_out_a_short_last_window():
+    from genco.demo import plotted_windows
+
+    full = [{"t": 10.0 * i, "responses": 3000, "uniform_ctr": 0.05} for i in range(5)]
+    tail = {"t": 50.0, "responses": 40, "uniform_ctr": 0.025}
+    assert plotted_windows([*full, tail]) == full
+    assert plotted_windows([*full, {**tail, "responses": 2000}]) == [*full, {**tail, "responses": 2000}]
+    assert plotted_windows([{**full[0], "uniform_ctr": None}, *full[1:]]) == full[1:]
