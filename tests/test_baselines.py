@@ -16,6 +16,7 @@ import pytest
 import learner.baselines as package
 from contract.events import MAX_COMPONENTS, Bag, SelectionRequest
 from learner.baselines import DCO, ClickCounter, Policy, Uniform
+from learner.baselines._shared import Candidates
 from sim.world import World, WorldConfig
 
 LEARN = 4096  # bags each policy learns in the learning check
@@ -83,7 +84,7 @@ def test_the_package_is_searched():
             continue
         assert len(found) == 1, (module.__name__, found)
         assert getattr(package, found[0].__name__) is found[0] and found[0].__name__ in package.__all__
-    assert len(POLICIES) >= 7
+    assert len(POLICIES) >= 9
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[1])
@@ -142,6 +143,16 @@ def test_learns_beyond_uniform(world_log, cls, kwargs):
     else:
         assert score["captured"] > 0.2, score
         assert score["ctr"] > score["uniform_ctr"], score
+
+
+def test_best_candidate_of_each_slot_ties_to_the_first():
+    request = SelectionRequest.model_validate(
+        {"request_id": "r", "ad_id": "a", "candidates": {"title": ["t1", "t2", "t3"], "image": ["i1", "i2"]}}
+    )
+    rows = Candidates.of([request, request])
+    assert rows.elements == ["t1", "t2", "t3", "i1", "i2"] * 2 and rows.sizes.tolist() == [3, 2, 3, 2]
+    scores = np.array([0.1, 0.3, 0.3, 0.0, 0.0, 0.5, 0.2, 0.1, 0.0, 0.4])
+    assert rows.best([request, request], scores) == [{"title": "t2", "image": "i1"}, {"title": "t1", "image": "i2"}]
 
 
 def test_counter_score_matches_hand_computation():

@@ -1,10 +1,14 @@
-"""What several baselines share: counts in growing numpy arrays and a method-of-moments variance."""
+"""What several baselines share: counts in growing numpy arrays, a method-of-moments variance, and a batch of
+requests flattened into one row per candidate, so a policy scores them all at once and keeps each slot's best."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from learner.baselines.base import Request, Selection
 
 
 class Counts:
@@ -58,3 +62,38 @@ def between_variance(n: np.ndarray, s: np.ndarray, prior: np.ndarray, noise: flo
     n, d = n[seen], s[seen] / n[seen] - prior[seen]
     extra = extra[seen] if isinstance(extra, np.ndarray) else extra
     return max(float((n * (d * d - extra) - noise).sum() / n.sum()), floor)
+
+
+@dataclass
+class Candidates:
+    """Every candidate of a batch of requests, one row each: request by request, component by component,
+    candidate by candidate. A policy scores the rows in one go and :meth:`best` keeps each slot's highest."""
+
+    ads: list[str]
+    components: list[str]
+    elements: list[str]
+    sizes: np.ndarray  # candidates per (request, component) slot, in row order
+
+    @classmethod
+    def of(cls, requests: Sequence[Request]) -> Candidates:
+        ads: list[str] = []
+        components: list[str] = []
+        elements: list[str] = []
+        sizes: list[int] = []
+        for r in requests:
+            for component, ids in r.candidates.items():
+                ads += [r.ad_id] * len(ids)
+                components += [component] * len(ids)
+                elements += ids
+                sizes.append(len(ids))
+        return cls(ads, components, elements, np.array(sizes, dtype=np.int64))
+
+    def best(self, requests: Sequence[Request], scores: np.ndarray) -> list[Selection]:
+        """Each slot's candidate of highest score; of equal scores, the first (as ``max`` and ``argmax`` do)."""
+        if not len(self.sizes):
+            return [{} for _ in requests]
+        slot = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        starts = np.cumsum(self.sizes) - self.sizes
+        order = np.lexsort((-scores, slot))  # stable: of equal scores the earlier candidate comes first
+        top = iter((order[starts] - starts).tolist())
+        return [{component: ids[next(top)] for component, ids in r.candidates.items()} for r in requests]
