@@ -3,8 +3,9 @@
 On a world of the zoo with 3,000 ads (held-out seeds), 60,000 requests at 500 a second, 5% served
 uniformly at random: genco (its priors sampled from their posteriors, and as the best combination
 under their means) beside an empirical-Bayes counter with Thompson sampling and the same counter
-greedy, every one in the closed loop of sim/loop.py (the model lag of ``genco serve``: a 2 s click
-window, a snapshot every 4 s). With ``--kafka``, genco also runs the real loop: ``genco serve`` on
+greedy, and the ad x element and pooled Beta counters with Thompson sampling, every one in the
+closed loop of sim/loop.py (the model lag of ``genco serve``: a 2 s click window, a snapshot every
+4 s). With ``--kafka``, genco also runs the real loop: ``genco serve`` on
 the embedded broker and the simulated ad server. Reported: the share of the oracle's lift over
 uniform that each captured, by tenths of the run and over its last quarter.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from learner.baselines import HierarchicalCounter, ThompsonCounter
+from learner.baselines import AdElementEB, HierarchicalCounter, PooledBeta, ThompsonCounter
 from learner.compute import configure_compute
 from learner.policy import Selector
 from learner.trainer import Learner, preset
@@ -47,6 +48,8 @@ POLICIES = {
     "genco (best combination)": lambda: GenCOLive(thompson=False),
     "counter (Thompson)": lambda: Frozen(ThompsonCounter()),
     "counter (greedy)": lambda: Frozen(HierarchicalCounter()),
+    "ad x element eb (Thompson)": lambda: Frozen(AdElementEB(thompson=True)),
+    "pooled beta (Thompson)": lambda: Frozen(PooledBeta(thompson=True)),
 }
 
 

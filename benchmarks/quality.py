@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from contract.events import Bag, SelectionRequest
-from learner.baselines import ClickCounter, ContextLogReg, HierarchicalCounter, Uniform
+from learner.baselines import AdElementEB, ClickCounter, ContextLogReg, HierarchicalCounter, PooledBeta, Uniform
 from learner.compute import configure_compute
 from learner.policy import Selector
 from learner.trainer import Learner, preset
@@ -78,12 +78,14 @@ POLICIES: dict[str, Callable[[ZooWorld], object]] = {  # each made for the world
     "network w/o attention": lambda world: GenCOPolicy("default", prior=False, attention=False),
     "genco-paper": lambda world: GenCOPolicy("paper"),
     "hierarchical": lambda world: HierarchicalCounter(),
+    "ad x element eb": lambda world: AdElementEB(),
+    "pooled beta": lambda world: PooledBeta(),
     "logreg": lambda world: ContextLogReg(),
     "counter": lambda world: ClickCounter(),
     "uniform": lambda world: Uniform(),
     BOUND: KnownStructure,
 }
-BASELINES = ("hierarchical", "logreg", "counter")
+BASELINES = ("hierarchical", "ad x element eb", "pooled beta", "logreg", "counter")
 DEFAULT_POLICIES = (GENCO, *BASELINES)
 
 
