@@ -22,7 +22,7 @@ from sim.scorecard import genco_selections, score, spearman
 from sim.zoo import ZooWorld, draw_config
 
 SEED = 7  # a tuning seed of the paper family
-TRAIN, EVALUATE = 24_000, 40_000
+TRAIN, EVALUATE = 16_000, 30_000
 CHECKPOINTS = (256, 1_024, 4_096, TRAIN)
 # Beyond the paper family's ranges (quality 0.6-0.9, CTR 2.5-8%): stronger effects set the policies further
 # apart, and a higher CTR gives each estimate more clicks
