@@ -138,15 +138,63 @@ BASE_KNOBS: dict[str, Knob] = {
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Structure a family fixes rather than drawing per seed (``draw_config`` draws it for the others)."""
+
+    templated: tuple[str, ...]  # components whose elements come from a shared catalogue
+    template_scope: str  # "category" or "global"
+    context_mix: tuple[float, float, float]  # shares of taste variance: demographics, query, user
+    synergy_by_style: bool = False  # pairs interact through the styles that taste acts on, not looks of their own
+    churn_templates: bool = True  # churn swaps templated elements in pools too, not only the ads' own
+
+
+@dataclass(frozen=True)
 class Family:
-    """A family of worlds: what it stands for, and the range of every knob."""
+    """A family of worlds: what it stands for, the range of every knob, and the structure it fixes if any."""
 
     description: str
     knobs: dict[str, Knob]
+    layout: Layout | None = None
 
 
-def _family(description: str, **overrides: Knob) -> Family:
-    return Family(description, {**BASE_KNOBS, **overrides})
+def _family(description: str, layout: Layout | None = None, **overrides: Knob) -> Family:
+    return Family(description, {**BASE_KNOBS, **overrides}, layout)
+
+
+# The catalogue families: worlds built apart from the first five, of the kind an independent check found genco
+# losing on (issue 31). Element effects are faint (sd 0.05-0.15 in log-odds) beside the ads' appeal (sd ~0.6);
+# marketing lines, attributes and structure attributes come from one shared vocabulary whose effect is the same
+# on every ad (weighted by its category's importance), beside each ad's own titles, images and highlights; tens
+# of thousands of users and thousands of queries, Zipf above 1; context acts through the demographic segment's
+# (age x gender, not additive) and the query's taste for the elements' latent styles, never through the user
+# id; synergy acts through the same styles between a few component pairs; churn replaces a quarter of the ads'
+# own elements while the vocabulary stays, and nothing drifts.
+CATALOGUE_LAYOUT = Layout(templated=("marketing", "attribute", "structure_attribute"), template_scope="global",
+                          context_mix=(0.7, 0.3, 0.0), synergy_by_style=True, churn_templates=False)
+CATALOGUE_KNOBS: dict[str, Knob] = {
+    "n_ads": Knob(2000, 4000, log=True, integer=True),
+    "n_users": Knob(10_000, 50_000, log=True, integer=True),
+    "n_queries": Knob(1000, 5000, log=True, integer=True),
+    "user_zipf": Knob(1.05, 1.4),
+    "appeal_spread": Knob(0.5, 0.7),
+    "quality_scale": Knob(0.2, 0.5),
+    "template_deviation": Knob(0.0, 0.1),
+    "context": Knob(0.3, 0.6),
+    "synergy": Knob(0.08, 0.2),
+    "pair_sparsity": Knob(0.6, 0.85),
+    "demo_interaction": Knob(0.5, 1.0),
+    "look_dim": BASE_KNOBS["style_dim"],  # the looks are the styles (Layout.synergy_by_style): one range for both
+    "churn_every": Knob(10**9, 10**9, integer=True),  # never, in any run
+    "churn_fraction": Knob(0.0, 0.0),
+    "new_ads": Knob(0.0, 0.0),
+    "template_growth": Knob(0.0, 0.0),
+    "appeal_drift": Knob(0.0, 0.0),
+    "template_drift": Knob(0.0, 0.0),
+}
+
+
+def _catalogue_family(description: str, **overrides: Knob) -> Family:
+    return _family(description, CATALOGUE_LAYOUT, **{**CATALOGUE_KNOBS, **overrides})
 
 
 FAMILIES: dict[str, Family] = {
@@ -164,6 +212,14 @@ FAMILIES: dict[str, Family] = {
                      context=Knob(0.4, 1.0), synergy=Knob(0.15, 0.4),
                      churn_every=Knob(30_000, 120_000, log=True, integer=True), churn_fraction=Knob(0.05, 0.2),
                      new_ads=Knob(0.01, 0.05), appeal_drift=Knob(0.05, 0.15), template_drift=Knob(0.05, 0.2)),
+    "catalogue": _catalogue_family("faint effects, a shared vocabulary, segment taste, a static world"),
+    "catalogue-synergy": _catalogue_family("the catalogue world with strong synergy through styles",
+                                           synergy=Knob(0.35, 0.7)),
+    "catalogue-context": _catalogue_family("the catalogue world whose context outweighs quality",
+                                           context=Knob(1.0, 2.0), synergy=Knob(0.0, 0.05)),
+    "catalogue-churn": _catalogue_family("the catalogue world replacing a quarter of the ads' own elements",
+                                         churn_every=Knob(40_000, 120_000, log=True, integer=True),
+                                         churn_fraction=Knob(0.2, 0.3)),
 }
 
 
@@ -201,6 +257,9 @@ class ZooConfig:
     templated: tuple[str, ...]  # components whose elements come from a shared catalogue
     template_scope: str  # "category": one catalogue per category; "global": one for all
     context_mix: tuple[float, float, float]  # shares of taste variance: demographics, query, user
+    demo_interaction: float = 0.0  # share of the demographic taste that is the (age, gender) segment's own
+    synergy_by_style: bool = False  # see Layout
+    churn_templates: bool = True  # see Layout
     max_combinations: int = 20_000  # pools are trimmed so the oracle stays exact
 
 
@@ -210,13 +269,22 @@ def _seed_sequence(family: str, seed: int) -> np.random.SeedSequence:
 
 def draw_config(family: str, seed: int) -> ZooConfig:
     """The knobs of (family, seed): each numeric knob within the family's range, plus the seed's choice of
-    templated components, catalogue scope and context mix."""
+    templated components, catalogue scope and context mix where the family does not fix them (its layout)."""
     rng = np.random.default_rng(_seed_sequence(family, seed).spawn(2)[0])
-    knobs = {name: knob.draw(rng) for name, knob in FAMILIES[family].knobs.items()}
-    templated = tuple(name for name, odds in TEMPLATE_ODDS.items() if rng.random() < odds)
-    scope = "category" if rng.random() < 0.6 else "global"
-    mix = tuple(round(float(x), 3) for x in rng.dirichlet([2.0, 2.0, 2.0]))
-    return ZooConfig(family=family, seed=seed, templated=templated, template_scope=scope, context_mix=mix, **knobs)
+    spec = FAMILIES[family]
+    knobs = {name: knob.draw(rng) for name, knob in spec.knobs.items()}
+    if spec.layout is None:
+        templated = tuple(name for name, odds in TEMPLATE_ODDS.items() if rng.random() < odds)
+        scope = "category" if rng.random() < 0.6 else "global"
+        mix = tuple(round(float(x), 3) for x in rng.dirichlet([2.0, 2.0, 2.0]))
+        return ZooConfig(family=family, seed=seed, templated=templated, template_scope=scope, context_mix=mix,
+                         **knobs)
+    layout = spec.layout
+    if layout.synergy_by_style:
+        knobs["look_dim"] = knobs["style_dim"]  # the looks are the styles
+    return ZooConfig(family=family, seed=seed, templated=layout.templated, template_scope=layout.template_scope,
+                     context_mix=layout.context_mix, synergy_by_style=layout.synergy_by_style,
+                     churn_templates=layout.churn_templates, **knobs)
 
 
 def draw_world(family: str, seed: int) -> ZooWorld:
@@ -294,6 +362,10 @@ class ZooWorld(KnownTruth):
         demo_share, query_share, user_share = cfg.context_mix
         age_taste, gender_taste = rng.normal(0, 1, (7, r)), rng.normal(0, 1, (3, r))
         self._demo_taste = np.sqrt(demo_share / 2) * (age_taste[:, None] + gender_taste[None, :])  # [age, gender]
+        if cfg.demo_interaction > 0:  # a segment's own taste, which no sum of an age's and a gender's makes
+            own = np.sqrt(demo_share) * rng.normal(0, 1, (7, 3, r))
+            i = cfg.demo_interaction
+            self._demo_taste = np.sqrt(1 - i) * self._demo_taste + np.sqrt(i) * own
         self._segment_taste = np.sqrt(query_share) * rng.normal(0, 1, (cfg.n_segments, r))
         self._segment_index = {w: i for i, w in enumerate(SEGMENT_WORDS[: cfg.n_segments])}
         self.users = [(f"u-{i}", int(rng.integers(0, 7)), int(rng.integers(0, 3))) for i in range(cfg.n_users)]
@@ -383,7 +455,10 @@ class ZooWorld(KnownTruth):
         cfg, rng = self.config, self.rng
         n = len(ids)
         style = rng.normal(0, 1, (n, cfg.style_dim)) / np.sqrt(cfg.style_dim)  # <taste, style> has unit sd
-        look = rng.normal(0, 1, (n, cfg.look_dim)) / cfg.look_dim**0.25  # <look, look'> has unit sd
+        if cfg.synergy_by_style:
+            look = style * cfg.style_dim**0.25  # <look, look'> has unit sd
+        else:
+            look = rng.normal(0, 1, (n, cfg.look_dim)) / cfg.look_dim**0.25  # <look, look'> has unit sd
         return self.elements.add(ids, component, template, quality, style, look)
 
     def _new_own_elements(self, ads: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -470,7 +545,8 @@ class ZooWorld(KnownTruth):
         own = replaced & ~self._templated[None, :, None]
         a, j, _ = np.nonzero(own)
         self._pools[own] = self._new_own_elements(a, j)
-        for a, j, k in zip(*np.nonzero(replaced & self._templated[None, :, None]), strict=True):
+        swapped = replaced & self._templated[None, :, None] if cfg.churn_templates else np.zeros_like(replaced)
+        for a, j, k in zip(*np.nonzero(swapped), strict=True):
             catalogue = self._catalogue(j, self._ad_category[a])
             element = catalogue[rng.integers(0, len(catalogue))]
             if element not in self._pools[a, j]:

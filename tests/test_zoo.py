@@ -55,7 +55,9 @@ def test_knobs_are_drawn_within_the_family_ranges_and_vary_by_seed(family):
         for name, knob in FAMILIES[family].knobs.items():
             assert knob.low <= getattr(config, name) <= knob.high, name
         assert abs(sum(config.context_mix) - 1) < 0.01
-    assert len({c.n_ads for c in configs}) > 1 and len({c.templated for c in configs}) > 1
+    assert len({c.n_ads for c in configs}) > 1
+    if FAMILIES[family].layout is None:  # a family with a layout fixes which components are templated
+        assert len({c.templated for c in configs}) > 1
 
 
 def test_a_family_and_seed_always_give_the_same_world():
