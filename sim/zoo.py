@@ -9,7 +9,11 @@ every knob drawn from the seed so that no single setting can be overfitted:
 - ``synergy``: strong pairwise synergy between components (pairs of different strengths, some none);
 - ``context``: strong user context: who the user is and what they searched change which elements work;
 - ``churn``: creatives churn fast, new ads keep arriving and CTRs drift;
-- ``mixed``: everything at moderate strength.
+- ``mixed``: everything at moderate strength;
+- ``catalogue``, ``catalogue-synergy``, ``catalogue-context``, ``catalogue-churn``: worlds of another make
+  (``CATALOGUE_LAYOUT``): faint element effects beside strong ad appeal, a shared vocabulary whose effect is
+  the same on every ad, taste by demographic segment and query rather than by user, synergy through the
+  same latent styles, churn of the ads' own elements only, and no drift.
 
 A family is a set of knob ranges (``FAMILIES``); ``draw_world(family, seed)`` draws the knobs from the
 seed (``ZooConfig``), then the world. Tune on ``TUNING_SEEDS``; report on ``HELD_OUT_SEEDS`` only.
