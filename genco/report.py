@@ -78,10 +78,8 @@ def _ordered(summary: dict) -> list[str]:
 def _figures(summary: dict, curve: dict | None, out: Path) -> tuple[list[str], dict[str, str]]:
     figures, skipped = [_importance_figure(summary, out / "component_importance.png"),
                         _lift_figure(summary, out / "lift_by_candidates.png")], {}
-    if summary["mil_weights"] is not None and summary["by_ad"]:
-        figures.append(_mil_by_ad_figure(summary, out / "mil_weights_by_ad.png"))
-    else:
-        skipped["mil_weights_by_ad"] = "the model has no MIL head (trained with mil off)"
+    if summary["by_ad"]:
+        figures.append(_by_ad_figure(summary, out / "by_ad.png"))
     if curve and len(curve["bags"]) >= 2:
         figures.append(_curve_figure(curve, out / "progressive_logloss.png"))
     else:
@@ -155,23 +153,31 @@ def _lift_figure(summary: dict, path: Path) -> Path:
     return path
 
 
-def _mil_by_ad_figure(summary: dict, path: Path) -> Path:
+def _by_ad_figure(summary: dict, path: Path) -> Path:
+    """Heat maps over the busiest ads: component importance, and beside it the MIL weights (the paper's Figure 3
+    reads them by category; a log carries ads, not categories)."""
     plt = _pyplot()
-    order = _ordered(summary)
-    rows = summary["by_ad"]
-    grid = [[row["mil_weights_relative"].get(c, float("nan")) for c in order] for row in rows]
-    fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2.6, 0.42 * len(rows) + 2.2))
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    for y, row in enumerate(grid):
-        for x, value in enumerate(row):
-            if value == value:  # not NaN: the ad has the component
-                ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if value < (image.norm.vmin + image.norm.vmax) / 2 else "black")
-    ax.set_xticks(range(len(order)), order, rotation=20, ha="right")
-    ax.set_yticks(range(len(rows)), [f"{row['ad_id']} ({row['bags']} bags)" for row in rows])
-    fig.colorbar(image, ax=ax, label="MIL weight × components shown")
-    ax.set_title("MIL weights by ad, the busiest ads (paper's Figure 3 reads them by category);\n"
-                 "blank: the ad has no such component", fontsize=10)
+    order, rows = _ordered(summary), summary["by_ad"]
+    panels = [("component importance, pp of predicted CTR", "component_importance", 100.0, "Blues")]
+    if summary["mil_weights"] is not None:
+        panels.append(("MIL weight × components shown", "mil_weights_relative", 1.0, "Oranges"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.05 * len(order) * len(panels) + 3.2,
+                                                       0.42 * len(rows) + 2.4), squeeze=False)
+    for ax, (title, key, scale, cmap) in zip(axes[0], panels, strict=True):
+        grid = [[scale * row[key][c] if c in row[key] else float("nan") for c in order] for row in rows]
+        image = ax.imshow(grid, cmap=cmap, aspect="auto")
+        middle = (image.norm.vmin + image.norm.vmax) / 2
+        for y, values in enumerate(grid):
+            for x, value in enumerate(values):
+                if value == value:  # not NaN: the ad has the component
+                    ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if value > middle else "black")
+        ax.set_xticks(range(len(order)), order, rotation=25, ha="right")
+        ax.set_yticks(range(len(rows)), [f"{row['ad_id']} ({row['bags']:,} bags)" for row in rows])
+        ax.set_title(title, fontsize=10)
+        if ax is not axes[0][0]:
+            ax.set_yticklabels([])
+    fig.suptitle("by ad, the busiest ads; blank: the ad has no such component", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -263,8 +269,7 @@ def markdown(summary: dict) -> str:
     if summary["by_ad"]:
         lines += ["", f"By ad, the {len(summary['by_ad'])} ads with the most bags: importance in percentage points, "
                       "MIL weight × components in brackets.", ""]
-        if mil is not None:
-            lines += ["![MIL weights by ad](mil_weights_by_ad.png)", ""]
+        lines += ["![by ad](by_ad.png)", ""]
         lines += ["| ad | bags | " + " | ".join(order) + " |", "|---|---|" + "---|" * len(order)]
         for row in summary["by_ad"]:
             cells = []
