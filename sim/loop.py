@@ -48,7 +48,11 @@ class Frozen:
         self.policy.learn(bags)
 
     def snapshot(self) -> Serving:
-        return copy.deepcopy(self.policy)
+        frozen = copy.deepcopy(self.policy)
+        rng = getattr(self.policy, "rng", None)
+        if isinstance(rng, np.random.Generator):  # each snapshot its own draws: a copy would replay the same ones
+            frozen.rng = rng.spawn(1)[0]
+        return frozen
 
 
 @dataclass
