@@ -116,6 +116,9 @@ class AdServer:
         self.clicks: list[tuple[float, bytes, bytes]] = []
         self.window: Window | None = None
         self.on_window = None  # optional callback(row) for live progress
+        # optional callback(request, response, true CTR) for every valid answer: for a caller that scores by
+        # request rather than by window of time (benchmarks/live.py, by tenth of the run)
+        self.on_response = None
 
     async def run(self, drain_s: float = 30.0) -> Report:
         # Batches of ~5 messages rather than one each: the embedded broker's cost per fetch grows with the
@@ -228,6 +231,8 @@ class AdServer:
         shown = response["shown"]
         p = self.world.click_probability(request, shown)
         self._score(request, response, p)
+        if self.on_response:
+            self.on_response(request, response, p)
         ts = time.time()
         impression_id = f"imp-{request_id}"
         impression = {**request, "impression_id": impression_id, "ts": ts, "shown": shown,

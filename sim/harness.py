@@ -1,7 +1,8 @@
 """The real ``genco serve`` as a subprocess, its log in a file: what reliability tests and benchmarks kill.
 
-Also the faults they inflict (SIGKILL and restart, a frozen broker) and reading back
-what it wrote (a whole single-partition topic).
+Also the faults they inflict (SIGKILL and restart, a frozen broker), reading back
+what it wrote (a whole single-partition topic), and ``serve_loop``: sim/loop.py's closed
+loop through it, scored the same way (benchmarks/live.py --kafka).
 """
 
 from __future__ import annotations
@@ -9,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from contract.settings import Settings
 from learner.snapshots import SnapshotError, SnapshotStore
+from sim.adserver import AdServer, Report
+from sim.loop import LoopConfig, LoopReport, Tenth
+from sim.truth import KnownTruth
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
 from stream.serve import wait_until_ready
@@ -104,3 +111,37 @@ async def read_topic(connection: Connection, topic: str) -> list[dict]:
         return messages
     finally:
         await consumer.stop()
+
+
+def serve_loop(world: KnownTruth, config: LoopConfig, seed: int) -> tuple[LoopReport, Report]:
+    """sim/loop.py's ``run_loop`` in the real pipeline: ``config.requests`` requests of ``world`` at
+    ``config.rate`` a second from the simulated ad server through ``genco serve`` (exploring
+    ``config.explore``, clicks attributed within ``config.window_s``) on a fresh embedded broker, scored by
+    tenth of the requests sent as ``run_loop`` scores them; and the ad server's report (answers, latencies).
+    ``world`` is a KnownTruth that also draws requests (``request(request_id)``), as the ad server's is."""
+    tenths = [Tenth() for _ in range(10)]
+    rng = random.Random(seed)
+
+    def score(request: dict, response: dict, p: float) -> None:
+        i = int(request["request_id"].removeprefix("r-"))  # the ad server's ids count the requests sent
+        tenth = tenths[min(10 * i // config.requests, 9)]
+        tenth.served.append(p)
+        if rng.random() < config.truth_sample:
+            uniform, oracle, _ = world.values(request)
+            tenth.uniform.append(uniform)
+            tenth.oracle.append(oracle)
+            tenth.sampled.append(p)
+
+    topics = Topics("live.")
+    with tempfile.TemporaryDirectory() as state, EmbeddedBroker() as broker:
+        serve = start_serve(broker.url, topics, Path(state), extra_env={
+            "GENCO_CLICK_WINDOW_S": str(config.window_s), "GENCO_EXPLORE": str(config.explore)})
+        try:
+            wait_ready(Path(state))
+            server = AdServer(world, Connection.from_settings(Settings(), broker.url), topics, rate=config.rate,
+                              requests=config.requests, window_s=config.window_s, truth_sample=0.0, seed=seed)
+            server.on_response = score
+            report = asyncio.run(server.run())
+        finally:
+            stop_serve(serve)
+    return LoopReport(tenths), report

@@ -2,7 +2,7 @@
 
 Why: to compare how fast policies learn from their own traffic (genco against a Thompson-sampling
 counter, say) under the same timing, in seconds of computer time and without a broker's noise. The
-real loop over Kafka (benchmarks/live.py) runs genco the same way.
+real loop over Kafka (``sim.harness.serve_loop``, ``benchmarks/live.py --kafka``) runs genco the same way.
 
 Time is simulated. Requests arrive at ``rate`` a second. A share ``explore`` of them is served
 uniformly at random; the rest by the policy as of its newest snapshot. A served impression becomes a
