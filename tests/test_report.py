@@ -110,3 +110,20 @@ def test_the_learning_curve_stays_small_and_keeps_its_mean():
     resumed = ProgressiveLogLoss()
     resumed.update(np.zeros(10), np.full(10, 0.1))
     assert resumed.curve(curve, 100_000, points=64)["bags"][-1] == 100_010
+
+
+def test_a_model_without_mil_is_reported_without_mil_weights(reported, tmp_path):
+    from genco.report import build
+    from learner.snapshots import SnapshotStore
+    from learner.trainer import Learner, preset
+
+    _, held_out, _ = reported
+    bags = [Bag.model_validate_json(line) for line in held_out.read_text().splitlines()[:3000]]
+    learner = Learner(preset("default", mil=False, prior=False))
+    learner.learn(bags[:2048])
+    SnapshotStore(tmp_path / "snap").save(learner.model, version=1, bags_seen=2048, steps=learner.steps,
+                                          train_config=learner.preset.train.to_dict())
+    summary = build(bags[2048:], str(tmp_path / "snap"), tmp_path / "out")
+    assert summary["mil_weights"] is None and set(summary["component_importance"]) == set(TRUE_ORDER)
+    assert len(summary["figures"]) == 3 and "progressive_logloss" in summary["skipped"]
+    assert "| - | - |" in (tmp_path / "out" / "report.md").read_text()  # the MIL columns say there is nothing
