@@ -25,6 +25,12 @@ def _ratio(clicks: float, exposures: float) -> float | None:
     return clicks / exposures if exposures else None
 
 
+def exposure(bag, selection: Selection) -> float:
+    """A bag's exposures pooled over components: Σ_j n_{r,j} over the components where the policy's pick is the
+    shown element; its clicks are this times y_r. What ``calibrated_sctr``'s pooled figure sums, bag by bag."""
+    return float(sum(len(bag.candidates[c]) for c, element in bag.shown.items() if selection.get(c) == element))
+
+
 def calibrated_sctr(bags: Sequence, selections: Sequence[Selection]) -> dict:
     """Algorithm 1 per component, pooled and for whole combinations, beside the uniform policy."""
     exposure: dict[str, float] = {}

@@ -93,7 +93,11 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
     """Chosen position inside each pool (G,): the combination the combination head scores highest.
     ``thompson``: the priors' element effects are drawn from their posteriors first (keyed by request and
     element, so a request draws the same alone or in any batch), and the best combination for the draw wins.
-    ``pools``: the batch's ``ServingModel.score_pools``, where the caller keeps them."""
+    ``pools``: the batch's ``ServingModel.score_pools``, where the caller keeps them. The ``pooled`` readout
+    takes each pool's best element by its pooled effect: its combination score would be their sum, which the
+    greedy combination maximises."""
+    if model.readout == "pooled":
+        return batch.pool_grid(model.pooled_logit(batch, pools)).argmax(1)
     noise = None
     if thompson and model.priors is not None:
         noise = hashed_normal(mix64(batch.elements.key ^ batch.requests.seed.take(batch.elements.request)))
@@ -106,6 +110,12 @@ def choose(model: ServingModel, batch: Batch, k: int = 16, temperature: float = 
     combo_score = model.combination_logit(batch, enc, batch.pools.start + candidates)  # (k, B)
     best = combo_score.argmax(0)[batch.pools.request]
     return candidates[best, np.arange(candidates.shape[1])]
+
+
+def answers(batch: Batch, picks: list[int]) -> list[dict[str, str]]:
+    """Each request's shown combination, {component: element id}, from ``choose``'s positions."""
+    return [{batch.component_names[g]: batch.candidate_ids[g][picks[g]] for g in pools}
+            for pools in batch.request_pools()]
 
 
 EVERY_PAIR_ELEMENTS = 128  # a cached request's table of every pair's shift holds L² of them (128 KB here)
@@ -126,11 +136,14 @@ class Selector:
     bit (a test checks it). The cache holds up to ``cache_bytes`` of arrays, the ad asked for least recently
     leaving first: with Zipf traffic the head ads stay. Its size is counted in bytes, not ads, because a
     request may list up to 64 components of 15 candidates, whose pair table alone is 7 MB.
+
+    ``readout``: which of the snapshot's policies it serves (``serving.READOUTS``; the snapshot names it).
     """
 
     def __init__(self, model: GenCO, k: int = 16, temperature: float = 1.0, threads: int = 1,
-                 batch_size: int = 1024, thompson: bool = False, cache_bytes: int = 64 << 20) -> None:
-        self.model = ServingModel(model)
+                 batch_size: int = 1024, thompson: bool = False, cache_bytes: int = 64 << 20,
+                 readout: str = "genco") -> None:
+        self.model = ServingModel(model, readout)
         self.k = k
         self.temperature = temperature
         self.thompson = thompson
@@ -152,11 +165,7 @@ class Selector:
             batch, pool_scores = self._lone(requests[0])
         else:
             batch, pool_scores = self.featurizer.batch(requests), None
-        picks = choose(self.model, batch, self.k, self.temperature, self.thompson, pool_scores).tolist()
-        return [
-            {batch.component_names[g]: batch.candidate_ids[g][picks[g]] for g in pools}
-            for pools in batch.request_pools()
-        ]
+        return answers(batch, choose(self.model, batch, self.k, self.temperature, self.thompson, pool_scores).tolist())
 
     @property
     def cached_pools(self) -> int:
@@ -224,12 +233,13 @@ class ServingPolicy:
     """Answers SelectionRequests: the learned policy, an exploration slice, or the uniform fallback.
 
     ``explore`` of the requests get a uniform random combination with its exact propensity, so
-    the log keeps the unbiased slice that Algorithm 1 and future training need.
+    the log keeps the unbiased slice that Algorithm 1 and future training need. The learned answers serve the
+    snapshot's ``readout`` and say ``genco`` (the contract's name for the learned policy, whichever readout).
     """
 
     def __init__(self, model: GenCO | None, version: int = 0, explore: float = 0.0, k: int = 16,
-                 seed: int | None = None, threads: int = 1) -> None:
-        self.selector = Selector(model, k, threads=threads) if model is not None else None
+                 seed: int | None = None, threads: int = 1, readout: str = "genco") -> None:
+        self.selector = Selector(model, k, threads=threads, readout=readout) if model is not None else None
         self.version = version if model is not None else 0
         self.explore = explore
         self.rng = random.Random(seed)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from learner.features import Batch
-from learner.model import GenCO
+from learner.model import GenCO, ModelConfig
 from learner.ops import mix64, upper_pairs
 from learner.priors import PriorKeys, PriorScores
 
@@ -127,10 +127,26 @@ class ServingEncoded:
     prior: PriorScores | None = None
 
 
-class ServingModel:
-    """A trained GenCO's weights, frozen, scoring batches in numpy; nothing here changes after creation."""
+READOUTS = ("genco", "priors", "pooled")
+"""The policies one snapshot can serve (docs/decisions.md, "Champion and challenger: readouts of one snapshot"):
+``genco`` the full model; ``priors`` the count priors alone, the network's blend weights at zero (the hierarchical
+click counter, pairs and context included); ``pooled`` each element's effect pooled over every ad, greedy per
+component, with no ad, context, pairs or network (the per-element click counter)."""
 
-    def __init__(self, model: GenCO) -> None:
+
+def readouts(config: ModelConfig) -> tuple[str, ...]:
+    """The readouts a model of ``config`` can serve: a model without priors (preset ``paper``) has only genco."""
+    return READOUTS if config.prior else READOUTS[:1]
+
+
+class ServingModel:
+    """A trained GenCO's weights, frozen, scoring batches in numpy; nothing here changes after creation.
+
+    ``readout``: which of ``READOUTS`` it serves (``with_readout`` gives another from the same arrays).
+    ``frozen``: copy the priors' count tables, which the learner keeps counting into; a caller done with it
+    before the model learns again (``learner.referee``) reads them in place and saves the copy."""
+
+    def __init__(self, model: GenCO, readout: str = "genco", frozen: bool = True) -> None:
         c = self.config = model.config
         self.context_table = _array(model.context_table.weight)
         self.element_table = _array(model.element_table.weight)
@@ -141,10 +157,31 @@ class ServingModel:
         self.mil_weight = SplitMLP.freeze(model.mil_weight, c.encoder[-1])
         self.qkv = np.concatenate([_array(m.weight).T for m in (model.query, model.key, model.value)], 1)
         self.qkv[:, : c.attention_hidden] *= c.attention_hidden**-0.5  # the score scale, folded into the query
-        self.priors = copy.deepcopy(model.priors)  # frozen: the learner keeps counting into its own
+        self.priors = copy.deepcopy(model.priors) if frozen else model.priors
         self.network_weight = (1.0, 1.0)
         if self.priors is not None:
             self.network_weight = tuple(float(w) for w in model.network_weight.detach())
+        self.learned_weight = self.network_weight  # what the full model blends in, whatever the readout
+        self._read(readout)
+
+    def with_readout(self, readout: str) -> ServingModel:
+        """The same model serving another readout: a shallow copy sharing every array."""
+        other = copy.copy(self)
+        other._read(readout)
+        return other
+
+    def _read(self, readout: str) -> None:
+        if readout not in readouts(self.config):
+            raise ValueError(f"readout {readout!r} is not one of {', '.join(readouts(self.config))}")
+        self.readout = readout
+        if self.priors is not None:
+            self.network_weight = self.learned_weight if readout == "genco" else (0.0, 0.0)
+
+    def pooled_logit(self, batch: Batch, pools: PoolScores | None = None) -> np.ndarray:
+        """(L,) each element's effect pooled over every ad (``PriorScores.pooled``): the ``pooled`` readout's
+        scores, from ``pools`` where the caller has them, else from the count tables alone."""
+        prior = pools.prior if pools is not None else self.priors.pool_scores(PriorKeys.of(batch))
+        return prior.pooled
 
     def score_pools(self, batch: Batch, every_pair: bool = False) -> PoolScores:
         """What ``encode`` computes from the batch's pools alone. ``every_pair``: also every two elements'

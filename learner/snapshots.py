@@ -51,6 +51,12 @@ class Manifest:
     # ``genco train``'s learning curve (``offline.ProgressiveLogLoss.curve``), for ``genco report``; None where
     # the snapshot was written without one (the streaming learner, snapshots older than the field)
     progressive_logloss: dict | None = None
+    # The readout that serves (``serving.READOUTS``) and each readout's calibrated sCTR on the explore slice,
+    # {policy: {"sctr", "se", "bags"}}, as the learner's referee judged them (``learner.referee``); ``referee``
+    # its state, to resume from. Snapshots older than the fields, and ``genco train``'s, serve genco.
+    serving: str = "genco"
+    estimates: dict | None = None
+    referee: dict | None = None
 
 
 @dataclass
@@ -89,7 +95,8 @@ class SnapshotStore:
 
     def save(self, model: GenCO, *, version: int, bags_seen: int, steps: int, train_config: dict,
              optimizer_state: dict[str, torch.Tensor] | None = None,
-             progressive_logloss: dict | None = None) -> Manifest:
+             progressive_logloss: dict | None = None, serving: str = "genco", estimates: dict | None = None,
+             referee: dict | None = None) -> Manifest:
         from safetensors.torch import save_file
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -101,7 +108,8 @@ class SnapshotStore:
                 save_file({k: v.contiguous() for k, v in optimizer_state.items()},
                           str(staging / "optimizer.safetensors"))
             manifest = Manifest(version, bags_seen, steps, time.time(), model.config.to_dict(), train_config,
-                                _sha256(weights), progressive_logloss=progressive_logloss)
+                                _sha256(weights), progressive_logloss=progressive_logloss, serving=serving,
+                                estimates=estimates, referee=referee)
             (staging / "manifest.json").write_text(json.dumps(manifest.__dict__, indent=1))
             final = self.directory / _name(version)
             if final.exists():
