@@ -69,22 +69,25 @@ def _bag_model():  # imported lazily: pydantic models cost start-up time the CLI
     return Bag
 
 
-def _serving_policy(snapshot_dir: str, explore: float, k: int, threads: int = 1):
-    from learner.policy import ServingPolicy
+def _snapshot(snapshot_dir: str):
+    """The newest snapshot of ``snapshot_dir``, None where there is none."""
     from learner.snapshots import SnapshotStore
 
     store = SnapshotStore(snapshot_dir)
-    if not store.latest_version():
-        print(f"no snapshot in {snapshot_dir}: serving the uniform fallback", file=sys.stderr)
-        return ServingPolicy(None, explore=explore)
-    snapshot = store.load()
-    return ServingPolicy(snapshot.model, snapshot.manifest.version, explore=explore, k=k, threads=threads)
+    return store.load() if store.latest_version() else None
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     from contract.events import BATCH_WORK_CELLS, SelectionRequest
+    from learner.policy import ServingPolicy
 
-    policy = _serving_policy(args.snapshot_dir, args.explore, args.k, args.threads)
+    snapshot = _snapshot(args.snapshot_dir)
+    if snapshot is None:
+        print(f"no snapshot in {args.snapshot_dir}: serving the uniform fallback", file=sys.stderr)
+        policy = ServingPolicy(None, explore=args.explore)
+    else:  # the readout the snapshot names serves (learner/referee.py), as in the selector agent
+        policy = ServingPolicy(snapshot.model, snapshot.manifest.version, explore=args.explore, k=args.k,
+                               threads=args.threads, readout=snapshot.manifest.serving)
     bad = BadLines()
     out = sys.stdout
     batch: list = []
@@ -126,31 +129,43 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Algorithm 1 of the readout the snapshot serves (``policy``, as ``genco select`` answers), and of each of
+    its readouts (``readouts``), on the log."""
     from learner.evaluate import calibrated_sctr
+    from learner.policy import Selector
+    from learner.serving import readouts
 
-    policy = _serving_policy(args.snapshot_dir, 0.0, args.k, args.threads)
-    if policy.selector is None:
+    snapshot = _snapshot(args.snapshot_dir)
+    if snapshot is None:
         print(f"no snapshot in {args.snapshot_dir}", file=sys.stderr)
         return 2
     bad = BadLines()
     with open(args.bags, "rb") as lines:
         bags = [bag for _, bag in read_records(lines, _bag_model(), bad)]
-    result = calibrated_sctr(bags, policy.selector.select(bags))
+    serving, version = snapshot.manifest.serving, snapshot.manifest.version
+    each = {name: calibrated_sctr(bags, Selector(snapshot.model, args.k, threads=args.threads, readout=name)
+                                  .select(bags)) for name in readouts(snapshot.model.config)}
+    result = each[serving]
     result["bad_lines"] = bad.count
-    result["model_version"] = policy.version
+    result["model_version"] = version
+    result["serving"] = serving
+    result["readouts"] = {name: sctr["policy"] for name, sctr in each.items()}
     pol, uni = result["policy"], result["uniform"]
 
     def fmt(x: float | None) -> str:
         return "   -   " if x is None else f"{x:.5f}"
 
-    lines = [f"calibrated sCTR (Algorithm 1) on {len(bags)} bags, snapshot v{policy.version}",
-             f"{'component':<22}{'genco':>10}{'uniform':>10}{'lift':>9}"]
+    lines = [f"calibrated sCTR (Algorithm 1) on {len(bags)} bags, snapshot v{version}",
+             f"{'component':<22}{serving:>10}{'uniform':>10}{'lift':>9}"]
     for component, value in pol["per_component"].items():
         base = uni["per_component"][component]
         lift = f"{value / base - 1:+.1%}" if value is not None and base else "-"
         lines.append(f"{component:<22}{fmt(value):>10}{fmt(base):>10}{lift:>9}")
     lift = f"{pol['pooled'] / uni['pooled'] - 1:+.1%}" if pol["pooled"] and uni["pooled"] else "-"
     lines.append(f"{'pooled':<22}{fmt(pol['pooled']):>10}{fmt(uni['pooled']):>10}{lift:>9}")
+    lines.append("each readout, pooled: " + ", ".join(f"{name} {fmt(sctr['pooled'])}"
+                                                      for name, sctr in result["readouts"].items())
+                 + f"; the snapshot serves {serving}")
     _emit(result, args.json, lines)
     return 0
 

@@ -75,6 +75,7 @@ def collect(metrics_url: str, state_dir: str | Path, now: float | None = None, m
         "trained_bags": int(total("genco_trained_bags")),
         "selections": by("genco_selections", "policy"),
         "snapshot_load_failures": int(total("genco_snapshot_load_failures")),
+        "serving_policy": next((ls["policy"] for ls, v in samples.get("genco_serving_policy", []) if v), None),
         "agents": _agents(samples, now),
     })
     status["problems"] = _problems(status["agents"], max_restarts, max_fetch_age_s)
@@ -122,7 +123,14 @@ def _newest_snapshot(directory: Path, now: float) -> dict | None:
         manifest = SnapshotStore(directory).manifest()
     except SnapshotError:
         return None
-    return {"version": manifest.version, "bags_seen": manifest.bags_seen, "age_s": round(now - manifest.created, 1)}
+    return {"version": manifest.version, "bags_seen": manifest.bags_seen, "age_s": round(now - manifest.created, 1),
+            "serving": manifest.serving, "estimates": manifest.estimates or {}}
+
+
+def _render_estimates(estimates: dict[str, dict]) -> str:
+    """"genco 0.05210 ± 0.00080, ..." (a policy without an exposure yet: "-")."""
+    return ", ".join(f"{policy} " + (f"{e['sctr']:.5f} ± {e['se']:.5f}" if e.get("sctr") is not None else "-")
+                     for policy, e in estimates.items())
 
 
 def render(status: dict) -> list[str]:
@@ -131,6 +139,8 @@ def render(status: dict) -> list[str]:
     if "newest_snapshot" in status:
         s = status["newest_snapshot"]
         lines.append(f"newest snapshot      v{s['version']}, {s['bags_seen']} bags seen, {s['age_s']:.0f} s old")
+        estimates = f"; explore-slice sCTR {_render_estimates(s['estimates'])}" if s["estimates"] else ""
+        lines.append(f"snapshot serves      {s['serving']}{estimates}")
     if not status["running"]:
         return [*lines, status["error"]]
     lines.append(f"health               {'ok' if status['healthy'] else '; '.join(status['problems'])}")
@@ -147,6 +157,8 @@ def render(status: dict) -> list[str]:
     age = status["serving_model_loaded_s_ago"]
     lines.append(f"serving model        v{status['serving_model_version']}"
                  + (f" (loaded {age:.0f} s ago)" if age is not None else " (uniform fallback: no snapshot yet)"))
+    if status["serving_policy"]:  # the readout the selector serves now (the snapshot above may be newer)
+        lines.append(f"serving policy       {status['serving_policy']}")
     lines.append(f"pending impressions  {status['pending_impressions']}")
     lines.append(f"trained bags         {status['trained_bags']}")
     lines.append(f"orphan clicks        {status['orphan_clicks']}")

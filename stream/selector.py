@@ -3,6 +3,8 @@
 Requests are answered in batches (whatever one fetch returned, up to 512), so the
 model runs once per batch. A watcher notices a new snapshot, loads it in a worker
 thread and swaps the serving policy between two batches: serving never pauses.
+It serves the readout the snapshot names (``Manifest.serving``: genco, or one of its
+baselines that the learner's referee found ahead); its answers say ``genco`` either way.
 A request that fails validation gets an error response (when its request_id can
 be read) and a dead letter. Offsets are committed after the responses are sent:
 after a crash, unanswered requests are answered again, never dropped.
@@ -26,6 +28,7 @@ from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import SelectionRequest, work_batches
 from contract.jsonl import parse_line, readable_request_id
 from learner.policy import ServingPolicy
+from learner.serving import READOUTS
 from learner.snapshots import SnapshotStore
 from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
@@ -35,6 +38,7 @@ from stream.metrics import (
     MODEL_VERSION,
     SELECTION_LATENCY,
     SELECTIONS,
+    SERVING_POLICY,
     SNAPSHOT_LOAD_FAILURES,
 )
 from stream.runtime import FetchWatch, commit, dead_letter, send_all
@@ -57,7 +61,8 @@ class SelectorAgent:
 
     def _load(self, version: int) -> ServingPolicy:
         snapshot = self.snapshots.load(version)
-        policy = ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore)
+        policy = ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore,
+                               readout=snapshot.manifest.serving)
         if policy.selector and self.policy.selector:  # its cache starts with the ads lone requests ask for
             try:
                 policy.selector.warm(self.policy.selector)
@@ -82,7 +87,10 @@ class SelectorAgent:
         self.policy = policy
         MODEL_VERSION.set(policy.version)
         MODEL_LOADED_AT.set(time.time())
-        log.info("serving snapshot v%d", policy.version)
+        readout = policy.selector.model.readout
+        for name in READOUTS:
+            SERVING_POLICY.labels(name).set(1 if name == readout else 0)
+        log.info("serving snapshot v%d (readout %s)", policy.version, readout)
 
     async def watch_snapshots(self, stop: asyncio.Event) -> None:
         """Swap in each new snapshot as it appears."""

@@ -10,6 +10,10 @@ bag after its own crash).
 Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning;
 checkpoints every ``checkpoint_every_s``. Version numbers only ever grow.
 
+Before each step, the referee (``learner.referee``) scores every readout of the model as it stands on the
+batch's explore bags and keeps the champion; each snapshot names it (``serving``) with every readout's
+estimate, and carries the referee's state, so a learner resumed from a checkpoint judges on from there.
+
 No bag stops it: a step takes at most ``BATCH_WORK_CELLS`` of work (a message's cost is
 capped at validation), a step that raises is retried on halves down to the single bag
 at fault, which is dead-lettered, and a batch the client cannot decode is dead-lettered
@@ -30,6 +34,8 @@ from river import metrics
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
 from contract.jsonl import parse_line
+from learner.referee import Referee
+from learner.serving import readouts
 from learner.snapshots import SnapshotError, SnapshotStore
 from learner.trainer import Learner, preset
 from state.kv import Store, encode_time
@@ -38,6 +44,8 @@ from stream.kafka import Connection, Topics
 from stream.metrics import (
     DUPLICATES,
     EVENTS_IN,
+    POLICY_SCTR,
+    POLICY_SCTR_SE,
     PROGRESSIVE_LOGLOSS,
     SNAPSHOT_LOAD_FAILURES,
     SNAPSHOT_VERSION,
@@ -56,7 +64,8 @@ _CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored offsets and tr
 class TrainingAgent:
     def __init__(self, connection: Connection, topics: Topics, state_dir: Path, window_s: float,
                  batch_size: int = 1024, idle_flush_s: float = 0.3, max_wait_s: float = 1.5,
-                 snapshot_every_s: float = 4.0, checkpoint_every_s: float = 30.0) -> None:
+                 snapshot_every_s: float = 4.0, checkpoint_every_s: float = 30.0,
+                 referee_settings: dict | None = None) -> None:
         self.connection = connection
         self.topics = topics
         self.store = Store(state_dir / "learner")
@@ -67,7 +76,8 @@ class TrainingAgent:
         self.max_wait_s = max_wait_s
         self.snapshot_every_s = snapshot_every_s
         self.checkpoint_every_s = checkpoint_every_s
-        self.learner = self._resume()
+        self.referee_settings = referee_settings or {}  # Referee's keyword arguments (tests judge sooner)
+        self.learner, self.referee = self._resume()
         self.version = max(self.snapshots.latest_version(), self.learner_version)
         self.loss = metrics.LogLoss()
         # Trained since the last checkpoint: impression id -> bag ts; offsets reached.
@@ -75,13 +85,14 @@ class TrainingAgent:
         self.offsets: dict[tuple[str, int], int] = {}
         self.ready = asyncio.Event()  # set once partitions are assigned
 
-    def _resume(self) -> Learner:
-        """The learner of the recorded checkpoint; of the newest older one that loads when it does not (a
-        file damaged on disk must not crash-loop the learner while an earlier checkpoint is intact)."""
+    def _resume(self) -> tuple[Learner, Referee]:
+        """The learner and referee of the recorded checkpoint; of the newest older one that loads when it does
+        not (a file damaged on disk must not crash-loop the learner while an earlier checkpoint is intact)."""
         recorded = self.store.get(_CHECKPOINT)
         self.learner_version = int(recorded) if recorded else 0
         if not self.learner_version:
-            return Learner(preset("default"))
+            learner = Learner(preset("default"))
+            return learner, Referee(readouts(learner.model.config), **self.referee_settings)
         older = [v for v in reversed(self.snapshots.checkpoints()) if v < self.learner_version]
         failures = []
         for version in [self.learner_version, *older]:
@@ -100,7 +111,7 @@ class TrainingAgent:
                           "model (its bags stay marked trained, so none is counted twice)", version,
                           self.learner_version)
             log.info("resuming from checkpoint v%d (%d bags seen)", m.version, m.bags_seen)
-            return learner
+            return learner, Referee.restore(m.referee, readouts(learner.model.config), **self.referee_settings)
         raise SnapshotError(f"no checkpoint in {self.snapshots.directory} loads ({'; '.join(failures)}); move the "
                             "snapshots aside to start the learner afresh")
 
@@ -134,8 +145,22 @@ class TrainingAgent:
         letters: list[Message] = []
         where = {id(bag): source for bag, source in zip(bags, sources, strict=True)}
         for batch in work_batches(bags):
+            self.judge(batch)
             letters += self._step_or_bisect(batch, where)
         return letters
+
+    def judge(self, bags: list[Bag]) -> None:
+        """The referee's turn, before the model learns ``bags``; a fault of its own never stops training."""
+        champion = self.referee.champion
+        try:
+            self.referee.judge(self.learner.model, bags)
+        except Exception:
+            log.exception("judging the readouts on %d bags failed; the champion stays %s", len(bags), champion)
+            return
+        if self.referee.champion != champion:
+            lead, se = self.referee.lead(self.referee.champion, champion)
+            log.info("the %s readout now serves: it leads %s by %.5f (standard error %.5f) in calibrated sCTR",
+                     self.referee.champion, champion, lead, se)
 
     def _step_or_bisect(self, bags: list[Bag], where: dict[int, Source]) -> list[Message]:
         try:
@@ -156,11 +181,17 @@ class TrainingAgent:
     def publish(self, checkpoint: bool) -> None:
         """Write the next snapshot; with ``checkpoint``, also record what it has trained on."""
         self.version += 1
-        learner = self.learner
+        learner, estimates = self.learner, self.referee.estimates()
         self.snapshots.save(learner.model, version=self.version, bags_seen=learner.bags_seen, steps=learner.steps,
                             train_config=learner.preset.train.to_dict(),
-                            optimizer_state=learner.optimizer_state() if checkpoint else None)
+                            optimizer_state=learner.optimizer_state() if checkpoint else None,
+                            serving=self.referee.champion, estimates=estimates,
+                            referee=self.referee.state())
         SNAPSHOT_VERSION.set(self.version)
+        for policy, estimate in estimates.items():
+            if estimate["sctr"] is not None:
+                POLICY_SCTR.labels(policy).set(estimate["sctr"])
+                POLICY_SCTR_SE.labels(policy).set(estimate["se"])
         if not checkpoint:
             return
         tx = self.store.transaction()

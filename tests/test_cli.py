@@ -120,8 +120,11 @@ def test_evaluate_equals_algorithm_1_on_select_output(trained):
     assert reported["policy"]["per_component"] == pytest.approx(expected, rel=1e-12)
     ctr = sum(b["clicked"] for b in held_out) / len(held_out)
     assert reported["uniform"]["combination"] == pytest.approx(ctr)
+    readouts = reported.pop("readouts")
     assert reported == {**calibrated_sctr([Bag.model_validate(b) for b in held_out], selections),
-                        "bad_lines": 0, "model_version": 1}
+                        "bad_lines": 0, "model_version": 1, "serving": "genco"}
+    assert set(readouts) == {"genco", "priors", "pooled"} and readouts["genco"] == reported["policy"], (
+        "each readout of the snapshot beside the one it serves (genco train's snapshots serve genco)")
 
 
 def test_simulate_writes_a_uniform_log_that_train_learns_from(tmp_path):
