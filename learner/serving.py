@@ -143,13 +143,15 @@ class ServingModel:
     """A trained GenCO's weights, frozen, scoring batches in numpy; nothing here changes after creation.
 
     ``readout``: which of ``READOUTS`` it serves (``with_readout`` gives another from the same arrays).
-    ``frozen``: copy the priors' count tables, which the learner keeps counting into; a caller done with it
-    before the model learns again (``learner.referee``) reads them in place and saves the copy."""
+    ``frozen``: copy the embedding and count tables, which the learner keeps training and counting into; a
+    caller done with it before the model learns again (``learner.referee``) reads them in place and saves the
+    copies."""
 
     def __init__(self, model: GenCO, readout: str = "genco", frozen: bool = True) -> None:
         c = self.config = model.config
-        self.context_table = _array(model.context_table.weight)
-        self.element_table = _array(model.element_table.weight)
+        table = _array if frozen else (lambda weight: weight.detach().numpy())  # not frozen: views, no copies
+        self.context_table = table(model.context_table.weight)
+        self.element_table = table(model.element_table.weight)
         self.component_table = _array(model.component_embedding.weight)
         self.encoder = _freeze_mlp(model.encoder)
         self.phi = SplitMLP.freeze(model.phi, c.encoder[-1])
