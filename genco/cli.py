@@ -131,9 +131,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Algorithm 1 of the readout the snapshot serves (``policy``, as ``genco select`` answers), and of each of
     its readouts (``readouts``), on the log."""
-    from learner.evaluate import calibrated_sctr
-    from learner.policy import Selector
-    from learner.serving import readouts
+    from learner.evaluate import snapshot_sctr
 
     snapshot = _snapshot(args.snapshot_dir)
     if snapshot is None:
@@ -143,13 +141,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with open(args.bags, "rb") as lines:
         bags = [bag for _, bag in read_records(lines, _bag_model(), bad)]
     serving, version = snapshot.manifest.serving, snapshot.manifest.version
-    each = {name: calibrated_sctr(bags, Selector(snapshot.model, args.k, threads=args.threads, readout=name)
-                                  .select(bags)) for name in readouts(snapshot.model.config)}
-    result = each[serving]
+    result, _ = snapshot_sctr(snapshot.model, serving, bags, args.k, args.threads)
     result["bad_lines"] = bad.count
     result["model_version"] = version
-    result["serving"] = serving
-    result["readouts"] = {name: sctr["policy"] for name, sctr in each.items()}
     pol, uni = result["policy"], result["uniform"]
 
     def fmt(x: float | None) -> str:

@@ -5,8 +5,9 @@ the uniform policy by number of candidates) and the calibrated sCTR of Algorithm
 them for a snapshot (``learner.explain``, ``learner.evaluate``) and writes them for a person:
 ``OUTDIR/report.md`` with PNG figures beside it, and a JSON summary for a program.
 
-JSON (``build``): ``serving`` (the policy that serves) and ``policies`` (each policy the snapshot holds, with
-its estimate; today the one GenCO model), ``component_importance``, ``mil_weights``, ``mil_weights_relative``,
+JSON (``build``): ``serving`` (the readout the snapshot serves) and ``policies`` (each readout it holds, with its
+calibrated sCTR on the log and the snapshot's own estimate), ``component_importance``, ``mil_weights``,
+``mil_weights_relative``,
 ``requests_with``, ``by_ad``, ``lift_by_candidates``, ``sctr`` (what ``genco evaluate --json`` gives),
 ``figures`` and ``skipped`` (a figure not drawn, and why).
 """
@@ -23,31 +24,33 @@ UNIFORM_POLICIES = ("explore", "fallback")  # the contract's uniformly random re
 def build(bags: Sequence, snapshot_dir: str, out: Path, k: int = 16, threads: int = 1) -> dict:
     """The report's figures for the newest snapshot in ``snapshot_dir`` on ``bags`` (validated Bags), with
     ``OUTDIR/report.md`` and the PNGs written to ``out``; returns the JSON summary."""
-    from learner.evaluate import calibrated_sctr, sctr_by_candidates
+    from learner.evaluate import sctr_by_candidates, snapshot_sctr
     from learner.explain import explain
-    from learner.policy import Selector
+    from learner.features import Featurizer
+    from learner.serving import ServingModel
     from learner.snapshots import SnapshotStore
 
     started = time.perf_counter()
     snapshot = SnapshotStore(snapshot_dir).load()
-    manifest = snapshot.manifest
-    selector = Selector(snapshot.model, k, threads=threads)
-    selections = selector.select(list(bags))
-    sctr = calibrated_sctr(bags, selections)
+    manifest, config = snapshot.manifest, snapshot.model.config
+    sctr, selections = snapshot_sctr(snapshot.model, manifest.serving, bags, k, threads)
     sctr["model_version"] = manifest.version
+    estimates = manifest.estimates or {}
     summary = {
         "bags": len(bags),
         "uniform_bags": sum(bag.policy in UNIFORM_POLICIES for bag in bags),
         "model_version": manifest.version,
         "bags_seen": manifest.bags_seen,
         "model_config": manifest.model_config,
-        "serving": "genco",
-        "policies": [{"name": "genco", "model_version": manifest.version, "serves": True,
-                      "pooled": sctr["policy"]["pooled"], "combination": sctr["policy"]["combination"],
+        "serving": manifest.serving,
+        "policies": [{"name": name, "serves": name == manifest.serving, "model_version": manifest.version,
+                      "pooled": figures["pooled"], "combination": figures["combination"],
                       "combination_matched": sum(all(chosen.get(c) == e for c, e in bag.shown.items())
-                                                 for bag, chosen in zip(bags, selections, strict=True))}],
-        **explain(selector.model, selector.featurizer, bags),
-        "lift_by_candidates": sctr_by_candidates(bags, selections),
+                                                 for bag, chosen in zip(bags, selections[name], strict=True)),
+                      "estimate": estimates.get(name)} for name, figures in sctr["readouts"].items()],
+        # the model's own scores (the genco readout): its element head and its MIL head, whichever readout serves
+        **explain(ServingModel(snapshot.model), Featurizer(config.sizes, config.max_candidates), bags),
+        "lift_by_candidates": sctr_by_candidates(bags, selections[manifest.serving]),
         "sctr": sctr,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -243,16 +246,23 @@ def markdown(summary: dict) -> str:
     if summary["uniform_bags"] < summary["bags"]:
         lines += ["", f"**Warning:** {summary['bags'] - summary['uniform_bags']:,} bags were not served uniformly "
                       "at random: calibrated sCTR (Algorithm 1) is unbiased on a uniform-random log only."]
-    lines += ["", "| policy | serves | calibrated sCTR, pooled | whole combination (bags matched) |",
-              "|---|---|---|---|"]
+    lines += ["", "| policy (readout of the snapshot) | serves | calibrated sCTR, pooled | whole combination "
+                  "(bags matched) | the snapshot's own estimate |", "|---|---|---|---|---|"]
     for policy in summary["policies"]:
+        estimate = policy["estimate"]
+        own = "-" if not estimate else (f"{_pct(estimate.get('sctr'))} ± {_pct(estimate.get('se'))} on "
+                                        f"{estimate.get('bags', 0):,.0f} bags")
         lines.append(f"| {policy['name']} v{policy['model_version']} | {'yes' if policy['serves'] else 'no'} | "
                      f"{_pct(policy['pooled'])} | {_pct(policy['combination'])} "
-                     f"({policy['combination_matched']:,}) |")
-    lines.append(f"| uniform | - | {_pct(uni['pooled'])} | {_pct(uni['combination'])} |")
+                     f"({policy['combination_matched']:,}) | {own} |")
+    lines.append(f"| uniform | - | {_pct(uni['pooled'])} | {_pct(uni['combination'])} | |")
     lines += ["", "The whole combination counts only the bags whose every component the policy matches, each "
                   "weighing the product of the candidate counts: with few matched bags its figure is mostly noise, "
-                  "and the pooled one is the figure to trust."]
+                  "and the pooled one is the figure to trust. The snapshot's own estimate is what the learner's "
+                  "referee measured on the explore slice when it chose the readout that serves (none for a "
+                  f"snapshot of `genco train`). The rest of this report reads the serving readout "
+                  f"(**{summary['serving']}**) for sCTR and lifts, and the model's own element and MIL heads for "
+                  "component importance and MIL weights."]
     lines += ["", "## What matters: component importance and MIL weights", "",
               "![component importance](component_importance.png)", "",
               "*Component importance*: how much choosing the model's best element rather than a random one raises "
@@ -283,7 +293,7 @@ def markdown(summary: dict) -> str:
               "Per component: the policy chooses that component, the log's uniform choice stands for the others. "
               "Pooled: every component's exposures and clicks together. Whole combination: every component "
               "matched at once (the exact inverse-propensity value, noisier).", "",
-              "| component | genco | uniform | lift | matched exposures |", "|---|---|---|---|---|"]
+              f"| component | {summary['serving']} | uniform | lift | matched exposures |", "|---|---|---|---|---|"]
     for c in order:
         value, base = pol["per_component"].get(c), uni["per_component"].get(c)
         lines.append(f"| {c} | {_pct(value)} | {_pct(base)} | "
@@ -299,7 +309,7 @@ def markdown(summary: dict) -> str:
               "where each holds enough bags, else tertiles of the log's counts. The paper finds the lift grows "
               "with the candidates: more to choose from, more to gain. ± is one standard error of the policy's "
               "sCTR.", "",
-              "| component | candidates | bags | matched | genco sCTR | uniform | lift |",
+              f"| component | candidates | bags | matched | {summary['serving']} sCTR | uniform | lift |",
               "|---|---|---|---|---|---|---|"]
     for c in order:
         for b in (b for b in summary["lift_by_candidates"] if b["component"] == c):

@@ -18,6 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from learner.model import GenCO
+from learner.policy import Selector
+from learner.serving import readouts
+
 Selection = dict[str, str]
 
 
@@ -70,6 +74,20 @@ def calibrated_sctr(bags: Sequence, selections: Sequence[Selection]) -> dict:
         },
         "exposures": {c: exposure.get(c, 0.0) for c in components},
     }
+
+
+def snapshot_sctr(model: GenCO, serving: str, bags: Sequence, k: int = 16, threads: int = 1,
+                  ) -> tuple[dict, dict[str, list[Selection]]]:
+    """What ``genco evaluate`` reports of a snapshot's model on a uniform-random log: Algorithm 1 of the readout
+    that serves (``serving``, as ``genco select`` answers), with ``serving`` and every readout's figures
+    (``readouts``: {readout: its ``policy`` figures}) beside it; and each readout's selections."""
+    selections = {name: Selector(model, k, threads=threads, readout=name).select(list(bags))
+                  for name in readouts(model.config)}
+    each = {name: calibrated_sctr(bags, chosen) for name, chosen in selections.items()}
+    result = each[serving]
+    result["serving"] = serving
+    result["readouts"] = {name: sctr["policy"] for name, sctr in each.items()}
+    return result, selections
 
 
 # The paper's Table 4 brackets of candidate counts, as (low, high) inclusive: [<3, 3-5, >5] for title, image and

@@ -56,8 +56,11 @@ def test_report_writes_markdown_figures_and_the_json_the_contract_names(reported
     root, _, summary = reported
     for key in ("component_importance", "mil_weights", "lift_by_candidates", "sctr", "serving", "policies"):
         assert key in summary, key
-    assert summary["serving"] == "genco" and summary["policies"][0]["serves"]
-    assert summary["sctr"]["policy"]["pooled"] == summary["policies"][0]["pooled"]
+    policies = {policy["name"]: policy for policy in summary["policies"]}
+    assert set(policies) == {"genco", "priors", "pooled"}  # every readout of the snapshot, each with its sCTR
+    assert summary["serving"] == "genco" and [name for name, p in policies.items() if p["serves"]] == ["genco"]
+    assert summary["sctr"]["policy"]["pooled"] == policies["genco"]["pooled"]
+    assert summary["sctr"]["readouts"]["pooled"]["pooled"] == policies["pooled"]["pooled"]
     assert {b["component"] for b in summary["lift_by_candidates"]} == set(TRUE_ORDER)
     assert all(b["bags"] > 0 for b in summary["lift_by_candidates"])
     figures = [Path(f) for f in summary["figures"]]
