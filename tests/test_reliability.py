@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 
 import pytest
@@ -26,6 +27,8 @@ from stream.joiner import Joiner
 from stream.kafka import Connection
 from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
+
+SERVED = re.compile(r"serving snapshot v(\d+)")  # the selector's log line as it swaps in a snapshot
 
 pytestmark = pytest.mark.integration
 
@@ -81,8 +84,7 @@ def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_on
     served_before_kill: list[int] = []
 
     def note_served_versions() -> None:
-        served_before_kill.extend(int(line.rsplit("v", 1)[1]) for line in serve_log(tmp_path).splitlines()
-                                  if "serving snapshot v" in line)
+        served_before_kill.extend(int(version) for version in SERVED.findall(serve_log(tmp_path)))
 
     wait_ready(tmp_path)  # requests sent earlier would wait, not be lost
     try:
