@@ -21,6 +21,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -97,14 +98,31 @@ async def _drive(server: AdServer, seconds: float, status: StatusLine) -> tuple[
     return run.result(), time.monotonic() - started
 
 
+def is_tail(window: dict, earlier: list[dict]) -> bool:
+    """Whether a window holds under half the median of the ``earlier`` windows' responses: the run ends
+    mid-window, and a tail of a few dozen responses samples a handful of requests, whose uniform and oracle
+    CTRs can fall by half, a drop that no policy made."""
+    return len(earlier) > 1 and window["responses"] < 0.5 * statistics.median(r["responses"] for r in earlier)
+
+
 def plotted_windows(windows: list[dict]) -> list[dict]:
-    """The windows the plot shows: those with a uniform CTR, less a last one that holds under half the median
-    window's responses. The run ends mid-window, and a tail of a few dozen responses samples a handful of
-    requests, whose uniform and oracle CTRs can fall by half: a drop in the plot that no policy made."""
+    """The windows the plot shows: those with a uniform CTR, less a last one that is the run's tail."""
     rows = [r for r in windows if r["uniform_ctr"] is not None]
-    if len(rows) > 2 and rows[-1]["responses"] < 0.5 * statistics.median(r["responses"] for r in rows[:-1]):
+    if len(rows) > 2 and is_tail(rows[-1], rows[:-1]):
         rows = rows[:-1]
     return rows
+
+
+def _printer(status: StatusLine) -> Callable[[dict], None]:
+    """Prints each window's row as it closes, marking a tail (``is_tail``), which the plot leaves out."""
+    shown: list[dict] = []
+
+    def show(window: dict) -> None:
+        note = "  (the run's last seconds: too few to read)" if is_tail(window, shown) else ""
+        shown.append(window)
+        status.print(_row(window) + note)
+
+    return show
 
 
 def _plot(report: Report, path: Path) -> None:
@@ -170,7 +188,7 @@ def run_demo(settings: Settings, rate: float = 300.0, seconds: float = 60.0) -> 
             _wait_for_agents(metrics, status)
             server = AdServer(world, Connection.from_settings(settings, url), Topics(settings.topic_prefix),
                               rate=rate, requests=int(rate * seconds), window_s=DEMO_WINDOW_S, window_every_s=10.0)
-            server.on_window = lambda window: status.print(_row(window))
+            server.on_window = _printer(status)
             status.print("the first requests get the uniform fallback until the learner's first snapshot")
             status.print(f"{'t (s)':>6}{'responses':>10}{'model':>7}{'GenCO':>9}{'uniform':>9}{'oracle':>9}")
             report, elapsed = asyncio.run(_drive(server, seconds, status))

@@ -169,3 +169,22 @@ def test_the_demo_plot_leaves_out_a_short_last_window():
     assert plotted_windows([*full, tail]) == full
     assert plotted_windows([*full, {**tail, "responses": 2000}]) == [*full, {**tail, "responses": 2000}]
     assert plotted_windows([{**full[0], "uniform_ctr": None}, *full[1:]]) == full[1:]
+
+
+def test_the_demo_table_marks_the_short_last_window_the_plot_leaves_out():
+    from genco.demo import _printer
+
+    class Lines:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def print(self, text: str) -> None:
+            self.lines.append(text)
+
+    out = Lines()
+    show = _printer(out)
+    row = {"model_version": 3, "genco_ctr": 0.06, "uniform_ctr": 0.05, "oracle_ctr": 0.2}
+    for i in range(5):
+        show({**row, "t": 10.0 * i, "responses": 3000})
+    show({**row, "t": 50.0, "responses": 40})
+    assert ["last seconds" in line for line in out.lines] == [False] * 5 + [True]
