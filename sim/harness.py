@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from contract.settings import Settings
 from learner.snapshots import SnapshotError, SnapshotStore
 from sim.adserver import AdServer, Report
-from sim.loop import LoopConfig, LoopReport, Tenth
+from sim.loop import LoopConfig, LoopReport
 from sim.truth import KnownTruth
 from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
@@ -119,18 +119,12 @@ def serve_loop(world: KnownTruth, config: LoopConfig, seed: int) -> tuple[LoopRe
     ``config.explore``, clicks attributed within ``config.window_s``) on a fresh embedded broker, scored by
     tenth of the requests sent as ``run_loop`` scores them; and the ad server's report (answers, latencies).
     ``world`` is a KnownTruth that also draws requests (``request(request_id)``), as the ad server's is."""
-    tenths = [Tenth() for _ in range(10)]
+    scored = LoopReport()
     rng = random.Random(seed)
 
     def score(request: dict, response: dict, p: float) -> None:
         i = int(request["request_id"].removeprefix("r-"))  # the ad server's ids count the requests sent
-        tenth = tenths[min(10 * i // config.requests, 9)]
-        tenth.served.append(p)
-        if rng.random() < config.truth_sample:
-            uniform, oracle, _ = world.values(request)
-            tenth.uniform.append(uniform)
-            tenth.oracle.append(oracle)
-            tenth.sampled.append(p)
+        scored.score(world, request, i, p, config, rng)
 
     topics = Topics("live.")
     with tempfile.TemporaryDirectory() as state, EmbeddedBroker() as broker:
@@ -144,4 +138,4 @@ def serve_loop(world: KnownTruth, config: LoopConfig, seed: int) -> tuple[LoopRe
             report = asyncio.run(server.run())
         finally:
             stop_serve(serve)
-    return LoopReport(tenths), report
+    return scored, report

@@ -82,7 +82,19 @@ class Tenth:
 
 @dataclass
 class LoopReport:
-    tenths: list[Tenth]
+    tenths: list[Tenth] = field(default_factory=lambda: [Tenth() for _ in range(10)])
+
+    def score(self, world, request: dict, i: int, p: float, config: LoopConfig, rng: random.Random) -> None:
+        """Counts the ``i``-th request's served true CTR ``p`` in its tenth of the run, and for a share
+        ``config.truth_sample`` of requests (drawn from ``rng``) its uniform and oracle CTRs, computed exactly:
+        enumerating every combination is what scoring costs."""
+        tenth = self.tenths[min(10 * i // config.requests, 9)]
+        tenth.served.append(p)
+        if rng.random() < config.truth_sample:
+            uniform, oracle, _ = world.values(request)
+            tenth.uniform.append(uniform)
+            tenth.oracle.append(oracle)
+            tenth.sampled.append(p)
 
     def captured_by_tenth(self) -> list[float]:
         return [round(tenth.captured(), 3) for tenth in self.tenths]
@@ -105,7 +117,7 @@ def run_loop(world, policy: LivePolicy, config: LoopConfig | None = None, seed: 
     rng = random.Random(seed)
     pending: list[tuple[float, int, dict]] = []  # (time the label is known, order, bag)
     known: list[dict] = []  # bags whose label is known, in arrival order, not yet learned
-    tenths = [Tenth() for _ in range(10)]
+    report = LoopReport()
     serving = policy.snapshot()
     per_snapshot = int(config.rate * config.snapshot_every_s)
     for start in range(0, config.requests, per_snapshot):
@@ -127,16 +139,10 @@ def run_loop(world, policy: LivePolicy, config: LoopConfig | None = None, seed: 
             else:
                 shown = next(picks)
             p = world.click_probability(raw, shown)
-            tenth = tenths[min(10 * i // config.requests, 9)]
-            tenth.served.append(p)
-            if rng.random() < config.truth_sample:
-                uniform, oracle, _ = world.values(raw)
-                tenth.uniform.append(uniform)
-                tenth.oracle.append(oracle)
-                tenth.sampled.append(p)
+            report.score(world, raw, i, p, config, rng)
             clicked = rng.random() < p
             at = i / config.rate
             known_at = at + (rng.uniform(0.05, 0.8 * config.window_s) if clicked else config.window_s)
             bag = {**raw, "impression_id": f"imp-{i}", "ts": at, "shown": shown, "clicked": clicked}
             heapq.heappush(pending, (known_at, i, bag))
-    return LoopReport(tenths)
+    return report

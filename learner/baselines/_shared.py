@@ -11,6 +11,12 @@ import numpy as np
 from learner.baselines.base import Request, Selection
 
 
+def smoothed_ctr(clicks: float, bags: float) -> float:
+    """The running overall CTR, smoothed by one click in 20 bags: a proper Beta prior's mean before any click,
+    and no division by zero before any bag."""
+    return (clicks + 1.0) / (bags + 20.0)
+
+
 class Counts:
     """Impressions and summed values (clicks, excess clicks) per key, in numpy arrays that grow; a key gets a row
     on first sight and remembers its parent's row in the level above (for a hierarchy's shrinkage)."""

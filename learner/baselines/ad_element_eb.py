@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from contract.events import Bag
-from learner.baselines._shared import Candidates, Counts
+from learner.baselines._shared import Candidates, Counts, smoothed_ctr
 from learner.baselines.base import Request, Selection
 
 
@@ -79,8 +79,8 @@ class AdElementEB:
 
     @property
     def p0(self) -> float:
-        """Running CTR, smoothed by one click in 20 bags so every prior is a proper Beta before any click."""
-        return (self.clicks + 1.0) / (self.bags + 20.0)
+        """The running overall CTR (``smoothed_ctr``)."""
+        return smoothed_ctr(self.clicks, self.bags)
 
     def learn(self, bags: list[Bag]) -> None:
         if not bags:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from contract.events import Bag
-from learner.baselines._shared import Counts, between_variance
+from learner.baselines._shared import Counts, between_variance, smoothed_ctr
 from learner.baselines.base import Request, Selection
 
 
@@ -46,7 +46,8 @@ class HierarchicalCounter:
 
     @property
     def p0(self) -> float:
-        return (self.clicks + 1.0) / (self.bags + 20.0)
+        """The running overall CTR (``smoothed_ctr``)."""
+        return smoothed_ctr(self.clicks, self.bags)
 
     def _ad_rate(self, rows: np.ndarray) -> np.ndarray:
         n, clicks = self.ads.get(rows)
