@@ -69,6 +69,13 @@ def _bag_model():  # imported lazily: pydantic models cost start-up time the CLI
     return Bag
 
 
+def _read_bags(path: str) -> tuple[list, BadLines]:
+    """Every valid bag of a JSON-lines file, and the lines skipped as bad."""
+    bad = BadLines()
+    with open(path, "rb") as lines:
+        return [bag for _, bag in read_records(lines, _bag_model(), bad)], bad
+
+
 def _snapshot(snapshot_dir: str):
     """The newest snapshot of ``snapshot_dir``, None where there is none."""
     from learner.snapshots import SnapshotStore
@@ -137,9 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if snapshot is None:
         print(f"no snapshot in {args.snapshot_dir}", file=sys.stderr)
         return 2
-    bad = BadLines()
-    with open(args.bags, "rb") as lines:
-        bags = [bag for _, bag in read_records(lines, _bag_model(), bad)]
+    bags, bad = _read_bags(args.bags)
     serving, version = snapshot.manifest.serving, snapshot.manifest.version
     result, _ = snapshot_sctr(snapshot.model, serving, bags, args.k, args.threads)
     result["bad_lines"] = bad.count
@@ -171,9 +176,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not SnapshotStore(args.snapshot_dir).latest_version():
         print(f"no snapshot in {args.snapshot_dir}", file=sys.stderr)
         return 2
-    bad = BadLines()
-    with open(args.bags, "rb") as lines:
-        bags = [bag for _, bag in read_records(lines, _bag_model(), bad)]
+    bags, bad = _read_bags(args.bags)
     if not bags:
         print(f"no valid bag in {args.bags}", file=sys.stderr)
         return 2

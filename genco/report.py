@@ -72,6 +72,14 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Lays out, writes and closes a figure: pyplot keeps every open one alive."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _ordered(summary: dict) -> list[str]:
     """Components by importance, most first: every table and figure lists them in this order."""
     importance = summary["component_importance"]
@@ -119,10 +127,7 @@ def _importance_figure(summary: dict, path: Path) -> Path:
     for row in axes:
         for a in row:
             a.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _lift_figure(summary: dict, path: Path) -> Path:
@@ -150,10 +155,7 @@ def _lift_figure(summary: dict, path: Path) -> Path:
     ax.set_title("lift by number of candidates (paper's Table 4): fewest, middle, most\n"
                  "each bar labelled with its candidate counts; whiskers: ±1 standard error", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _by_ad_figure(summary: dict, path: Path) -> Path:
@@ -181,10 +183,7 @@ def _by_ad_figure(summary: dict, path: Path) -> Path:
         if ax is not axes[0][0]:
             ax.set_yticklabels([])
     fig.suptitle("by ad, the busiest ads; blank: the ad has no such component", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _curve_figure(curve: dict, path: Path) -> Path:
@@ -215,10 +214,7 @@ def _curve_figure(curve: dict, path: Path) -> Path:
     bottom.legend()
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # -- markdown ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from learner.evaluate import calibrated_sctr
 from learner.features import Batch, Featurizer
 from learner.model import GenCO
-from learner.policy import choose, hashed_uniform
+from learner.policy import answers, choose, hashed_uniform
 from learner.serving import ServingModel
 from sim.truth import KnownTruth
 
@@ -60,9 +60,7 @@ def genco_selections(models: Mapping[str, GenCO], records: Sequence, mode: Mappi
                 picks = combination_head_choice(model, batch)
             else:
                 picks = choose(model, batch, 1 if how == "f_ele" else K)
-            picks = picks.tolist()
-            out[name] += [{batch.component_names[g]: batch.candidate_ids[g][picks[g]] for g in pools}
-                          for pools in batch.request_pools()]
+            out[name] += answers(batch, picks.tolist())
     return out
 
 
