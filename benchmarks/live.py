@@ -44,13 +44,14 @@ from sim.loop import Frozen, LoopConfig, LoopReport, run_loop
 from sim.zoo import FAMILIES, HELD_OUT_SEEDS, ZooWorld, draw_config
 
 KAFKA = "genco serve (kafka)"
+REPEAT_SEEDS = 10_000  # a loop's draws: seed + REPEAT_SEEDS x repeat (repeat 0: the world's seed, as before)
 
 
 class GenCOLive:
     """A Learner in the loop: each snapshot serves through a frozen Selector, as the selector agent does."""
 
-    def __init__(self, thompson: bool) -> None:
-        self.learner = Learner(preset("default"))
+    def __init__(self, thompson: bool, **overrides) -> None:
+        self.learner = Learner(preset("default", **overrides))
         self.thompson = thompson
 
     def learn(self, bags: list) -> None:
@@ -63,6 +64,7 @@ class GenCOLive:
 POLICIES = {
     "genco (posterior sampling)": lambda: GenCOLive(thompson=True),
     "genco (best combination)": lambda: GenCOLive(thompson=False),
+    "genco w/o min spread": lambda: GenCOLive(thompson=False, prior_min_spread=(0.0, 0.0)),
     "counter (Thompson)": lambda: Frozen(ThompsonCounter()),
     "counter (greedy)": lambda: Frozen(HierarchicalCounter()),
     "ad x element eb (Thompson)": lambda: Frozen(AdElementEB(thompson=True)),
@@ -87,6 +89,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60_000)
     parser.add_argument("--rate", type=float, nargs="+", default=[500.0], help="requests a second; one block each")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="loops per world and policy, each with its own draws (explorations, clicks)")
     parser.add_argument("--kafka", action="store_true", help="also genco serve on the embedded broker")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -103,10 +107,12 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             for name in args.policies:
-                torch.manual_seed(seed)
-                report = run_loop(world_of(args.family, seed, args.ads), POLICIES[name](), config, seed=seed)
-                rows.append(_row(args.family, seed, rate, name, report))
-                print(json.dumps(rows[-1]), flush=True)
+                for repeat in range(args.repeats):
+                    torch.manual_seed(seed)
+                    report = run_loop(world_of(args.family, seed, args.ads), POLICIES[name](), config,
+                                      seed=seed + REPEAT_SEEDS * repeat)
+                    rows.append({**_row(args.family, seed, rate, name, report), "repeat": repeat})
+                    print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -71,6 +71,8 @@ BOUND = "known structure"  # not a baseline: told the world's structure (sim/bou
 POLICIES: dict[str, Callable[[ZooWorld], object]] = {  # each made for the world it will learn
     GENCO: lambda world: GenCOPolicy("default"),
     "priors alone": lambda world: PriorsAlone("default"),
+    # The priors' spreads as the method of moments finds them, with no minimum (docs/decisions.md)
+    "genco w/o min spread": lambda world: GenCOPolicy("default", prior_min_spread=(0.0, 0.0)),
     # The paper's ablations, on the network alone: with the priors on, they would hide its contribution.
     "network alone": lambda world: GenCOPolicy("default", prior=False),
     "network w/o MIL": lambda world: GenCOPolicy("default", prior=False, mil=False),

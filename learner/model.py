@@ -40,6 +40,10 @@ class ModelConfig:
     context_prior: bool = True  # with ``prior``: each element's shift for the request's age, gender, segments
     pair_prior: bool = True  # with ``prior``: combinations also score their pairs' synergy (off: preset "fast")
     prior_half_life: float | None = None  # impressions after which a count weighs half; None: never fades
+    # The smallest spreads (sd, log-odds) the priors assume of elements around their component and of an element's
+    # cells (its ads) around it, whatever the method of moments finds
+    # (docs/decisions.md, "Spreads: a minimum under the moments")
+    prior_min_spread: tuple[float, float] = (0.2, 0.1)
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4
@@ -54,7 +58,7 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
         data["sizes"] = HashSizes(**data.get("sizes", {}))
-        for key in ("encoder", "policy"):
+        for key in ("encoder", "policy", "prior_min_spread"):
             if key in data:
                 data[key] = tuple(data[key])
         return cls(**data)
@@ -120,7 +124,7 @@ class GenCO(nn.Module):
         self.priors: Priors | None = None
         if c.prior:  # counted, not learned: empirical Bayes sets how far each is trusted
             self.priors = Priors(context=c.context_prior, pairs=c.pair_prior, half_life=c.prior_half_life,
-                                 cross_cells=sizes.cross, pair_cells=sizes.pair)
+                                 min_spread=c.prior_min_spread, cross_cells=sizes.cross, pair_cells=sizes.pair)
             # How much of the network's scores serving adds to the priors', (element, combination): learned
             # from each batch before the network learns from it, so a network that scores noise where
             # counting already knows better gets no say (docs/decisions.md, "Serving blend").

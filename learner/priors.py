@@ -186,7 +186,10 @@ class Priors:
     """The count tables and the spreads fitted to them; ``scores`` before a batch, ``observe`` after."""
 
     def __init__(self, context: bool = True, pairs: bool = True, half_life: float | None = None,
-                 ad_strength: float = 20.0, cross_cells: int = 1 << 20, pair_cells: int = 1 << 20) -> None:
+                 ad_strength: float = 20.0, min_spread: tuple[float, float] = (0.0, 0.0), cross_cells: int = 1 << 20,
+                 pair_cells: int = 1 << 20) -> None:
+        """``min_spread``: the smallest spreads (sd, log-odds) of elements around their component and of cells
+        around their element, whatever the method of moments finds (``refit``)."""
         self.half_life, self.ad_strength = half_life, ad_strength
         self.ads, self.elements, self.cells = CountTable(), CountTable(), CountTable()
         self.components = np.zeros((COMPONENT_ROWS, 3))
@@ -194,7 +197,9 @@ class Priors:
         self.pairs = CountTable(pair_cells) if pairs else None
         self.total = np.zeros(2)  # (n, clicks)
         self.weight = 1.0  # an impression counted now, against one counted at the last rescale
-        self.spreads = np.full(3, _FLOOR)  # τ² (log-odds) of elements around components, cells around them, crosses
+        # τ² (log-odds) of elements around components, cells around them, crosses: never below these
+        self.min_spreads = np.maximum(np.array([min_spread[0] ** 2, min_spread[1] ** 2, 0.0]), _FLOOR)
+        self.spreads = self.min_spreads.copy()
         self.pair_strength = PAIR_STRENGTHS[-1]
         self.pair_gains = np.zeros((3, len(PAIR_STRENGTHS)))  # per strength, decayed: (batches, Σ gain, Σ gain²)
         self.steps = 0
@@ -309,17 +314,26 @@ class Priors:
 
     def refit(self) -> None:
         """Each level's spread around its parent: the variance of the rows' effects beyond their noise (and
-        beyond the parent's own uncertainty), weighted by information."""
+        beyond the parent's own uncertainty), weighted by information; the elements' and cells' no smaller
+        than ``min_spreads``.
+
+        Why a minimum: on faint effects (sd 0.05-0.15 in log-odds) the moments are mostly noise and come out at
+        the floor, and on traffic served greedily each ad shows one element nearly always, whose excess over
+        the ad's CTR (which it sets) is ~0: the rows show no spread at all. At the floor a cell's posterior
+        is τ² · Σ excess, so candidates rank by summed excess, the served element's stays ahead, and what
+        serving does not show is never believed (docs/decisions.md, "Spreads: a minimum under the moments")."""
         _, s_c, v_c = (self.components / self.weight).T
         elements, element_components = self.elements.used()
         elements = elements / self.weight
-        self.spreads[0] = between_variance(elements[:, 1], elements[:, 2], (s_c / (v_c + 1.0))[element_components],
-                                           default=self.spreads[0])
+        self.spreads[0] = max(between_variance(elements[:, 1], elements[:, 2],
+                                               (s_c / (v_c + 1.0))[element_components], default=self.spreads[0]),
+                              self.min_spreads[0])
         cells, cell_elements = self.cells.used()
         cells = cells / self.weight
         mean, mean_variance = self.element_posterior(elements.take(cell_elements, axis=0),
                                                      element_components.take(cell_elements), cells)
-        self.spreads[1] = between_variance(cells[:, 1], cells[:, 2], mean, mean_variance, default=self.spreads[1])
+        self.spreads[1] = max(between_variance(cells[:, 1], cells[:, 2], mean, mean_variance, default=self.spreads[1]),
+                              self.min_spreads[1])
         if self.crosses is not None:
             crosses, cross_elements = self.crosses.used()
             seen = np.flatnonzero(crosses[:, 2] > 0)
