@@ -43,7 +43,7 @@ class ModelConfig:
     # The smallest spreads (sd, log-odds) the priors assume of elements around their component and of an element's
     # cells (its ads) around it, whatever the method of moments finds
     # (docs/decisions.md, "Spreads: a minimum under the moments")
-    prior_min_spread: tuple[float, float] = (0.2, 0.1)
+    prior_min_spread: tuple[float, float] = (0.1, 0.1)
     encoder: tuple[int, ...] = (32, 16, 8)
     policy: tuple[int, ...] = (64, 32, 8)
     attention_hidden: int = 4
