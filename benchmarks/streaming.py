@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from contract.events import Bag
 from contract.settings import Settings
 from learner.compute import configure_compute
+from learner.publications import Differ, encode
 from learner.snapshots import SnapshotError, SnapshotStore
 from learner.trainer import Learner
 from sim.adserver import AdServer
@@ -36,6 +37,7 @@ from stream.joiner import Joiner
 from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent
 from stream.serve import running_agents
+from stream.snapshot_topic import SnapshotPublisher
 from stream.watermark import SETTLE_S
 
 
@@ -134,6 +136,17 @@ def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
 
 
+async def publish_model(connection: Connection, topics: Topics, learner: Learner) -> None:
+    """``learner``'s model as version 1 on the snapshot topic, as the learner agent publishes it."""
+    publisher = SnapshotPublisher(connection, topics.snapshots)
+    await publisher.open()
+    weights = {name: value.detach().numpy() for name, value in learner.model.weights().items()}
+    publication = Differ().publication(weights, {"version": 1, "model_config": learner.model.config.to_dict(),
+                                                 "serving": "genco"})
+    await publisher.publish(1, True, encode(publication))
+    await publisher.close()
+
+
 def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
     topics = Topics("bs.")
     connection = Connection.from_settings(Settings(), url)
@@ -141,13 +154,12 @@ def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
     connection.ensure_topics(topics.all())
     learner = Learner()
     learner.learn([Bag.model_validate(b) for b in world.uniform_log(20_000)])
-    SnapshotStore(state / "snapshots").save(learner.model, version=1, bags_seen=20_000, steps=20,
-                                            train_config=learner.preset.train.to_dict())
+    asyncio.run(publish_model(connection, topics, learner))
     requests = [world.request(f"r-{i}") for i in range(n)]
     asyncio.run(load(servers, [(topics.requests, r["request_id"].encode(), json.dumps(r).encode())
                                for r in requests]))
     raw = asyncio.run(floor(servers, topics.requests, "bs.floor-out", n))
-    agent = SelectorAgent(connection, topics, state / "snapshots", explore=0.05)
+    agent = SelectorAgent(connection, topics, explore=0.05)
     elapsed = asyncio.run(drain(agent, lambda: agent.policy.version == 1, servers, topics.responses, n))
     rate = n / elapsed
     return {"requests": n, **raw, "selector_requests_per_s": round(rate),

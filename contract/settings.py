@@ -27,6 +27,7 @@ _SECURITY_ENV = {
 }
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+AGENTS = ("joiner", "learner", "selector")  # the roles ``genco serve --agents`` runs, all by default
 
 
 def _security() -> dict[str, str]:

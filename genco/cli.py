@@ -205,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from stream.serve import serve
 
-    return serve(Settings(), broker=args.broker)
+    return serve(Settings(), broker=args.broker, agents=args.agents)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -284,6 +284,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _agent_list(text: str) -> tuple[str, ...]:
+    """``joiner,selector`` as the roles to run, each once, in the order given; an unknown role is an error."""
+    from contract.settings import AGENTS
+
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in AGENTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'no role'}: the roles are {', '.join(AGENTS)}")
+    return names
+
+
 def _family(name: str) -> str:
     from sim.zoo import FAMILIES  # imported only when --family is given: numpy is not for every command's start
 
@@ -332,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true")
     report.set_defaults(run=cmd_report)
 
-    serve = sub.add_parser("serve", help="run every agent (joiner, learner, selector) until SIGTERM")
+    serve = sub.add_parser("serve", help="run the agents (joiner, learner, selector; all by default) until SIGTERM")
     serve.add_argument("--broker", default=None, help="kafka://host:port[,host:port] (default: GENCO_BROKER, "
                        "else an embedded broker)")
+    serve.add_argument("--agents", type=_agent_list, default=None,
+                       help="comma-separated roles this process runs (default: all of them)")
     serve.set_defaults(run=cmd_serve)
 
     status = sub.add_parser("status", help="a running genco serve's health, agent restarts and errors, lag, pending "

@@ -26,12 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from contract.settings import Settings
+from contract.settings import AGENTS, Settings
 from sim.adserver import AdServer, Report
 from sim.world import World, WorldConfig
 from stream.agent import LOG_FORMAT
 from stream.kafka import Connection, Topics
-from stream.serve import AGENTS, broker_for, prepare_metrics, ready_agents, running_agents
+from stream.serve import broker_for, prepare_metrics, ready_agents, running_agents
 
 DEMO_WINDOW_S = 2.0  # the simulated users click within seconds, so the demo closes windows fast
 READY_TIMEOUT_S = 90.0  # agents import torch and join their groups; past this the traffic starts anyway

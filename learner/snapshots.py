@@ -78,6 +78,16 @@ def _name(version: int) -> str:
     return f"v{version:08d}"
 
 
+def model_from(model_config: dict, weights: dict[str, torch.Tensor]) -> GenCO:
+    """A serving model (eval mode) of ``model_config`` holding ``weights``."""
+    from learner.model import GenCO, ModelConfig
+
+    model = GenCO(ModelConfig.from_dict(model_config))
+    model.load_weights(weights)
+    model.eval()
+    return model
+
+
 class SnapshotStore:
     """Writes and reads the snapshots of one directory; keeps the newest ``keep`` versions."""
 
@@ -138,16 +148,12 @@ class SnapshotStore:
     def load(self, version: int | None = None, with_optimizer: bool = False) -> Snapshot:
         from safetensors.torch import load_file
 
-        from learner.model import GenCO, ModelConfig
-
         manifest = self.manifest(version)
         folder = self.directory / _name(manifest.version)
         weights = folder / "model.safetensors"
         if not weights.exists() or _sha256(weights) != manifest.sha256:
             raise SnapshotError(f"{weights}: missing or checksum mismatch")
-        model = GenCO(ModelConfig.from_dict(manifest.model_config))
-        model.load_weights(load_file(str(weights)))
-        model.eval()
+        model = model_from(manifest.model_config, load_file(str(weights)))
         optimizer = folder / "optimizer.safetensors"
         state = load_file(str(optimizer)) if with_optimizer and optimizer.exists() else None
         return Snapshot(manifest, model, state)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from contract.settings import Settings
+from contract.settings import AGENTS, Settings
 from learner.snapshots import SnapshotError, SnapshotStore
 from sim.adserver import AdServer, Report
 from sim.loop import LoopConfig, LoopReport
@@ -39,12 +39,14 @@ def serve_env(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 
 
 
 def start_serve(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0,
-                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``genco serve`` on ``broker`` (see ``serve_env``, plus ``extra_env``), its log in state_dir/serve.log."""
+                extra_env: dict[str, str] | None = None, agents: tuple[str, ...] = AGENTS) -> subprocess.Popen:
+    """``genco serve --agents`` on ``broker`` (see ``serve_env``, plus ``extra_env``), its log in
+    state_dir/serve.log."""
     env = {**serve_env(broker, topics, state_dir, metrics_port), **(extra_env or {})}
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents
-        return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve", "--agents", ",".join(agents)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_serve(serve: subprocess.Popen) -> None:
@@ -80,9 +82,9 @@ def serve_log(state_dir: Path) -> str:
     return (Path(state_dir) / "serve.log").read_text()
 
 
-def wait_ready(state_dir: Path, timeout_s: float = 90.0) -> None:
-    """Until every agent of the ``genco serve`` started on ``state_dir`` has its partitions."""
-    if not wait_until_ready(Path(state_dir) / "metrics", timeout_s=timeout_s):
+def wait_ready(state_dir: Path, timeout_s: float = 90.0, agents: tuple[str, ...] = AGENTS) -> None:
+    """Until ``agents`` of the ``genco serve`` started on ``state_dir`` have their partitions."""
+    if not wait_until_ready(Path(state_dir) / "metrics", agents, timeout_s=timeout_s):
         raise TimeoutError(f"genco serve not ready after {timeout_s:.0f} s:\n{serve_log(state_dir)[-3000:]}")
 
 

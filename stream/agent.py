@@ -42,7 +42,7 @@ def build_agent(name: str, connection: Connection, settings: Settings):
     if name == "selector":
         from stream.selector import SelectorAgent
 
-        return SelectorAgent(connection, topics, state / "snapshots", settings.explore)
+        return SelectorAgent(connection, topics, settings.explore)
     raise ValueError(f"unknown agent {name!r}")
 
 

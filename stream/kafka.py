@@ -62,12 +62,25 @@ class Topics:
     def dead_letters(self) -> str:
         return f"{self.prefix}dead-letters"
 
+    @property
+    def snapshots(self) -> str:
+        """genco's own: the learner's model versions, for every selector (``stream.snapshot_topic``)."""
+        return f"{self.prefix}snapshots"
+
+    @property
+    def configs(self) -> dict[str, dict[str, str]]:
+        """Topic configs genco sets when it creates a topic: the snapshot topic keeps an hour (a chain starts
+        every few minutes) in 64 MiB segments, so old versions leave an Apache Kafka broker."""
+        return {self.snapshots: {"retention.ms": str(3600 * 1000), "segment.bytes": str(64 << 20)}}
+
     def group(self, agent: str) -> str:
         """The consumer group of an agent: per prefix, so deployments sharing a cluster stay apart."""
         return f"{self.prefix}{agent}"
 
     def all(self) -> list[str]:
-        return [self.requests, self.responses, self.impressions, self.clicks, self.bags, self.dead_letters]
+        """Every topic genco reads or writes: the contract's and its own."""
+        return [self.requests, self.responses, self.impressions, self.clicks, self.bags, self.dead_letters,
+                self.snapshots]
 
 
 @dataclass(frozen=True)
@@ -120,8 +133,10 @@ class Connection:
                                 session_timeout_ms=10000, heartbeat_interval_ms=1000,
                                 **self.client_options(), **options)
 
-    def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0) -> None:
-        """Create the topics that do not exist; leave existing ones (and their partition counts) alone."""
+    def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0,
+                      configs: dict[str, dict[str, str]] | None = None) -> None:
+        """Create the topics that do not exist, each with its ``configs`` if any; leave existing ones (and their
+        partition counts and configs) alone."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -137,7 +152,7 @@ class Connection:
             missing = [t for t in topics if t not in set(admin.list_topics())]
             for topic in missing:
                 try:
-                    admin.create_topics([NewTopic(topic, partitions, 1)])
+                    admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=(configs or {}).get(topic))])
                     log.info("created topic %s (%d partition%s)", topic, partitions, "s"[: partitions > 1])
                 except TopicAlreadyExistsError:
                     pass

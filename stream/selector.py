@@ -1,13 +1,15 @@
 """The selector agent: SelectionRequests -> SelectionResponses, from the newest snapshot.
 
 Requests are answered in batches (whatever one fetch returned, up to 512), so the
-model runs once per batch. A watcher notices a new snapshot, loads it in a worker
-thread and swaps the serving policy between two batches: serving never pauses.
-It serves the readout the snapshot names (``Manifest.serving``: genco, or one of its
-baselines that the learner's referee found ahead); its answers say ``genco`` either way.
-A request that fails validation gets an error response (when its request_id can
-be read) and a dead letter. Offsets are committed after the responses are sent:
-after a crash, unanswered requests are answered again, never dropped.
+model runs once per batch. Snapshots come over Kafka (``stream.snapshot_topic``), so a
+selector runs on any host: at start it reads the newest chain of publications, and
+then follows the topic, applying each new version off the event loop and swapping
+the serving policy between two batches: serving never pauses, and the version served
+never goes back. It serves the readout the snapshot names (``serving``: genco, or one
+of its baselines that the learner's referee found ahead); its answers say ``genco``
+either way. A request that fails validation gets an error response (when its
+request_id can be read) and a dead letter. Offsets are committed after the responses
+are sent: after a crash, unanswered requests are answered again, never dropped.
 
 No request can stop it: a batch is cut by work (``contract.events.work_batches``), a
 model call that raises is retried request by request and a request that raises
@@ -22,14 +24,15 @@ import asyncio
 import json
 import logging
 import time
-from pathlib import Path
+
+import torch
 
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import SelectionRequest, work_batches
 from contract.jsonl import parse_line, readable_request_id
 from learner.policy import ServingPolicy
 from learner.serving import READOUTS
-from learner.snapshots import SnapshotStore
+from learner.snapshots import Snapshot, model_from
 from stream.fetch import SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (
@@ -42,27 +45,29 @@ from stream.metrics import (
     SNAPSHOT_LOAD_FAILURES,
 )
 from stream.runtime import FetchWatch, commit, dead_letter, send_all
+from stream.snapshot_topic import Follower, last_stamp, snapshot_consumer
 
 log = logging.getLogger("genco.selector")
 
 
 class SelectorAgent:
-    def __init__(self, connection: Connection, topics: Topics, snapshot_dir: Path, explore: float,
-                 max_batch: int = 512, poll_every_s: float = 0.5) -> None:
+    def __init__(self, connection: Connection, topics: Topics, explore: float, max_batch: int = 512) -> None:
         self.connection = connection
         self.topics = topics
-        self.snapshots = SnapshotStore(snapshot_dir)
         self.explore = explore
         self.max_batch = max_batch
-        self.poll_every_s = poll_every_s
         self.policy = ServingPolicy(None, explore=explore)
-        self.failed_version = 0  # the newest snapshot that failed to load: not tried again until a newer one
+        self.follower = Follower()
+        self.failed_version = 0  # the newest version that failed to load: not tried again
+        self.caught_up = asyncio.Event()  # set once the newest version on the topic serves (or there is none)
         self.ready = asyncio.Event()  # set once partitions are assigned
 
-    def _load(self, version: int) -> ServingPolicy:
-        snapshot = self.snapshots.load(version)
-        policy = ServingPolicy(snapshot.model, snapshot.manifest.version, explore=self.explore,
-                               readout=snapshot.manifest.serving)
+    def serve_snapshot(self, snapshot: Snapshot) -> None:
+        """Serve a snapshot read from a directory (``genco select``'s kind) from now on."""
+        self._swap(self._policy(snapshot.model, snapshot.manifest.version, snapshot.manifest.serving))
+
+    def _policy(self, model, version: int, readout: str) -> ServingPolicy:
+        policy = ServingPolicy(model, version, explore=self.explore, readout=readout)
         if policy.selector and self.policy.selector:  # its cache starts with the ads lone requests ask for
             try:
                 policy.selector.warm(self.policy.selector)
@@ -70,19 +75,7 @@ class SelectorAgent:
                 log.warning("snapshot v%d starts with a cold cache (%s: %s)", version, type(error).__name__, error)
         return policy
 
-    async def swap_to_newest(self) -> None:
-        """Serve the newest snapshot if it is newer than the one served (loading off the event loop)."""
-        try:
-            version = self.snapshots.latest_version()
-            if version <= max(self.policy.version, self.failed_version):
-                return
-            policy = await asyncio.to_thread(self._load, version)
-        except Exception as error:  # any fault of a snapshot (a newer format, a bad file) must not stop serving
-            SNAPSHOT_LOAD_FAILURES.inc()
-            self.failed_version = version
-            log.error("snapshot v%d not loaded (%s: %s); serving v%d until a newer one loads", version,
-                      type(error).__name__, error, self.policy.version)
-            return
+    def _swap(self, policy: ServingPolicy) -> None:
         policy.rng = self.policy.rng
         self.policy = policy
         MODEL_VERSION.set(policy.version)
@@ -92,11 +85,48 @@ class SelectorAgent:
             SERVING_POLICY.labels(name).set(1 if name == readout else 0)
         log.info("serving snapshot v%d (readout %s)", policy.version, readout)
 
-    async def watch_snapshots(self, stop: asyncio.Event) -> None:
-        """Swap in each new snapshot as it appears."""
-        while not stop.is_set():
-            await self.swap_to_newest()
-            await asyncio.sleep(self.poll_every_s)
+    def _load_replica(self) -> ServingPolicy:
+        manifest, weights = self.follower.replica.manifest, self.follower.replica.weights
+        model = model_from(manifest["model_config"], {name: torch.from_numpy(value) for name, value in weights.items()})
+        return self._policy(model, manifest["version"], manifest.get("serving", "genco"))
+
+    async def swap_to_newest(self) -> None:
+        """Serve the newest version the follower holds if it is newer than the one served (loading off the
+        event loop); a version that fails to load leaves the one before serving."""
+        version = self.follower.replica.version
+        if version <= max(self.policy.version, self.failed_version):
+            return
+        try:
+            policy = await asyncio.to_thread(self._load_replica)
+        except Exception as error:  # any fault of a snapshot (a newer format, a bad tensor) must not stop serving
+            SNAPSHOT_LOAD_FAILURES.inc()
+            self.failed_version = version
+            log.error("snapshot v%d not loaded (%s: %s); serving v%d until a newer one loads", version,
+                      type(error).__name__, error, self.policy.version)
+            return
+        self._swap(policy)
+
+    async def follow_snapshots(self, stop: asyncio.Event) -> None:
+        """Read the newest chain on the snapshot topic, then every version after it, serving each once caught up."""
+        consumer, tp = snapshot_consumer(self.connection, self.topics.snapshots)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            last = await last_stamp(consumer, tp)
+            if last is not None and last.start >= 0:
+                consumer.seek(tp, last.start)
+            else:
+                await consumer.seek_to_beginning(tp)
+            while not stop.is_set():
+                records = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
+                if records:
+                    await asyncio.to_thread(self.follower.take, records)
+                highwater = consumer.highwater(tp)
+                if highwater is None or await consumer.position(tp) >= highwater:  # caught up: serve the newest
+                    await self.swap_to_newest()
+                    self.caught_up.set()
+        finally:
+            await consumer.stop()
 
     def answer(self, records: list) -> list[Message]:
         """Responses (and dead letters) for one batch of request records: refusals first, then answers in
@@ -137,6 +167,10 @@ class SelectorAgent:
                          json.dumps({"request_id": request_id, "error": json.loads(letter[2])["error"]}).encode())]
 
     async def run(self, stop: asyncio.Event) -> None:
+        follower = asyncio.create_task(self.follow_snapshots(stop))
+        # After a restart, never answer with an older model than before it: requests wait for the newest.
+        await asyncio.wait([follower, asyncio.create_task(self.caught_up.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
         producer = self.connection.producer(linger_ms=0)
         await producer.start()
         consumer = self.connection.consumer(self.topics.requests, group=self.topics.group("selector"),
@@ -144,11 +178,11 @@ class SelectorAgent:
         await consumer.start()
         watch = FetchWatch("selector", log)
         fetch = SafeFetch(consumer, "selector", self.topics.dead_letters)
-        await self.swap_to_newest()  # after a restart, never answer with an older model than before it
-        watcher = asyncio.create_task(self.watch_snapshots(stop))
         log.info("answering %s on %s", self.topics.requests, self.topics.responses)
         try:
             while not stop.is_set():
+                if follower.done():  # following the snapshots stopped on an error: let the agent die of it
+                    follower.result()
                 fetched = await fetch.getmany(timeout_ms=100, max_records=self.max_batch)
                 batches = fetched.records
                 watch.mark_ready(consumer, self.ready)
@@ -167,6 +201,6 @@ class SelectorAgent:
                 for _ in records:
                     SELECTION_LATENCY.observe(elapsed)
         finally:
-            watcher.cancel()
+            follower.cancel()
             await consumer.stop()
             await producer.stop()

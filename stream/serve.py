@@ -23,14 +23,13 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
-from contract.settings import Settings
+from contract.settings import AGENTS, Settings
 from stream.agent import LOG_FORMAT
 from stream.embedded import EmbeddedBroker, die_with_parent
 from stream.kafka import Connection, Topics
 
 log = logging.getLogger("genco.serve")
 
-AGENTS = ("joiner", "learner", "selector")
 RESTART_MEMORY_S = 600.0  # genco_agent_recent_restarts counts the restarts of this long ago
 
 
@@ -175,7 +174,8 @@ def running_agents(settings: Settings, broker: str, agents: tuple[str, ...] = AG
                    log_path: Path | None = None) -> Iterator[Supervisor]:
     """Topics created, agents started (their output in ``log_path`` if given); they are stopped cleanly when the
     block ends."""
-    Connection.from_settings(settings, broker).ensure_topics(Topics(settings.topic_prefix).all())
+    topics = Topics(settings.topic_prefix)
+    Connection.from_settings(settings, broker).ensure_topics(topics.all(), configs=topics.configs)
     supervisor = Supervisor(settings, broker, agents, log_path)
     supervisor.start()
     try:
@@ -184,7 +184,9 @@ def running_agents(settings: Settings, broker: str, agents: tuple[str, ...] = AG
         supervisor.stop()
 
 
-def serve(settings: Settings, broker: str | None = None) -> int:
+def serve(settings: Settings, broker: str | None = None, agents: tuple[str, ...] | None = None) -> int:
+    """Run ``agents`` (all by default) until SIGTERM or SIGINT."""
+    agents = agents or AGENTS
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     prepare_metrics(settings.state_dir)
@@ -192,9 +194,10 @@ def serve(settings: Settings, broker: str | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.append(signum))
     with broker_for(settings, broker) as url:
-        log.info("broker %s, topics %s*, state in %s", url, settings.topic_prefix, Path(settings.state_dir).resolve())
+        log.info("broker %s, topics %s*, state in %s, agents %s", url, settings.topic_prefix,
+                 Path(settings.state_dir).resolve(), ",".join(agents))
         start_metrics_server(settings.metrics_port, settings.metrics_host)
-        with running_agents(settings, url) as supervisor:
+        with running_agents(settings, url, agents) as supervisor:
             while not stopping:
                 time.sleep(0.2)
                 supervisor.check()

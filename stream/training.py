@@ -7,8 +7,11 @@ trains the bags after them again, so every impression counts in the model once;
 a bag whose impression_id was already trained is skipped (the joiner may repeat a
 bag after its own crash).
 
-Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning;
-checkpoints every ``checkpoint_every_s``. Version numbers only ever grow.
+Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning, on the
+snapshot topic for every selector (``stream.snapshot_topic``: a whole model now and then,
+the rows that changed between) and into the state dir; checkpoints every
+``checkpoint_every_s``, into the state dir. Version numbers only ever grow, across
+learners too: one that starts continues after the newest version on the topic.
 
 Before each step, the referee (``learner.referee``) scores every readout of the model as it stands on the
 batch's explore bags and keeps the champion; each snapshot names it (``serving``) with every readout's
@@ -29,11 +32,13 @@ import time
 from pathlib import Path
 
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from river import metrics
 
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
 from contract.jsonl import parse_line
+from learner.publications import Differ, encode
 from learner.referee import Referee
 from learner.serving import readouts
 from learner.snapshots import SnapshotError, SnapshotStore
@@ -53,12 +58,15 @@ from stream.metrics import (
     TRAINING_STEPS,
 )
 from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
+from stream.snapshot_topic import SnapshotPublisher
 
 Source = tuple[TopicPartition, ConsumerRecord]  # where a bag came from, for its dead letter
 
 log = logging.getLogger("genco.learner")
 
 _CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored offsets and trained ids belong to
+# What of a snapshot's manifest a selector needs: no optimiser, referee or training settings go on the topic.
+PUBLISHED = ("version", "bags_seen", "steps", "created", "model_config", "serving", "estimates", "format")
 
 
 class TrainingAgent:
@@ -79,6 +87,8 @@ class TrainingAgent:
         self.referee_settings = referee_settings or {}  # Referee's keyword arguments (tests judge sooner)
         self.learner, self.referee = self._resume()
         self.version = max(self.snapshots.latest_version(), self.learner_version)
+        self.differ = Differ()
+        self.publisher = SnapshotPublisher(connection, topics.snapshots)
         self.loss = metrics.LogLoss()
         # Trained since the last checkpoint: impression id -> bag ts; offsets reached.
         self.unrecorded: dict[str, float] = {}
@@ -178,22 +188,51 @@ class TrainingAgent:
         half = len(bags) // 2
         return self._step_or_bisect(bags[:half], where) + self._step_or_bisect(bags[half:], where)
 
-    def publish(self, checkpoint: bool) -> None:
-        """Write the next snapshot; with ``checkpoint``, also record what it has trained on."""
+    def publish(self, checkpoint: bool) -> tuple[bool, bytes]:
+        """Write the next snapshot; with ``checkpoint``, also record what it has trained on. Returns the
+        snapshot's publication for the topic: whether it is a base, and its bytes."""
         self.version += 1
         learner, estimates = self.learner, self.referee.estimates()
-        self.snapshots.save(learner.model, version=self.version, bags_seen=learner.bags_seen, steps=learner.steps,
-                            train_config=learner.preset.train.to_dict(),
-                            optimizer_state=learner.optimizer_state() if checkpoint else None,
-                            serving=self.referee.champion, estimates=estimates,
-                            referee=self.referee.state())
+        manifest = self.snapshots.save(learner.model, version=self.version, bags_seen=learner.bags_seen,
+                                       steps=learner.steps, train_config=learner.preset.train.to_dict(),
+                                       optimizer_state=learner.optimizer_state() if checkpoint else None,
+                                       serving=self.referee.champion, estimates=estimates,
+                                       referee=self.referee.state())
+        publication = self.differ.publication(
+            {name: value.detach().numpy() for name, value in learner.model.weights().items()},
+            {name: getattr(manifest, name) for name in PUBLISHED})
+        blob = encode(publication)
         SNAPSHOT_VERSION.set(self.version)
         for policy, estimate in estimates.items():
             if estimate["sctr"] is not None:
                 POLICY_SCTR.labels(policy).set(estimate["sctr"])
                 POLICY_SCTR_SE.labels(policy).set(estimate["se"])
-        if not checkpoint:
-            return
+        if checkpoint:
+            self._record_trained()
+        return publication.manifest["kind"] == "base", blob
+
+    async def publish_next(self, checkpoint: bool) -> None:
+        """Write the next snapshot and put it on the snapshot topic. The first time, this learner takes the next
+        epoch and continues after the topic's newest version: only now, as the active learner (a standby that
+        started long ago must not reuse the version numbers of its day)."""
+        if self.publisher.producer is None:
+            await self.publisher.open()
+            self.version = max(self.version, self.publisher.last_version)
+        await self.send(await asyncio.to_thread(self.publish, checkpoint))
+
+    async def send(self, publication: tuple[bool, bytes]) -> None:
+        """Put a publication on the snapshot topic. Where that fails, the next one is a base: selectors that
+        missed this one must not wait for a chain that broke here."""
+        base, blob = publication
+        try:
+            await self.publisher.publish(self.version, base, blob)
+        except KafkaError as error:
+            log.error("snapshot v%d not published (%s: %s): the next one goes whole", self.version,
+                      type(error).__name__, error)
+            self.differ = Differ()
+
+    def _record_trained(self) -> None:
+        """Record the trained impressions and the offsets reached, with the checkpoint they belong to."""
         tx = self.store.transaction()
         for impression_id, ts in self.unrecorded.items():
             key = impression_id.encode()
@@ -262,7 +301,7 @@ class TrainingAgent:
                 now = time.monotonic()
                 if learned_since_snapshot and not buffer and now - last_snapshot >= self.snapshot_every_s:
                     checkpoint = now - last_checkpoint >= self.checkpoint_every_s
-                    await asyncio.to_thread(self.publish, checkpoint)
+                    await self.publish_next(checkpoint)
                     last_snapshot, learned_since_snapshot = now, False
                     if checkpoint:
                         last_checkpoint = now
@@ -274,8 +313,9 @@ class TrainingAgent:
             if buffer:
                 await send_all(producer, self.train_isolating(buffer, sources), self.topics.dead_letters)
             if self.unrecorded:
-                self.publish(checkpoint=True)
+                await self.publish_next(checkpoint=True)
         finally:
             await consumer.stop()
             await producer.stop()
+            await self.publisher.close()
             self.store.close()

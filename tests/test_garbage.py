@@ -9,7 +9,6 @@ real RocksDB store; the broker is left out so hypothesis can try hundreds of cas
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import tempfile
@@ -136,8 +135,8 @@ def snapshot_dir(small_world, tmp_path_factory) -> Path:
 
 def answer(snapshot_dir: Path, messages: list[tuple[str, bytes]]) -> tuple[list[dict], list[dict], list[dict]]:
     """(responses, error responses, dead letters) of a selector serving the snapshot, 10% explore, fixed seed."""
-    agent = SelectorAgent(UNUSED, TOPICS, snapshot_dir, explore=0.1)
-    asyncio.run(agent.swap_to_newest())
+    agent = SelectorAgent(UNUSED, TOPICS, explore=0.1)
+    agent.serve_snapshot(SnapshotStore(snapshot_dir).load())
     assert agent.policy.version == 3
     agent.policy.rng = random.Random(0)
     out = [json.loads(value) for topic, _, value in agent.answer([record(t, i, raw) for i, (t, raw)

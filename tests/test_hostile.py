@@ -13,7 +13,6 @@ try many cases (tests/test_clients.py sends the same kinds through genco serve).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import tempfile
 import time
@@ -106,8 +105,8 @@ def snapshot_dir(tmp_path_factory) -> Path:
                                                                  HealthCheck.function_scoped_fixture])
 @given(st.lists(requests() | deep, min_size=1, max_size=4))
 def test_the_selector_answers_or_refuses_every_hostile_request(snapshot_dir, raws):
-    agent = SelectorAgent(UNUSED, TOPICS, snapshot_dir, explore=0.0)
-    asyncio.run(agent.swap_to_newest())
+    agent = SelectorAgent(UNUSED, TOPICS, explore=0.0)
+    agent.serve_snapshot(SnapshotStore(snapshot_dir).load())
     good = [WORLD.request(f"good-{i}") for i in range(3)]
     messages = [*raws, *(json.dumps(r).encode() for r in good)]
     out = agent.answer([record(TOPICS.requests, i, raw) for i, raw in enumerate(messages)])

@@ -13,6 +13,7 @@ import torch
 from contract.events import Bag, SelectionRequest
 from learner.policy import Selector
 from learner.priors import PriorKeys
+from learner.publications import decode
 from learner.referee import Referee
 from learner.serving import ServingModel, readouts
 from learner.snapshots import SnapshotStore
@@ -119,25 +120,26 @@ def test_the_learner_hands_serving_to_the_pooled_counter_and_genco_takes_it_back
             champions.append(learner.referee.champion)
         return champions
 
-    def served() -> str:
+    def served(publication: tuple[bool, bytes]) -> str:
+        """The readout the selector serves once it has applied the learner's publication."""
+        selector.follower.replica.apply(decode(publication[1]))
         asyncio.run(selector.swap_to_newest())
         assert selector.policy.respond([probe])[0]["policy"] == "genco", "learned answers say genco, whichever readout"
         return selector.policy.selector.model.readout
 
-    selector = SelectorAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path / "snapshots", explore=0.0)
+    selector = SelectorAgent(Connection(("127.0.0.1:1",)), Topics("s."), explore=0.0)
     learner = agent()
     assert train_until(learner, 10) == ["genco"] * 10, "genco ahead while the ads keep their minds"
     world.flip()
     assert train_until(learner, 12, "pooled")[-1] == "pooled"
-    learner.publish(checkpoint=True)
+    publication = learner.publish(checkpoint=True)
     manifest = SnapshotStore(tmp_path / "snapshots").manifest()
     assert manifest.serving == "pooled" and manifest.estimates["pooled"]["sctr"] > manifest.estimates["genco"]["sctr"]
-    assert served() == "pooled"
+    assert served(publication) == "pooled"
 
     learner.store.close()
     learner = agent()  # a restart resumes the referee with the checkpoint
     assert learner.referee.champion == "pooled" and learner.referee.estimates() == manifest.estimates
     assert train_until(learner, 30, "genco")[-1] == "genco", "genco overtakes once its cells learn the new signs"
-    learner.publish(checkpoint=True)
-    assert served() == "genco"
+    assert served(learner.publish(checkpoint=True)) == "genco"
     learner.store.close()

@@ -1,5 +1,5 @@
-"""``genco serve`` on a real broker: the closed loop (with garbage mixed in) learns, selection hot-swaps
-snapshots, SIGTERM is clean."""
+"""``genco serve`` on a real broker: the closed loop (with garbage mixed in) learns, SIGTERM is clean, and its
+roles run in separate processes that share nothing but the broker."""
 
 from __future__ import annotations
 
@@ -12,16 +12,13 @@ import time
 
 import pytest
 
-from contract.events import Bag
 from contract.settings import Settings
 from learner.snapshots import SnapshotStore
-from learner.trainer import Learner
 from sim.adserver import AdServer
-from sim.harness import WINDOW, serve_env, serve_log, start_serve, wait_ready
+from sim.harness import WINDOW, serve_env, serve_log, start_serve, stop_serve, wait_ready
 from sim.world import World, WorldConfig
 from stream.embedded import free_port
 from stream.kafka import Connection
-from stream.selector import SelectorAgent
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -81,38 +78,42 @@ def genco_status(broker: str, topics, state_dir, metrics_port: int, until, timeo
         time.sleep(1)
 
 
-def test_selector_serves_fallback_then_hot_swaps_to_the_newest_snapshot(broker, topics, tmp_path, small_world):
-    world, log = small_world
+@pytest.mark.slow
+def test_roles_in_processes_that_share_nothing_but_the_broker(broker, topics, tmp_path):
+    """``genco serve --agents joiner,learner`` and ``--agents selector``, each on its own state dir: the selector
+    serves the learner's versions, which reach it over Kafka. Once it stops, a selector started on an empty
+    state dir answers with the newest version from its first answer on."""
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics(topics.all())
-    agent = SelectorAgent(connection, topics, tmp_path / "snapshots", explore=0.0, poll_every_s=0.1)
-    requests = [world.request(f"r-{i}") for i in range(40)]
-
-    async def scenario() -> tuple[list[dict], list[dict]]:
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        await asyncio.wait_for(agent.ready.wait(), 60)
-        await produce(broker, [(topics.requests, r["request_id"], r) for r in requests[:20]])
-        before = await read_all(broker, topics.responses, lambda m: len(m) >= 20, timeout_s=20)
-        learner = Learner()
-        learner.learn([Bag.model_validate(b) for b in log[:5000]])
-        SnapshotStore(tmp_path / "snapshots").save(learner.model, version=7, bags_seen=5000, steps=5,
-                                                   train_config=learner.preset.train.to_dict())
-        while agent.policy.version != 7:
-            await asyncio.sleep(0.05)
-        await produce(broker, [(topics.requests, r["request_id"], r) for r in requests[20:]]
-                      + [(topics.requests, "r-bad", b'{"request_id": "r-bad", "ad_id": "a", "candidates": {}}')])
-        after = await read_all(broker, topics.responses, lambda m: len(m) >= 41, timeout_s=20)
-        stop.set()
-        await task
-        return before, after[20:]
-
-    before, after = asyncio.run(scenario())
-    assert {(r["policy"], r["model_version"]) for r in before} == {("fallback", 0)}
-    assert all(r["propensity"] > 0 for r in before)
-    answered = [r for r in after if "error" not in r]
-    assert {(r["policy"], r["model_version"]) for r in answered} == {("genco", 7)}
-    assert [r["request_id"] for r in answered] == [r["request_id"] for r in requests[20:]]
-    errors = [r for r in after if "error" in r]
-    assert errors == [{"request_id": "r-bad", "error": errors[0]["error"]}]
-    assert "candidates" in errors[0]["error"]
+    trainer_dir, first_dir, second_dir = tmp_path / "trainer", tmp_path / "selector-1", tmp_path / "selector-2"
+    training, selecting = ("joiner", "learner"), ("selector",)
+    serves = [start_serve(broker, topics, trainer_dir, agents=training),
+              start_serve(broker, topics, first_dir, agents=selecting)]
+    world = World(WorldConfig(seed=5, n_ads=60))
+    late = [world.request(f"late-{i}") for i in range(50)]
+    try:
+        wait_ready(trainer_dir, agents=training)
+        wait_ready(first_dir, agents=selecting)
+        report = asyncio.run(AdServer(world, connection, topics, rate=250, requests=6_000, window_s=WINDOW).run())
+        stop_serve(serves[1])
+        newest = SnapshotStore(trainer_dir / "snapshots").latest_version()
+        started = time.monotonic()
+        serves.append(start_serve(broker, topics, second_dir, agents=selecting))
+        asyncio.run(produce(broker, [(topics.requests, r["request_id"], r) for r in late]))
+        responses = asyncio.run(read_all(broker, topics.responses, timeout_s=120, until=lambda m: sum(
+            r["request_id"].startswith("late-") for r in m) >= len(late)))
+        took_s = time.monotonic() - started
+    finally:
+        for serve in serves:
+            if serve.poll() is None:
+                stop_serve(serve)
+    assert report.sent == report.answered == 6_000, report.invalid[:5]
+    assert report.versions[-1] >= 3 and report.policies.get("genco", 0) > 4_000, "the learner's versions serve"
+    answers = [r for r in responses if r["request_id"].startswith("late-")]
+    assert len(answers) == len(late) and {r["policy"] for r in answers} <= {"genco", "explore"}
+    assert min(r["model_version"] for r in answers) >= newest > 0, "the new selector began with the newest"
+    assert took_s < 60, f"a new selector answered after {took_s:.0f} s"
+    assert not (first_dir / "snapshots").exists() and not (second_dir / "snapshots").exists()
+    for state in (trainer_dir, first_dir, second_dir):
+        log = serve_log(state)
+        assert "stopped cleanly" in log and "exited with status" not in log, log[-2000:]
