@@ -7,7 +7,8 @@ point therefore replays at most the uncommitted batch, and the outbox re-sends
 bags with the labels already decided, never different ones.
 
 It consumes every partition of both topics itself, so the join is correct
-whatever partition counts or key partitioning the producers used.
+whatever partition counts or key partitioning the producers used: other joiners
+in its group stand by (``stream.one_active``).
 
 No input stops it: an invalid message, one the join's code raises on, and a batch
 the client cannot decode (``stream.fetch``) each become a dead letter, written
@@ -30,6 +31,7 @@ from stream.fetch import SafeFetch
 from stream.join import Join, JoinCounts
 from stream.kafka import Connection, Topics
 from stream.metrics import BAGS_OUT, DUPLICATES, EVENTS_IN, ORPHAN_CLICKS, PENDING_IMPRESSIONS, WATERMARK
+from stream.one_active import OneActive
 from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, deliver
 from stream.watermark import Watermark
 
@@ -75,7 +77,8 @@ class Joiner:
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
         await producer.start()
-        consumer = self.connection.consumer(group=self.topics.group("joiner"), max_poll_records=2000)
+        consumer = self.connection.consumer(group=self.topics.group("joiner"), max_poll_records=2000,
+                                            partition_assignment_strategy=(OneActive(),))
         try:
             leftovers = self.store.outbox()
             if leftovers:

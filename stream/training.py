@@ -57,6 +57,7 @@ from stream.metrics import (
     TRAINED_BAGS,
     TRAINING_STEPS,
 )
+from stream.one_active import OneActive
 from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
 from stream.snapshot_topic import SnapshotPublisher
 
@@ -251,7 +252,8 @@ class TrainingAgent:
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
         await producer.start()
-        consumer = self.connection.consumer(group=self.topics.group("learner"), max_poll_records=self.batch_size)
+        consumer = self.connection.consumer(group=self.topics.group("learner"), max_poll_records=self.batch_size,
+                                            partition_assignment_strategy=(OneActive(),))  # one learner trains
         consumer.subscribe([self.topics.bags], listener=SeekToStoredOffsets(consumer, self.store))
         await consumer.start()
         watch = FetchWatch("learner", log)
