@@ -68,10 +68,17 @@ class Topics:
         return f"{self.prefix}snapshots"
 
     @property
+    def checkpoints(self) -> str:
+        """genco's own: the learner's checkpoints, for a learner that takes over on another host."""
+        return f"{self.prefix}checkpoints"
+
+    @property
     def configs(self) -> dict[str, dict[str, str]]:
-        """Topic configs genco sets when it creates a topic: the snapshot topic keeps an hour (a chain starts
-        every few minutes) in 64 MiB segments, so old versions leave an Apache Kafka broker."""
-        return {self.snapshots: {"retention.ms": str(3600 * 1000), "segment.bytes": str(64 << 20)}}
+        """Topic configs genco sets when it creates a topic. The snapshot and checkpoint topics keep their newest
+        2 GiB, however old (an idle learner publishes nothing, and its newest chain must stay readable), in
+        64 MiB segments."""
+        newest = {"retention.ms": "-1", "retention.bytes": str(2 << 30), "segment.bytes": str(64 << 20)}
+        return {self.snapshots: newest, self.checkpoints: newest}
 
     def group(self, agent: str) -> str:
         """The consumer group of an agent: per prefix, so deployments sharing a cluster stay apart."""
@@ -80,7 +87,7 @@ class Topics:
     def all(self) -> list[str]:
         """Every topic genco reads or writes: the contract's and its own."""
         return [self.requests, self.responses, self.impressions, self.clicks, self.bags, self.dead_letters,
-                self.snapshots]
+                self.snapshots, self.checkpoints]
 
 
 @dataclass(frozen=True)

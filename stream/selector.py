@@ -45,7 +45,7 @@ from stream.metrics import (
     SNAPSHOT_LOAD_FAILURES,
 )
 from stream.runtime import FetchWatch, commit, dead_letter, send_all
-from stream.snapshot_topic import Follower, last_stamp, snapshot_consumer
+from stream.snapshot_topic import Follower, seek_to_newest_chain, snapshot_consumer
 
 log = logging.getLogger("genco.selector")
 
@@ -112,11 +112,7 @@ class SelectorAgent:
         await consumer.start()
         try:
             consumer.assign([tp])
-            last = await last_stamp(consumer, tp)
-            if last is not None and last.start >= 0:
-                consumer.seek(tp, last.start)
-            else:
-                await consumer.seek_to_beginning(tp)
+            await seek_to_newest_chain(consumer, tp)
             while not stop.is_set():
                 records = (await consumer.getmany(tp, timeout_ms=500)).get(tp, [])
                 if records:

@@ -16,6 +16,7 @@ refuses every publication of an epoch older than the newest it has applied.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,6 +73,33 @@ async def last_stamp(consumer: AIOKafkaConsumer, tp: TopicPartition) -> Stamp | 
 def snapshot_consumer(connection: Connection, topic: str) -> tuple[AIOKafkaConsumer, TopicPartition]:
     """A consumer of the snapshot topic in no group (every selector reads every version), and its partition."""
     return connection.consumer(group=None, max_wait_ms=200), TopicPartition(topic, 0)
+
+
+async def seek_to_newest_chain(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    """Position the (assigned) consumer where the newest complete chain starts; at the beginning if none."""
+    last = await last_stamp(consumer, tp)
+    if last is not None and last.start >= 0:
+        consumer.seek(tp, last.start)
+    else:
+        await consumer.seek_to_beginning(tp)
+
+
+async def read_newest(connection: Connection, topic: str) -> Replica:
+    """The newest version on a snapshot (or checkpoint) topic, applied from its chain; an empty replica when
+    there is none."""
+    consumer, tp = snapshot_consumer(connection, topic)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await seek_to_newest_chain(consumer, tp)
+        follower = Follower()
+        while await consumer.position(tp) < end:
+            records = (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+            await asyncio.to_thread(follower.take, records)
+        return follower.replica
+    finally:
+        await consumer.stop()
 
 
 class SnapshotPublisher:

@@ -1,17 +1,21 @@
 """The learner agent: bags in arrival order -> ``Learner.step`` per mini-batch -> snapshots.
 
-Effectively once: the ids of trained impressions and the bags offsets are written to
-RocksDB only together with a checkpoint (a snapshot carrying the optimiser state).
-After a crash the learner reloads that checkpoint, rewinds to those offsets and
-trains the bags after them again, so every impression counts in the model once;
-a bag whose impression_id was already trained is skipped (the joiner may repeat a
+Effectively once: the marks of trained impressions (``stream.trained_ids``) and the bags
+offsets are written to RocksDB only together with a checkpoint (a snapshot carrying the
+optimiser state). After a crash the learner reloads that checkpoint, rewinds to those
+offsets and trains the bags after them again, so every impression counts in the model
+once; a bag whose impression was already trained is skipped (the joiner may repeat a
 bag after its own crash).
 
 Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning, on the
 snapshot topic for every selector (``stream.snapshot_topic``: a whole model now and then,
 the rows that changed between) and into the state dir; checkpoints every
-``checkpoint_every_s``, into the state dir. Version numbers only ever grow, across
-learners too: one that starts continues after the newest version on the topic.
+``checkpoint_every_s``, into the state dir and on the checkpoint topic (weights, optimiser
+state, trained marks, offsets). Of the learners in a group one trains
+(``stream.one_active``); when another is handed the partitions, it first takes over the
+newest checkpoint on the topic if that is newer than its own, so a standby on a fresh
+host resumes where the lost one last checkpointed. Version numbers only ever grow, across
+learners too: one continues after the newest version on the topic.
 
 Before each step, the referee (``learner.referee``) scores every readout of the model as it stands on the
 batch's explore bags and keeps the champion; each snapshot names it (``serving``) with every readout's
@@ -29,22 +33,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import ConsumerRecord, TopicPartition
+import torch
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from river import metrics
 
 from contract.deadletters import InvalidInput, Message, Reason
-from contract.events import BATCH_WORK_CELLS, FUTURE_GRACE_S, Bag, work_batches
+from contract.events import BATCH_WORK_CELLS, Bag, work_batches
 from contract.jsonl import parse_line
-from learner.publications import Differ, encode
+from learner.publications import Differ, Replica, encode
 from learner.referee import Referee
 from learner.serving import readouts
-from learner.snapshots import SnapshotError, SnapshotStore
+from learner.snapshots import SnapshotError, SnapshotStore, model_from
 from learner.trainer import Learner, preset
-from state.kv import Store, encode_time
-from stream.fetch import SafeFetch
+from state.kv import Store
+from stream.fetch import Fetched, SafeFetch
 from stream.kafka import Connection, Topics
 from stream.metrics import (
     DUPLICATES,
@@ -58,8 +64,10 @@ from stream.metrics import (
     TRAINING_STEPS,
 )
 from stream.one_active import OneActive
-from stream.runtime import FetchWatch, SeekToStoredOffsets, dead_letter, send_all
-from stream.snapshot_topic import SnapshotPublisher
+from stream.runtime import FetchWatch, dead_letter, send_all
+from stream.snapshot_topic import SnapshotPublisher, read_newest
+from stream.trained_ids import TENSORS as TRAINED_TENSORS
+from stream.trained_ids import TrainedIds
 
 Source = tuple[TopicPartition, ConsumerRecord]  # where a bag came from, for its dead letter
 
@@ -68,6 +76,45 @@ log = logging.getLogger("genco.learner")
 _CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored offsets and trained ids belong to
 # What of a snapshot's manifest a selector needs: no optimiser, referee or training settings go on the topic.
 PUBLISHED = ("version", "bags_seen", "steps", "created", "model_config", "serving", "estimates", "format")
+CHECKPOINTED = (*PUBLISHED, "train_config", "referee")  # and a checkpoint's, to resume from
+CHECKPOINT_BASE_EVERY = 20  # checkpoints per chain: at one every 30 s, a base every 10 minutes
+_OPTIMIZER = "optimizer."  # checkpoint tensors of the optimiser state, beside the model's and the trained marks
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A publication ready for its topic: whether it starts a chain, and its bytes."""
+
+    publisher: SnapshotPublisher
+    base: bool
+    blob: bytes
+
+
+class AdoptThenSeek(ConsumerRebalanceListener):
+    """On assignment, take over the newest checkpoint on Kafka when it is newer than this learner's own (a
+    standby taking over, perhaps on a fresh host), then start each partition where the store says (at its
+    beginning where the store has no offset). Until that is done the agent is not ``settled``: what the
+    consumer fetched meanwhile, from wherever it stood, is dropped, and fetched again from there."""
+
+    def __init__(self, consumer, agent: TrainingAgent) -> None:
+        self.consumer = consumer
+        self.agent = agent
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.agent.settled.clear()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.agent.settled.clear()
+        if assigned:
+            await self.agent.adopt_newest_checkpoint()
+        stored = self.agent.store.offsets()
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, offset)
+        self.agent.settled.set()
 
 
 class TrainingAgent:
@@ -79,7 +126,7 @@ class TrainingAgent:
         self.topics = topics
         self.store = Store(state_dir / "learner")
         self.snapshots = SnapshotStore(state_dir / "snapshots")
-        self.horizon_s = max(2 * window_s, 3600.0)
+        self.trained_ids = TrainedIds(self.store, horizon_s=max(2 * window_s, 3600.0))
         self.batch_size = batch_size
         self.idle_flush_s = idle_flush_s
         self.max_wait_s = max_wait_s
@@ -90,10 +137,11 @@ class TrainingAgent:
         self.version = max(self.snapshots.latest_version(), self.learner_version)
         self.differ = Differ()
         self.publisher = SnapshotPublisher(connection, topics.snapshots)
+        self.checkpoint_differ = Differ(CHECKPOINT_BASE_EVERY)
+        self.checkpointer = SnapshotPublisher(connection, topics.checkpoints)
         self.loss = metrics.LogLoss()
-        # Trained since the last checkpoint: impression id -> bag ts; offsets reached.
-        self.unrecorded: dict[str, float] = {}
-        self.offsets: dict[tuple[str, int], int] = {}
+        self.offsets: dict[tuple[str, int], int] = {}  # reached since the last checkpoint
+        self.settled = asyncio.Event()  # set once the partitions assigned start where the checkpoint ends
         self.ready = asyncio.Event()  # set once partitions are assigned
 
     def _resume(self) -> tuple[Learner, Referee]:
@@ -126,9 +174,6 @@ class TrainingAgent:
         raise SnapshotError(f"no checkpoint in {self.snapshots.directory} loads ({'; '.join(failures)}); move the "
                             "snapshots aside to start the learner afresh")
 
-    def trained(self, impression_id: str) -> bool:
-        return impression_id in self.unrecorded or self.store.get(b"t" + impression_id.encode()) is not None
-
     def admit(self, tp: TopicPartition, record: ConsumerRecord) -> Bag | Message | None:
         """A bag to train on (noted as trained), its dead letter if invalid, or None if already trained.
 
@@ -138,10 +183,10 @@ class TrainingAgent:
             bag = parse_line(record.value or b"", Bag)
         except InvalidInput as error:
             return dead_letter(self.topics.dead_letters, tp, record, error.reason, str(error))
-        if self.trained(bag.impression_id):
+        if bag.impression_id in self.trained_ids:
             DUPLICATES.labels("trained_bag").inc()
             return None
-        self.unrecorded[bag.impression_id] = min(bag.ts, time.time() + FUTURE_GRACE_S)
+        self.trained_ids.add(bag.impression_id, bag.ts)
         return bag
 
     def train(self, bags: list[Bag]) -> None:
@@ -189,72 +234,107 @@ class TrainingAgent:
         half = len(bags) // 2
         return self._step_or_bisect(bags[:half], where) + self._step_or_bisect(bags[half:], where)
 
-    def publish(self, checkpoint: bool) -> tuple[bool, bytes]:
-        """Write the next snapshot; with ``checkpoint``, also record what it has trained on. Returns the
-        snapshot's publication for the topic: whether it is a base, and its bytes."""
+    def publish(self, checkpoint: bool) -> list[Outgoing]:
+        """Write the next snapshot; with ``checkpoint``, also record what it has trained on. Returns what goes
+        on Kafka: the snapshot's publication and, with ``checkpoint``, the checkpoint's."""
         self.version += 1
         learner, estimates = self.learner, self.referee.estimates()
+        optimizer_state = learner.optimizer_state() if checkpoint else None
         manifest = self.snapshots.save(learner.model, version=self.version, bags_seen=learner.bags_seen,
                                        steps=learner.steps, train_config=learner.preset.train.to_dict(),
-                                       optimizer_state=learner.optimizer_state() if checkpoint else None,
-                                       serving=self.referee.champion, estimates=estimates,
-                                       referee=self.referee.state())
-        publication = self.differ.publication(
-            {name: value.detach().numpy() for name, value in learner.model.weights().items()},
-            {name: getattr(manifest, name) for name in PUBLISHED})
-        blob = encode(publication)
+                                       optimizer_state=optimizer_state, serving=self.referee.champion,
+                                       estimates=estimates, referee=self.referee.state())
+        weights = {name: value.detach().numpy() for name, value in learner.model.weights().items()}
+        publication = self.differ.publication(weights, {name: getattr(manifest, name) for name in PUBLISHED})
+        outgoing = [Outgoing(self.publisher, publication.manifest["kind"] == "base", encode(publication))]
         SNAPSHOT_VERSION.set(self.version)
         for policy, estimate in estimates.items():
             if estimate["sctr"] is not None:
                 POLICY_SCTR.labels(policy).set(estimate["sctr"])
                 POLICY_SCTR_SE.labels(policy).set(estimate["se"])
         if checkpoint:
+            offsets = [[topic, partition, offset] for (topic, partition), offset in self.offsets.items()]
             self._record_trained()
-        return publication.manifest["kind"] == "base", blob
+            tensors = weights | {_OPTIMIZER + name: value.numpy() for name, value in optimizer_state.items()}
+            publication = self.checkpoint_differ.publication(
+                tensors | self.trained_ids.tensors(),
+                {**{name: getattr(manifest, name) for name in CHECKPOINTED}, "offsets": offsets})
+            outgoing.append(Outgoing(self.checkpointer, publication.manifest["kind"] == "base", encode(publication)))
+        return outgoing
 
     async def publish_next(self, checkpoint: bool) -> None:
-        """Write the next snapshot and put it on the snapshot topic. The first time, this learner takes the next
-        epoch and continues after the topic's newest version: only now, as the active learner (a standby that
-        started long ago must not reuse the version numbers of its day)."""
+        """Write the next snapshot and put it (and the checkpoint) on Kafka. The first time, this learner takes
+        the next epoch and continues after the topic's newest version: only now, as the active learner (a
+        standby that started long ago must not reuse the version numbers of its day)."""
         if self.publisher.producer is None:
-            await self.publisher.open()
-            self.version = max(self.version, self.publisher.last_version)
-        await self.send(await asyncio.to_thread(self.publish, checkpoint))
+            for publisher in (self.publisher, self.checkpointer):
+                await publisher.open()
+            self.version = max(self.version, self.publisher.last_version, self.checkpointer.last_version)
+        for outgoing in await asyncio.to_thread(self.publish, checkpoint):
+            await self.send(outgoing)
 
-    async def send(self, publication: tuple[bool, bytes]) -> None:
-        """Put a publication on the snapshot topic. Where that fails, the next one is a base: selectors that
-        missed this one must not wait for a chain that broke here."""
-        base, blob = publication
+    async def send(self, outgoing: Outgoing) -> None:
+        """Put a publication on its topic. Where that fails, the next ones are bases: readers that missed this
+        one must not wait for a chain that broke here."""
         try:
-            await self.publisher.publish(self.version, base, blob)
+            await outgoing.publisher.publish(self.version, outgoing.base, outgoing.blob)
         except KafkaError as error:
-            log.error("snapshot v%d not published (%s: %s): the next one goes whole", self.version,
-                      type(error).__name__, error)
-            self.differ = Differ()
+            log.error("v%d not published on %s (%s: %s): the next versions go whole", self.version,
+                      outgoing.publisher.topic, type(error).__name__, error)
+            self.differ, self.checkpoint_differ = Differ(), Differ(CHECKPOINT_BASE_EVERY)
+
+    async def adopt_newest_checkpoint(self) -> None:
+        """Resume from the newest checkpoint on the checkpoint topic when it is newer than this learner's own:
+        its model, optimiser and referee, its trained marks and its offsets. A checkpoint that does not load
+        leaves the learner as it was (counted and logged), never stopped."""
+        try:
+            replica = await read_newest(self.connection, self.topics.checkpoints)
+            if replica.version <= self.learner_version:
+                return
+            learner, referee = await asyncio.to_thread(self._learner_of, replica)
+        except Exception as error:
+            SNAPSHOT_LOAD_FAILURES.inc()
+            log.error("the checkpoint topic's newest does not load (%s: %s): training on from v%d",
+                      type(error).__name__, error, self.learner_version)
+            return
+        m = replica.manifest
+        tx = self.store.transaction()
+        self.trained_ids.unrecorded.clear()  # trained into the model being replaced
+        restored = self.trained_ids.restore(tx, replica.weights)
+        for topic, partition, offset in m["offsets"]:
+            tx.set_offset(topic, partition, offset)
+        tx.put(_CHECKPOINT, str(m["version"]).encode())
+        tx.commit()
+        self.learner, self.referee, self.learner_version = learner, referee, m["version"]
+        self.version, self.offsets = max(self.version, m["version"]), {}
+        log.info("resuming from checkpoint v%d of the checkpoint topic (%d bags seen, %d trained marks new here)",
+                 m["version"], m["bags_seen"], restored)
+
+    def _learner_of(self, replica: Replica) -> tuple[Learner, Referee]:
+        m, tensors = replica.manifest, replica.weights
+        model = model_from(m["model_config"], {name: torch.from_numpy(value) for name, value in tensors.items()
+                                               if not name.startswith((_OPTIMIZER, TRAINED_TENSORS))})
+        optimizer = {name.removeprefix(_OPTIMIZER): torch.from_numpy(value) for name, value in tensors.items()
+                     if name.startswith(_OPTIMIZER)}
+        learner = Learner.resume(model, m["train_config"], optimizer, m["bags_seen"], m["steps"])
+        return learner, Referee.restore(m["referee"], readouts(model.config), **self.referee_settings)
 
     def _record_trained(self) -> None:
         """Record the trained impressions and the offsets reached, with the checkpoint they belong to."""
         tx = self.store.transaction()
-        for impression_id, ts in self.unrecorded.items():
-            key = impression_id.encode()
-            tx.put(b"t" + key, b"")
-            tx.put(b"x" + encode_time(ts + self.horizon_s) + key, b"")  # ts: clamped as it was recorded
-        newest = max(self.unrecorded.values(), default=0.0)
-        for index, _ in self.store.scan(b"x", encode_time(newest - self.horizon_s)):
-            tx.delete(index)
-            tx.delete(b"t" + index[9:])
+        self.trained_ids.record(tx)
         for (topic, partition), offset in self.offsets.items():
             tx.set_offset(topic, partition, offset)
         tx.put(_CHECKPOINT, str(self.version).encode())
         tx.commit()
-        self.unrecorded.clear()
+        self.learner_version = self.version
 
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
         await producer.start()
         consumer = self.connection.consumer(group=self.topics.group("learner"), max_poll_records=self.batch_size,
                                             partition_assignment_strategy=(OneActive(),))  # one learner trains
-        consumer.subscribe([self.topics.bags], listener=SeekToStoredOffsets(consumer, self.store))
+        consumer.subscribe([self.topics.bags], listener=AdoptThenSeek(consumer, self))
         await consumer.start()
         watch = FetchWatch("learner", log)
         fetch = SafeFetch(consumer, "learner", self.topics.dead_letters)
@@ -268,6 +348,8 @@ class TrainingAgent:
         try:
             while not stop.is_set():
                 fetched = await fetch.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
+                if not self.settled.is_set():  # from before this assignment's seek: fetched again after it
+                    fetched = Fetched()
                 batches = fetched.records
                 watch.mark_ready(consumer, self.ready)
                 now = time.monotonic()
@@ -314,10 +396,11 @@ class TrainingAgent:
                     await asyncio.sleep(0.2)  # fewer, larger fetches: see stream.joiner.POLL_PAUSE_S
             if buffer:
                 await send_all(producer, self.train_isolating(buffer, sources), self.topics.dead_letters)
-            if self.unrecorded:
+            if self.trained_ids.unrecorded:
                 await self.publish_next(checkpoint=True)
         finally:
             await consumer.stop()
             await producer.stop()
-            await self.publisher.close()
+            for publisher in (self.publisher, self.checkpointer):
+                await publisher.close()
             self.store.close()

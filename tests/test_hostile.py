@@ -178,7 +178,7 @@ def test_the_learner_keeps_its_dedupe_whatever_the_bags(tmp_path_factory, raws, 
             sources.append((tp, rec))
     letters += [json.loads(v) for _, _, v in agent.train_isolating(admitted, sources)]
     agent.publish(checkpoint=True)
-    assert all(agent.trained(bag["impression_id"]) for bag in old), "a future ts expired the trained-id marks"
+    assert all(bag["impression_id"] in agent.trained_ids for bag in old), "a future ts expired the trained marks"
     for letter in letters:
         assert_bounded(letter)
     agent.store.close()

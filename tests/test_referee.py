@@ -120,9 +120,9 @@ def test_the_learner_hands_serving_to_the_pooled_counter_and_genco_takes_it_back
             champions.append(learner.referee.champion)
         return champions
 
-    def served(publication: tuple[bool, bytes]) -> str:
-        """The readout the selector serves once it has applied the learner's publication."""
-        selector.follower.replica.apply(decode(publication[1]))
+    def served(published: list) -> str:
+        """The readout the selector serves once it has applied the learner's snapshot publication."""
+        selector.follower.replica.apply(decode(published[0].blob))
         asyncio.run(selector.swap_to_newest())
         assert selector.policy.respond([probe])[0]["policy"] == "genco", "learned answers say genco, whichever readout"
         return selector.policy.selector.model.readout
@@ -132,10 +132,10 @@ def test_the_learner_hands_serving_to_the_pooled_counter_and_genco_takes_it_back
     assert train_until(learner, 10) == ["genco"] * 10, "genco ahead while the ads keep their minds"
     world.flip()
     assert train_until(learner, 12, "pooled")[-1] == "pooled"
-    publication = learner.publish(checkpoint=True)
+    published = learner.publish(checkpoint=True)
     manifest = SnapshotStore(tmp_path / "snapshots").manifest()
     assert manifest.serving == "pooled" and manifest.estimates["pooled"]["sctr"] > manifest.estimates["genco"]["sctr"]
-    assert served(publication) == "pooled"
+    assert served(published) == "pooled"
 
     learner.store.close()
     learner = agent()  # a restart resumes the referee with the checkpoint

@@ -107,7 +107,8 @@ def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_on
 def test_two_serves_form_one_deployment_and_the_survivor_of_a_sigkill_loses_nothing(broker, topics, tmp_path):
     """Two ``genco serve`` processes, every role in each, each on its own state dir, input topics of four
     partitions. The first holds the joiner and the learner (the second's stand by, ``stream.one_active``); the
-    two selectors share the requests. SIGKILL the first halfway and leave it dead: the survivor takes over."""
+    two selectors share the requests. SIGKILL the first halfway and leave it dead: the survivor takes over, its
+    learner from the first's last checkpoint on Kafka, and trains every impression once."""
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
     first, second = tmp_path / "first", tmp_path / "second"
@@ -135,6 +136,7 @@ def test_two_serves_form_one_deployment_and_the_survivor_of_a_sigkill_loses_noth
     assert "genco.joiner    INFO    assigned" in after and "genco.learner   INFO    assigned" in after, \
         "the survivor's joiner and learner took over"
     assert "epoch 2" in after and "exited with status" not in after, after[-3000:]
+    assert "of the checkpoint topic" in after, "the survivor's learner resumed from the lost one's checkpoint"
     assert report.versions[-1] > max(map(int, SERVED.findall(before))), "the survivor's learner published on"
 
 

@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+from aiokafka import ConsumerRecord, TopicPartition
 
 import learner.publications
 from contract.events import SelectionRequest
@@ -21,6 +22,7 @@ from stream.kafka import Connection, Topics
 from stream.metrics import SNAPSHOT_LOAD_FAILURES
 from stream.selector import SelectorAgent
 from stream.snapshot_topic import CHUNK_BYTES, SnapshotPublisher
+from stream.training import TrainingAgent
 from tests.kafka_helpers import produce, read_all
 
 UNUSED = Connection(("127.0.0.1:1",))  # the agents' Kafka clients are never started here
@@ -215,3 +217,53 @@ def test_a_late_selector_serves_the_newest_version_and_a_zombie_learners_are_ref
     for name, value in models[6].items():
         assert np.array_equal(agent.follower.replica.weights[name], value), name
     assert len(encode(Differ().publication(models[1], {"version": 1}))) > CHUNK_BYTES, "v1 went in several chunks"
+
+
+@pytest.mark.integration
+def test_a_learner_on_a_fresh_state_dir_resumes_from_the_newest_checkpoint_on_kafka(broker, topics, tmp_path,
+                                                                                    small_world):
+    """The lost learner's checkpoint (model, optimiser, referee, trained marks, offsets) travels over Kafka: a
+    learner with an empty state dir takes it over, skips every bag the first one trained, and continues its
+    versions; one whose own checkpoint is as new keeps its own."""
+    _, bags = small_world
+    connection = Connection.from_settings(Settings(), broker)
+    connection.ensure_topics(topics.all(), configs=topics.configs)
+    first = TrainingAgent(connection, topics, tmp_path / "first", window_s=60.0)
+    trained = bags[:3000]
+    first.offsets = {(topics.bags, 0): 3000}
+
+    async def scenario() -> TrainingAgent:
+        for chunk in (trained[:1000], trained[1000:]):
+            admitted = [first.admit(*record(topics.bags, 0, bag)) for bag in chunk]
+            first.train_isolating(admitted, [(None, None)] * len(admitted))
+            await first.publish_next(checkpoint=True)
+        await first.publish_next(checkpoint=False)  # a later snapshot without a checkpoint
+        for publisher in (first.publisher, first.checkpointer):
+            await publisher.close()
+        second = TrainingAgent(connection, topics, tmp_path / "second", window_s=60.0)
+        await second.adopt_newest_checkpoint()
+        await first.adopt_newest_checkpoint()  # its own is the newest: nothing changes
+        await second.publish_next(checkpoint=False)
+        for publisher in (second.publisher, second.checkpointer):
+            await publisher.close()
+        return second
+
+    second = asyncio.run(scenario())
+    assert second.learner_version == first.learner_version == 2
+    assert (second.learner.bags_seen, second.learner.steps) == (first.learner.bags_seen, first.learner.steps)
+    ours, theirs = weights_of(first.learner.model), weights_of(second.learner.model)
+    assert all(np.array_equal(ours[name], theirs[name]) for name in ours)
+    assert {k: v.tolist() for k, v in first.learner.optimizer_state().items()} == \
+        {k: v.tolist() for k, v in second.learner.optimizer_state().items()}
+    assert second.referee.state() == first.referee.state()
+    assert all(second.admit(*record(topics.bags, 0, bag)) is None for bag in trained), "none trained twice"
+    assert second.admit(*record(topics.bags, 0, bags[3000])) is not None
+    assert second.store.offsets() == {(topics.bags, 0): 3000}
+    assert second.version == 4, "versions continue after the newest published (v3, a snapshot only)"
+    for agent in (first, second):
+        agent.store.close()
+
+
+def record(topic: str, offset: int, bag) -> tuple[TopicPartition, ConsumerRecord]:
+    value = bag.model_dump_json().encode()
+    return TopicPartition(topic, 0), ConsumerRecord(topic, 0, offset, 0, 0, None, value, None, 0, len(value), ())
