@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
+from contract.settings import AGENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -183,6 +185,23 @@ def service_running(compose: dict, subcommand: str) -> tuple[str, dict]:
     return found[0]
 
 
+def serve_services(compose: dict) -> dict[str, dict]:
+    """The services that run ``genco serve`` (each some of the roles)."""
+    found = {n: s for n, s in compose["services"].items() if command(s)[:2] == ["genco", "serve"]}
+    assert found, "no service runs `genco serve`"
+    return found
+
+
+def roles(service: dict) -> list[str]:
+    """The agents a ``genco serve`` service runs (``--agents``; all of them without it)."""
+    argv = command(service)
+    return argv[argv.index("--agents") + 1].split(",") if "--agents" in argv else list(AGENTS)
+
+
+def replicas(service: dict) -> int:
+    return int((service.get("deploy") or {}).get("replicas", 1))
+
+
 # ---------------------------------------------------------------- helpers: Dockerfile
 
 
@@ -339,65 +358,85 @@ def test_kafka_healthcheck_lists_topics_on_a_broker_listener(compose):
 
 
 def test_genco_serves_against_the_kafka_service_once_it_is_healthy(compose):
-    _, genco = service_running(compose, "serve")
-    assert command(genco)[:2] == ["genco", "serve"]
-    addresses = broker_addresses(environment(genco)["GENCO_BROKER"])
     internal = internal_kafka_addresses(compose)
-    assert addresses <= internal, f"GENCO_BROKER {sorted(addresses)} is not among kafka's in-network {sorted(internal)}"
     kafka_name, _ = kafka_service(compose)
-    assert depends_on(genco).get(kafka_name) == "service_healthy", "genco must wait for a healthy kafka"
+    for name, genco in serve_services(compose).items():
+        addresses = broker_addresses(environment(genco)["GENCO_BROKER"])
+        assert addresses <= internal, f"{name}: GENCO_BROKER {sorted(addresses)} is not kafka's {sorted(internal)}"
+        assert depends_on(genco).get(kafka_name) == "service_healthy", f"{name} must wait for a healthy kafka"
 
 
-def test_genco_state_lives_on_a_named_volume(compose):
-    _, genco = service_running(compose, "serve")
-    state_dir = environment(genco).get("GENCO_STATE_DIR")
-    assert state_dir and state_dir.startswith("/"), "set GENCO_STATE_DIR to an absolute path in the container"
-    source = volume_mounts(genco).get(state_dir.rstrip("/"))
-    assert source, f"nothing is mounted on GENCO_STATE_DIR={state_dir}: state would die with the container"
-    assert source in (compose.get("volumes") or {}), f"{source!r} is not a named volume"
+def test_every_role_runs_and_joiners_and_selectors_twice(compose):
+    instances = {role: 0 for role in AGENTS}
+    for name, genco in serve_services(compose).items():
+        assert set(roles(genco)) <= set(AGENTS), f"{name} runs a role genco does not have: {roles(genco)}"
+        for role in roles(genco):
+            instances[role] += replicas(genco)
+    assert instances["learner"] >= 1 and instances["joiner"] >= 2 and instances["selector"] >= 2, instances
+
+
+def test_stateful_roles_keep_their_state_on_a_volume_of_their_own(compose):
+    """The joiner's pending impressions live in its state dir (the learner's checkpoints are also on Kafka):
+    a named volume each, never one volume for two containers (RocksDB opens a directory once)."""
+    owners: dict[str, str] = {}
+    for name, genco in serve_services(compose).items():
+        state_dir = environment(genco).get("GENCO_STATE_DIR")
+        assert state_dir and state_dir.startswith("/"), f"{name}: set GENCO_STATE_DIR to an absolute path"
+        source = volume_mounts(genco).get(state_dir.rstrip("/"))
+        if "joiner" in roles(genco) or "learner" in roles(genco):
+            assert source, f"{name}: nothing is mounted on GENCO_STATE_DIR={state_dir}: state dies with the container"
+        if source:
+            assert source in (compose.get("volumes") or {}), f"{name}: {source!r} is not a named volume"
+            assert replicas(genco) == 1, f"{name}'s {replicas(genco)} replicas would share the volume {source!r}"
+            assert source not in owners, f"{name} and {owners.get(source)} share the volume {source!r}"
+            owners[source] = name
 
 
 def test_genco_metrics_port_is_published(compose):
-    _, genco = service_running(compose, "serve")
-    port = int(environment(genco).get("GENCO_METRICS_PORT", 9464))
-    assert port in published_ports(genco), f"metrics port {port} is not published"
-    health = genco.get("healthcheck", {}).get("test")
-    if health:
-        probed = re.findall(r"localhost:(\d+)", " ".join(health) if isinstance(health, list) else health)
-        assert probed in ([], [str(port)]), f"the healthcheck probes port {probed}, metrics listen on {port}"
+    published = []
+    for name, genco in serve_services(compose).items():
+        port = int(environment(genco).get("GENCO_METRICS_PORT", 9464))
+        health = genco.get("healthcheck", {}).get("test")
+        if health:
+            probed = re.findall(r"localhost:(\d+)", " ".join(health) if isinstance(health, list) else health)
+            assert probed in ([], [str(port)]), f"{name}'s healthcheck probes port {probed}, metrics on {port}"
+        if port in published_ports(genco):
+            assert replicas(genco) == 1, f"{name}'s replicas cannot all publish host port {port}"
+            published.append(name)
+    assert published, "no genco service publishes its metrics port"
 
 
 def test_genco_restarts_and_has_time_to_shut_down(compose):
-    _, genco = service_running(compose, "serve")
-    assert genco.get("restart") in ("unless-stopped", "always")
-    assert seconds(genco.get("stop_grace_period", "10s")) >= 30, "give serve time to write its last snapshot"
+    for name, genco in serve_services(compose).items():
+        assert genco.get("restart") in ("unless-stopped", "always"), name
+        assert seconds(genco.get("stop_grace_period", "10s")) >= 30, f"give {name} time to write its last snapshot"
 
 
 def test_genco_image_is_built_from_this_repository(compose):
-    _, genco = service_running(compose, "serve")
-    build = genco.get("build")
-    assert build, "genco must be built from the Dockerfile"
-    context = build if isinstance(build, str) else build.get("context", ".")
-    dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
-    assert (COMPOSE.parent / context).resolve() == ROOT
-    assert (ROOT / context / dockerfile).resolve() == DOCKERFILE
+    for name, genco in serve_services(compose).items():
+        build = genco.get("build")
+        assert build, f"{name} must be built from the Dockerfile (a service that only names the image pulls it)"
+        context = build if isinstance(build, str) else build.get("context", ".")
+        dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        assert (COMPOSE.parent / context).resolve() == ROOT
+        assert (ROOT / context / dockerfile).resolve() == DOCKERFILE
 
 
 def test_simulator_drives_the_same_broker_and_topics(compose):
-    serve_name, genco = service_running(compose, "serve")
     _, simulator = service_running(compose, "simulate")
     argv = command(simulator)
     assert argv[:2] == ["genco", "simulate"]
     env = environment(simulator)
     broker = argv[argv.index("--broker") + 1] if "--broker" in argv else env.get("GENCO_BROKER", "")
-    assert broker_addresses(broker) == broker_addresses(environment(genco)["GENCO_BROKER"])
     prefix = env.get("GENCO_TOPIC_PREFIX", "genco.")
-    assert prefix == environment(genco).get("GENCO_TOPIC_PREFIX", "genco."), "simulator and genco use other topics"
+    for name, genco in serve_services(compose).items():
+        assert broker_addresses(broker) == broker_addresses(environment(genco)["GENCO_BROKER"]), name
+        assert prefix == environment(genco).get("GENCO_TOPIC_PREFIX", "genco."), f"the simulator and {name} differ"
+        same_image = simulator.get("image") and simulator.get("image") == genco.get("image")
+        assert same_image or simulator.get("build") == genco.get("build"), "the simulator must run the genco image"
     if "--rate" in argv:
         assert float(argv[argv.index("--rate") + 1]) > 0
-    assert serve_name in depends_on(simulator)
-    same_image = simulator.get("image") and simulator.get("image") == genco.get("image")
-    assert same_image or simulator.get("build") == genco.get("build"), "the simulator must run the genco image"
+    assert set(depends_on(simulator)) & set(serve_services(compose)), "the simulator starts after genco"
 
 
 def test_genco_settings_are_ones_the_code_reads(compose):
@@ -457,11 +496,12 @@ def test_image_runs_genco_as_a_user_that_owns_the_state_dir(compose):
     cmd = [exec_form(args) for keyword, args in instructions if keyword == "CMD"]
     prefix = entrypoint[-1] if entrypoint else []
     assert [*prefix, *(cmd[-1] if cmd else [])][:2] == ["genco", "serve"], "the image's default is not genco serve"
-    _, genco = service_running(compose, "serve")
-    assert [*prefix, *command(genco)][:2] == ["genco", "serve"], "ENTRYPOINT and command do not make `genco serve`"
+    services = serve_services(compose)
+    for name, genco in services.items():
+        assert [*prefix, *command(genco)][:2] == ["genco", "serve"], f"{name}: ENTRYPOINT and command are not serve"
 
     # A fresh named volume copies the image's folder, owner included: the user must own it.
-    state_dir = environment(genco)["GENCO_STATE_DIR"]
+    (state_dir,) = {environment(genco)["GENCO_STATE_DIR"] for genco in services.values()}
     user_at = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "USER")
     chowned = [
         args for keyword, args in instructions[:user_at] if keyword == "RUN" and "chown" in args and state_dir in args
@@ -565,10 +605,10 @@ def healthcheck_argv(test: object) -> list[str]:
 
 
 def test_healthchecks_run_genco_status_which_fails_on_a_crash_loop(compose):
-    _, genco = service_running(compose, "serve")
-    assert healthcheck_argv(genco["healthcheck"]["test"])[:2] == ["genco", "status"], (
-        "the healthcheck must fail while an agent crash-loops: probing the metrics port stays green"
-    )
+    for name, genco in serve_services(compose).items():
+        assert healthcheck_argv(genco["healthcheck"]["test"])[:2] == ["genco", "status"], (
+            f"{name}: the healthcheck must fail while an agent crash-loops: probing the metrics port stays green"
+        )
     checks = [args for keyword, args in dockerfile_instructions() if keyword == "HEALTHCHECK"]
     assert checks, "the image has no HEALTHCHECK"
     assert re.search(r"CMD\s+\[\s*\"genco\",\s*\"status\"", checks[-1]), checks[-1]
