@@ -155,8 +155,11 @@ def render(status: dict) -> list[str]:
             line += f", last error {agent['last_error']['error']} {agent['last_error']['s_ago']:.0f} s ago"
         lines.append(line)
     age = status["serving_model_loaded_s_ago"]
-    lines.append(f"serving model        v{status['serving_model_version']}"
-                 + (f" (loaded {age:.0f} s ago)" if age is not None else " (uniform fallback: no snapshot yet)"))
+    if "selector" not in status["agents"]:  # genco serve --agents without one: nothing here serves
+        lines.append("serving model        none here (this genco serve runs no selector)")
+    else:
+        lines.append(f"serving model        v{status['serving_model_version']}"
+                     + (f" (loaded {age:.0f} s ago)" if age is not None else " (uniform fallback: no snapshot yet)"))
     if status["serving_policy"]:  # the readout the selector serves now (the snapshot above may be newer)
         lines.append(f"serving policy       {status['serving_policy']}")
     lines.append(f"pending impressions  {status['pending_impressions']}")

@@ -66,3 +66,19 @@ def test_the_cli_leaves_prometheus_unimported_until_serve_has_set_up_multiproces
     probe = "import sys, genco.cli; print('prometheus_client' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
                           check=True).stdout.strip() == "False"
+
+
+def test_status_of_a_serve_without_a_selector_says_nothing_serves_there():
+    """A learner-only ``genco serve --agents`` has no serving model: its status must not read as a selector
+    stuck on the uniform fallback."""
+    from genco.status import render
+
+    agent = {"restarts": 0, "recent_restarts": 0, "last_exit": None, "last_error": None, "fetched_s_ago": 0.5}
+    status = {"running": True, "healthy": True, "problems": [], "agents_ready": ["learner"],
+              "agents": {"learner": agent}, "serving_model_version": 0, "serving_model_loaded_s_ago": None,
+              "serving_policy": None, "pending_impressions": 0, "trained_bags": 10, "orphan_clicks": 0,
+              "snapshot_load_failures": 0, "consumer_lag": {}, "dead_letters": {}, "duplicates_skipped": {},
+              "events_in": {}, "bags_out": {}, "selections": {}}
+    assert "serving model        none here (this genco serve runs no selector)" in render(status)
+    status["agents"]["selector"] = agent
+    assert "serving model        v0 (uniform fallback: no snapshot yet)" in render(status)
