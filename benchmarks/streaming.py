@@ -6,6 +6,8 @@
 - joiner: impressions/s of one Joiner process draining a backlog (10% clicked)
 - selector: requests/s of one SelectorAgent draining a backlog, with a trained snapshot
 - freshness: closed loop at 300 requests/s; click -> first snapshot that trained on its bag (p50, p90)
+- late_selector: a selector started after a whole chain (a base and 59 deltas of a catalogue world's model,
+  1,024 bags apart) is on the snapshot topic: seconds until it serves the newest, and until it answers
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from contract.events import Bag
 from contract.settings import Settings
 from learner.compute import configure_compute
-from learner.publications import Differ, encode
+from learner.publications import BASE_EVERY, Differ, encode
 from learner.snapshots import SnapshotError, SnapshotStore
 from learner.trainer import Learner
 from sim.adserver import AdServer
 from sim.harness import read_topic
 from sim.world import World, WorldConfig
+from sim.zoo import draw_world
 from state.kv import Store
 from stream.embedded import EmbeddedBroker
 from stream.joiner import Joiner
@@ -166,6 +169,46 @@ def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
 
 
+def bench_late_selector(url: str) -> dict:
+    topics = Topics("bl.")
+    connection = Connection.from_settings(Settings(), url)
+    connection.ensure_topics(topics.all())
+    bags = [Bag.model_validate(b) for b in draw_world("catalogue", 0).uniform_log(BASE_EVERY * 1024)]
+    learner = Learner()
+
+    async def publish_chain() -> list[int]:
+        publisher, differ, sizes = SnapshotPublisher(connection, topics.snapshots), Differ(), []
+        await publisher.open()
+        for version in range(1, BASE_EVERY + 1):
+            learner.step(bags[(version - 1) * 1024 : version * 1024])
+            weights = {name: value.detach().numpy() for name, value in learner.model.weights().items()}
+            publication = differ.publication(weights, {"version": version, "serving": "genco",
+                                                       "model_config": learner.model.config.to_dict()})
+            blob = encode(publication)
+            await publisher.publish(version, publication.manifest["kind"] == "base", blob)
+            sizes.append(len(blob))
+        await publisher.close()
+        return sizes
+
+    async def start_selector() -> tuple[SelectorAgent, float, float]:
+        agent, stop = SelectorAgent(connection, topics, explore=0.0), asyncio.Event()
+        started = time.monotonic()
+        task = asyncio.create_task(agent.run(stop))
+        await agent.caught_up.wait()
+        caught_up = time.monotonic() - started
+        await agent.ready.wait()
+        ready = time.monotonic() - started
+        stop.set()
+        await task
+        return agent, caught_up, ready
+
+    sizes = asyncio.run(publish_chain())
+    agent, caught_up, ready = asyncio.run(start_selector())
+    return {"versions": len(sizes), "chain_mib": round(sum(sizes) / 2**20, 1), "base_mib": round(sizes[0] / 2**20, 1),
+            "delta_mib_mean": round(sum(sizes[1:]) / len(sizes[1:]) / 2**20, 2), "version_served": agent.policy.version,
+            "serving_newest_s": round(caught_up, 2), "answering_s": round(ready, 2)}
+
+
 def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 40) -> dict:
     topics = Topics("bf.")
     settings = Settings(state_dir=str(state), click_window_s=2.0, metrics_port=0, topic_prefix=topics.prefix)
@@ -211,7 +254,7 @@ def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30_000)
-    parser.add_argument("--only", nargs="*", default=["joiner", "selector", "freshness"])
+    parser.add_argument("--only", nargs="*", default=["joiner", "selector", "freshness", "late_selector"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     configure_compute()
@@ -225,6 +268,8 @@ def main() -> None:
                     results[name] = bench_joiner(broker.url, world, args.n, state)
                 elif name == "selector":
                     results[name] = bench_selector(broker.url, world, args.n, state)
+                elif name == "late_selector":
+                    results[name] = bench_late_selector(broker.url)
                 else:
                     results[name] = bench_freshness(broker.url, state)
         finally:
