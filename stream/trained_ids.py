@@ -6,6 +6,10 @@ bag whose mark exists. The marks are written to its RocksDB store only together 
 (with the offsets they belong to), and travel in the checkpoints on Kafka, so that a learner taking
 over on another host skips what its predecessor trained.
 
+A bag older than the horizon before the newest one trained is *stale*: a replay (a joiner taking
+over on a fresh host joins the whole retained input again) whose mark may be gone, so it is never
+trained. Marks live two horizons, so every bag that is not stale finds its mark if it was trained.
+
 A mark is the impression id's 8-byte BLAKE2b hash (fixed size, so marks pack into tensors; a collision
 among the million marks of an hour at 300 bags/s has a chance of ~3e-8). Each lives until its bag's ts
 (no further ahead than ``FUTURE_GRACE_S``) plus the horizon, and is swept once the newest bag recorded
@@ -41,8 +45,11 @@ class TrainedIds:
         self.minutes: dict[int, list[bytes]] = {}  # recorded marks by the minute they expire
         if store.get(_FORMAT) != _HASHED:
             self._hash_old_marks()
+        self.newest = 0.0  # the newest bag ts trained (held to FUTURE_GRACE_S ahead of the clock)
         for index, _ in store.scan(_INDEX):
-            self.minutes.setdefault(int(decode_time(index[1:9]) // 60), []).append(index[9:])
+            expiry = decode_time(index[1:9])
+            self.minutes.setdefault(int(expiry // 60), []).append(index[9:])
+            self.newest = max(self.newest, expiry - horizon_s)
 
     def _hash_old_marks(self) -> None:
         """Stores written before the marks were hashes hold the ids themselves: rewrite them, once."""
@@ -62,8 +69,14 @@ class TrainedIds:
     def __len__(self) -> int:
         return len(self.unrecorded) + sum(map(len, self.minutes.values()))
 
+    def stale(self, ts: float) -> bool:
+        """Whether a bag of this ts is a horizon or more older than the newest trained: never trained."""
+        return ts < self.newest - self.horizon_s
+
     def add(self, impression_id: str, ts: float) -> None:
-        self.unrecorded[mark(impression_id)] = min(ts, time.time() + FUTURE_GRACE_S) + self.horizon_s
+        ts = min(ts, time.time() + FUTURE_GRACE_S)
+        self.unrecorded[mark(impression_id)] = ts + self.horizon_s
+        self.newest = max(self.newest, ts)
 
     def record(self, tx: Transaction) -> None:
         """Write the unrecorded marks into ``tx`` (the checkpoint's transaction) and sweep the expired ones."""
@@ -95,6 +108,7 @@ class TrainedIds:
             if not name.startswith(TENSORS):
                 continue
             expiry = (int(name.removeprefix(TENSORS)) + 1) * 60.0  # the end of the minute: never sooner
+            self.newest = max(self.newest, expiry - 60.0 - self.horizon_s)  # the minute's start: never later
             raw = np.ascontiguousarray(marks, dtype=np.uint64).tobytes()
             for key in (raw[i : i + 8] for i in range(0, len(raw), 8)):
                 if self.store.get(_MARK + key) is None:

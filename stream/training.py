@@ -175,7 +175,8 @@ class TrainingAgent:
                             "snapshots aside to start the learner afresh")
 
     def admit(self, tp: TopicPartition, record: ConsumerRecord) -> Bag | Message | None:
-        """A bag to train on (noted as trained), its dead letter if invalid, or None if already trained.
+        """A bag to train on (noted as trained), its dead letter if invalid, or None if already trained or
+        stale (a horizon older than the newest trained: ``stream.trained_ids``).
 
         The trained-id mark expires by the bag's ts, taken no further ahead than ``FUTURE_GRACE_S``.
         """
@@ -185,6 +186,9 @@ class TrainingAgent:
             return dead_letter(self.topics.dead_letters, tp, record, error.reason, str(error))
         if bag.impression_id in self.trained_ids:
             DUPLICATES.labels("trained_bag").inc()
+            return None
+        if self.trained_ids.stale(bag.ts):  # a replay older than the marks can vouch for
+            DUPLICATES.labels("stale_bag").inc()
             return None
         self.trained_ids.add(bag.impression_id, bag.ts)
         return bag

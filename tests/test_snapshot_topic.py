@@ -258,6 +258,8 @@ def test_a_learner_on_a_fresh_state_dir_resumes_from_the_newest_checkpoint_on_ka
     assert second.referee.state() == first.referee.state()
     assert all(second.admit(*record(topics.bags, 0, bag)) is None for bag in trained), "none trained twice"
     assert second.admit(*record(topics.bags, 0, bags[3000])) is not None
+    replayed = bags[3001].model_copy(update={"ts": max(bag.ts for bag in trained) - 3 * 3600})
+    assert second.admit(*record(topics.bags, 0, replayed)) is None, "a replay older than the marks is skipped"
     assert second.store.offsets() == {(topics.bags, 0): 3000}
     assert second.version == 4, "versions continue after the newest published (v3, a snapshot only)"
     for agent in (first, second):

@@ -57,3 +57,24 @@ def test_a_store_written_before_the_marks_were_hashes_is_rewritten_once(tmp_path
     assert "imp-1234" in ids and "an-id-of-any-length" in ids and len(ids) == 2
     assert sum(len(marks) for marks in ids.tensors().values()) == 2
     assert "imp-1234" in TrainedIds(store, HORIZON), "the rewritten store is read as it is"
+
+
+def test_a_bag_a_horizon_older_than_the_newest_trained_is_stale_whatever_its_mark(tmp_path):
+    """A joiner taking over on a fresh host re-sends bags from the start of the retained input: those whose
+    marks are long swept must not be trained again. A forged future ts moves the newest only to the grace."""
+    now = time.time()
+    ids = TrainedIds(Store(tmp_path / "first"), HORIZON)
+    ids.add("now", now)
+    ids.add("forged", 1e300)
+    assert not ids.stale(now - HORIZON / 2) and not ids.stale(now) and ids.stale(now - 2 * HORIZON)
+    tx = ids.store.transaction()
+    ids.record(tx)
+    tx.commit()
+    assert ids.stale(now - 2 * HORIZON) and not ids.stale(now), "the newest survives a restart of the store"
+    reopened = TrainedIds(ids.store, HORIZON)
+    assert reopened.stale(now - 2 * HORIZON) and not reopened.stale(now)
+    other = TrainedIds(Store(tmp_path / "second"), HORIZON)
+    tx = other.store.transaction()
+    other.restore(tx, ids.tensors())
+    tx.commit()
+    assert other.stale(now - 2 * HORIZON) and not other.stale(now - HORIZON / 2), "and travels in checkpoints"
