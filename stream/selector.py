@@ -165,8 +165,9 @@ class SelectorAgent:
     async def run(self, stop: asyncio.Event) -> None:
         follower = asyncio.create_task(self.follow_snapshots(stop))
         # After a restart, never answer with an older model than before it: requests wait for the newest.
-        await asyncio.wait([follower, asyncio.create_task(self.caught_up.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
+        caught_up = asyncio.create_task(self.caught_up.wait())
+        await asyncio.wait([follower, caught_up], return_when=asyncio.FIRST_COMPLETED)
+        caught_up.cancel()
         producer = self.connection.producer(linger_ms=0)
         await producer.start()
         consumer = self.connection.consumer(self.topics.requests, group=self.topics.group("selector"),

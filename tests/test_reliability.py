@@ -104,40 +104,54 @@ def test_sigkill_halfway_and_restart_loses_nothing_and_trains_each_impression_on
 
 
 @pytest.mark.slow
-def test_two_serves_form_one_deployment_and_the_survivor_of_a_sigkill_loses_nothing(broker, topics, tmp_path):
+@pytest.mark.parametrize("change", ["sigkill", "scale"])
+def test_two_serves_form_one_deployment_and_the_survivor_loses_nothing(broker, topics, tmp_path, change):
     """Two ``genco serve`` processes, every role in each, each on its own state dir, input topics of four
     partitions. The first holds the joiner and the learner (the second's stand by, ``stream.one_active``); the
-    two selectors share the requests. SIGKILL the first halfway and leave it dead: the survivor takes over, its
-    learner from the first's last checkpoint on Kafka, and trains every impression once."""
+    two selectors share the requests. ``sigkill``: the second runs from the start, the first is SIGKILLed
+    halfway and left dead. ``scale``: the second joins mid-run (scale up), then the first leaves on SIGTERM
+    (scale down). Either way the survivor takes over, its learner from the first's last checkpoint on Kafka,
+    and every impression is trained once."""
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics([topics.requests, topics.impressions, topics.clicks], partitions=4)
     first, second = tmp_path / "first", tmp_path / "second"
     serves = [start_serve(broker, topics, first)]
 
-    async def kill_the_first() -> None:
-        await asyncio.sleep(20)
-        serves[0].kill()
-        serves[0].wait()
+    async def fault() -> None:
+        if change == "scale":
+            await asyncio.sleep(8)
+            serves.append(start_serve(broker, topics, second))
+            await asyncio.to_thread(wait_ready, second, agents=("selector",))
+            await asyncio.sleep(5)
+            serves[0].terminate()
+        else:
+            await asyncio.sleep(20)
+            serves[0].kill()
+        await asyncio.to_thread(serves[0].wait)
 
     try:
         wait_ready(first)
-        serves.append(start_serve(broker, topics, second))
-        wait_ready(second, agents=("selector",))  # its joiner and learner stand by: never ready while the first is
-        report = run_closed_loop(broker, topics, rate=200, requests=8000, fault=kill_the_first)
+        if change == "sigkill":
+            serves.append(start_serve(broker, topics, second))
+            wait_ready(second, agents=("selector",))  # its joiner and learner stand by while the first works
+        report = run_closed_loop(broker, topics, rate=200, requests=8000, fault=fault)
         assert_nothing_lost(broker, topics, report, second, selectors=2)
     finally:
         for serve in serves:
             if serve.poll() is None:
                 stop_serve(serve)
-    assert max(report.latencies_ms) < 30_000, "no request waited more than 30 s for the survivor"
+    assert max(report.latencies_ms) < 30_000, f"a request waited {max(report.latencies_ms) / 1000:.1f} s"
     before = serve_log(first)
     assert "genco.joiner    INFO    assigned" in before and "genco.learner   INFO    assigned" in before
+    assert change == "sigkill" or "stopped cleanly" in before
     after = serve_log(second)
     assert "genco.joiner    INFO    assigned" in after and "genco.learner   INFO    assigned" in after, \
         "the survivor's joiner and learner took over"
     assert "epoch 2" in after and "exited with status" not in after, after[-3000:]
-    assert "of the checkpoint topic" in after, "the survivor's learner resumed from the lost one's checkpoint"
-    assert report.versions[-1] > max(map(int, SERVED.findall(before))), "the survivor's learner published on"
+    assert "of the checkpoint topic" in after, "the survivor's learner resumed from the first's checkpoint"
+    assert report.versions[-1] > max(map(int, SERVED.findall(before))), (
+        f"the survivor's learner published on: last answer v{report.versions[-1]}, the first served "
+        f"v{max(map(int, SERVED.findall(before)))}\n{after[-3000:]}")
 
 
 @pytest.mark.slow
