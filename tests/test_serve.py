@@ -13,12 +13,12 @@ import time
 import pytest
 
 from contract.settings import Settings
-from learner.snapshots import SnapshotStore
 from sim.adserver import AdServer
 from sim.harness import WINDOW, serve_env, serve_log, start_serve, stop_serve, wait_ready
 from sim.world import World, WorldConfig
 from stream.embedded import free_port
 from stream.kafka import Connection
+from stream.snapshot_topic import read_newest
 from tests.kafka_helpers import produce, read_all
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def test_roles_in_processes_that_share_nothing_but_the_broker(broker, topics, tm
         wait_ready(first_dir, agents=selecting)
         report = asyncio.run(AdServer(world, connection, topics, rate=250, requests=6_000, window_s=WINDOW).run())
         stop_serve(serves[1])
-        newest = SnapshotStore(trainer_dir / "snapshots").latest_version()
+        newest = asyncio.run(read_newest(connection, topics.snapshots)).version  # on the topic before it starts
         started = time.monotonic()
         serves.append(start_serve(broker, topics, second_dir, agents=selecting))
         asyncio.run(produce(broker, [(topics.requests, r["request_id"], r) for r in late]))
