@@ -121,8 +121,10 @@ class FetchWatch:
     for every partition: the joiner's watermark advances with it, not with the wall
     clock, so an outage is never taken for quiet traffic (which would close windows
     whose clicks are held up).
-    An outage is logged once when it starts and once when it ends; aiokafka keeps
-    retrying meanwhile, and consumption resumes where it stopped.
+    An outage is logged once when it starts and once when it ends, by a task of its own
+    that looks every second: the agent's loop may itself be waiting on the broker (for an
+    acknowledgement, say) and so take no turn to notice. aiokafka keeps retrying meanwhile,
+    and consumption resumes where it stopped.
     """
 
     def __init__(self, agent: str, agent_log: logging.Logger) -> None:
@@ -131,6 +133,7 @@ class FetchWatch:
         self.quiet_since: float | None = None
         # When the broker last confirmed the end of *every* assigned partition (0: not yet).
         self.confirmed_at = 0.0
+        self.outages: asyncio.Task | None = None
 
     def mark_ready(self, consumer: AIOKafkaConsumer, ready: asyncio.Event) -> None:
         """Set ``ready`` (and say so, in the log and the metrics) the first time the consumer has partitions."""
@@ -138,18 +141,26 @@ class FetchWatch:
             self.log.info("assigned %d partitions", len(consumer.assignment()))
             AGENT_READY.labels(self.agent).set(1)
             ready.set()
+            self.outages = asyncio.create_task(self._watch_outages(consumer))
+
+    async def _watch_outages(self, consumer: AIOKafkaConsumer) -> None:
+        """Every second: has the broker answered a fetch for any assigned partition lately?"""
+        while True:
+            await asyncio.sleep(1.0)
+            try:  # no await between the two calls: the assignment cannot change under it
+                answers = [consumer.last_poll_timestamp(tp) or 0 for tp in consumer.assignment()]
+            except Exception:  # the consumer has stopped: nothing more to watch
+                return
+            self._report_outage(max(answers, default=0) / 1000, time.time())
 
     async def lagging(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         """The lagging partitions (publishing lag per topic on the way)."""
         lag_by_topic: dict[str, int] = {}
         lagging = []
-        now = time.time()
-        last_answer, first_answer = 0.0, math.inf
+        first_answer = math.inf
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
-            fetched_ms = consumer.last_poll_timestamp(tp)
-            last_answer = max(last_answer, (fetched_ms or 0) / 1000)
-            first_answer = min(first_answer, (fetched_ms or 0) / 1000)
+            first_answer = min(first_answer, (consumer.last_poll_timestamp(tp) or 0) / 1000)
             if highwater is None:
                 lagging.append(tp)
                 continue
@@ -160,7 +171,6 @@ class FetchWatch:
         for topic, lag in lag_by_topic.items():
             CONSUMER_LAG.labels(self.agent, topic).set(lag)
         self.confirmed_at = first_answer if first_answer < math.inf else 0.0
-        self._report_outage(last_answer, now)
         return lagging
 
     def _report_outage(self, last_answer: float, now: float) -> None:
