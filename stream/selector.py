@@ -63,7 +63,7 @@ class SelectorAgent:
         self.ready = asyncio.Event()  # set once partitions are assigned
 
     def serve_snapshot(self, snapshot: Snapshot) -> None:
-        """Serve a snapshot read from a directory (``genco select``'s kind) from now on."""
+        """Serve a snapshot read from a directory from now on, without the topic (tests answer with one)."""
         self._swap(self._policy(snapshot.model, snapshot.manifest.version, snapshot.manifest.serving))
 
     def _policy(self, model, version: int, readout: str) -> ServingPolicy:

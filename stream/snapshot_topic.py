@@ -173,6 +173,7 @@ class Chunks:
             return
         blob, self.stamp, self.parts = b"".join(self.parts), None, []
         if checksum(blob) != stamp.sha256:
+            SNAPSHOT_LOAD_FAILURES.inc()
             log.error("snapshot v%d (epoch %d) fails its checksum: skipped", stamp.version, stamp.epoch)
             return
         yield stamp, blob

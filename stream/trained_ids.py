@@ -55,10 +55,11 @@ class TrainedIds:
         """Stores written before the marks were hashes hold the ids themselves: rewrite them, once."""
         tx = self.store.transaction()
         for index, _ in self.store.scan(_INDEX):
+            hashed = mark(index[9:].decode(errors="replace"))
             tx.delete(index)
             tx.delete(_MARK + index[9:])
-            tx.put(_MARK + mark(index[9:].decode(errors="replace")), b"")
-            tx.put(index[:9] + mark(index[9:].decode(errors="replace")), b"")
+            tx.put(_MARK + hashed, b"")
+            tx.put(index[:9] + hashed, b"")
         tx.put(_FORMAT, _HASHED)
         tx.commit()
 
