@@ -139,14 +139,21 @@ def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
 
 
+async def publish_version(publisher: SnapshotPublisher, differ: Differ, learner: Learner, version: int) -> int:
+    """``learner``'s model as ``version`` on the snapshot topic, as the learner agent publishes it; its bytes."""
+    weights = {name: value.detach().numpy() for name, value in learner.model.weights().items()}
+    publication = differ.publication(weights, {"version": version, "model_config": learner.model.config.to_dict(),
+                                               "serving": "genco"})
+    blob = encode(publication)
+    await publisher.publish(version, publication.manifest["kind"] == "base", blob)
+    return len(blob)
+
+
 async def publish_model(connection: Connection, topics: Topics, learner: Learner) -> None:
-    """``learner``'s model as version 1 on the snapshot topic, as the learner agent publishes it."""
+    """``learner``'s model as version 1, alone on the snapshot topic."""
     publisher = SnapshotPublisher(connection, topics.snapshots)
     await publisher.open()
-    weights = {name: value.detach().numpy() for name, value in learner.model.weights().items()}
-    publication = Differ().publication(weights, {"version": 1, "model_config": learner.model.config.to_dict(),
-                                                 "serving": "genco"})
-    await publisher.publish(1, True, encode(publication))
+    await publish_version(publisher, Differ(), learner, 1)
     await publisher.close()
 
 
@@ -181,12 +188,7 @@ def bench_late_selector(url: str) -> dict:
         await publisher.open()
         for version in range(1, BASE_EVERY + 1):
             learner.step(bags[(version - 1) * 1024 : version * 1024])
-            weights = {name: value.detach().numpy() for name, value in learner.model.weights().items()}
-            publication = differ.publication(weights, {"version": version, "serving": "genco",
-                                                       "model_config": learner.model.config.to_dict()})
-            blob = encode(publication)
-            await publisher.publish(version, publication.manifest["kind"] == "base", blob)
-            sizes.append(len(blob))
+            sizes.append(await publish_version(publisher, differ, learner, version))
         await publisher.close()
         return sizes
 
