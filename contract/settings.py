@@ -38,6 +38,15 @@ def _security() -> dict[str, str]:
     return security
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"{name}={raw!r} is not a whole number of at least 1")
+    return int(raw)
+
+
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = os.environ.get(name, "").strip().lower() or default
     if value not in choices:
@@ -53,6 +62,9 @@ class Settings:
     state_dir: str = field(default_factory=lambda: os.environ.get("GENCO_STATE_DIR", "./state-data"))
     explore: float = field(default_factory=lambda: _float("GENCO_EXPLORE", 0.05))
     checkpoint_every_s: float = field(default_factory=lambda: _float("GENCO_CHECKPOINT_EVERY_S", 30.0))
+    # The partitions genco gives selection-requests when it creates it: as many selectors answer at once as it
+    # has (they share it in a consumer group; the rest stand by). Every other topic it creates has one.
+    request_partitions: int = field(default_factory=lambda: _count("GENCO_REQUEST_PARTITIONS", 1))
     metrics_port: int = field(default_factory=lambda: int(_float("GENCO_METRICS_PORT", 9464)))
     # Loopback unless opened on purpose (GENCO_METRICS_HOST=0.0.0.0, as the image does inside its container).
     metrics_host: str = field(default_factory=lambda: os.environ.get("GENCO_METRICS_HOST", "127.0.0.1"))

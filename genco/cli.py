@@ -239,7 +239,7 @@ def _simulate_ad_server(args: argparse.Namespace) -> int:
     settings = Settings()
     connection = Connection.from_settings(settings, args.broker)
     topics = Topics(settings.topic_prefix)
-    connection.ensure_topics(topics.all(), configs=topics.configs)
+    connection.ensure_genco_topics(topics, settings.request_partitions)
     world = World(WorldConfig(seed=args.seed, n_ads=args.ads or AD_SERVER_ADS))
     server = AdServer(world, connection, topics, rate=args.rate, requests=args.requests,
                       window_s=min(settings.click_window_s, 30.0))

@@ -140,6 +140,13 @@ class Connection:
                                 session_timeout_ms=10000, heartbeat_interval_ms=1000,
                                 **self.client_options(), **options)
 
+    def ensure_genco_topics(self, topics: Topics, request_partitions: int = 1) -> None:
+        """Every topic genco reads or writes, created where missing: selection-requests with
+        ``request_partitions`` (``Settings.request_partitions``), the others with one each, genco's own two
+        with their configs (each holds chains read in order, so they keep one partition)."""
+        self.ensure_topics([topics.requests], partitions=request_partitions)
+        self.ensure_topics(topics.all(), configs=topics.configs)
+
     def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0,
                       configs: dict[str, dict[str, str]] | None = None) -> None:
         """Create the topics that do not exist, each with its ``configs`` if any; leave existing ones (and their

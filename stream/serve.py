@@ -175,7 +175,7 @@ def running_agents(settings: Settings, broker: str, agents: tuple[str, ...] = AG
     """Topics created, agents started (their output in ``log_path`` if given); they are stopped cleanly when the
     block ends."""
     topics = Topics(settings.topic_prefix)
-    Connection.from_settings(settings, broker).ensure_topics(topics.all(), configs=topics.configs)
+    Connection.from_settings(settings, broker).ensure_genco_topics(topics, settings.request_partitions)
     supervisor = Supervisor(settings, broker, agents, log_path)
     supervisor.start()
     try:

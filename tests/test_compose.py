@@ -377,6 +377,18 @@ def test_every_role_runs_and_the_selectors_twice(compose):
     assert instances["learner"] == 1 and instances["joiner"] == 1 and instances["selector"] >= 2, instances
 
 
+def test_every_selector_gets_a_partition_of_the_requests(compose):
+    """Selectors share selection-requests in one consumer group: a selector beyond its partition count would stand
+    idle. Every service that may create the topic (any genco serve, and genco simulate) must give it as many as
+    there are selectors."""
+    services = serve_services(compose)
+    selectors = sum(replicas(genco) for genco in services.values() if "selector" in roles(genco))
+    creators = {**services, **dict([service_running(compose, "simulate")])}
+    for name, genco in creators.items():
+        partitions = int(environment(genco).get("GENCO_REQUEST_PARTITIONS", "1"))
+        assert partitions >= selectors, f"{name} would create selection-requests with {partitions} for {selectors}"
+
+
 def test_stateful_roles_keep_their_state_on_a_volume_of_their_own(compose):
     """The joiner's pending impressions live in its state dir (the learner's checkpoints are also on Kafka):
     a named volume each, never one volume for two containers (RocksDB opens a directory once)."""

@@ -78,6 +78,27 @@ def genco_status(broker: str, topics, state_dir, metrics_port: int, until, timeo
         time.sleep(1)
 
 
+def test_selection_requests_get_the_partitions_asked_for_and_the_chains_keep_one(broker, topics, monkeypatch):
+    """GENCO_REQUEST_PARTITIONS sets how many selectors can answer at once; the snapshot and checkpoint topics keep
+    one partition whatever it says (a chain is read in order), and an existing topic keeps its count."""
+    from kafka import KafkaConsumer
+
+    monkeypatch.setenv("GENCO_REQUEST_PARTITIONS", "3")
+    settings = Settings()
+    connection = Connection.from_settings(settings, broker)
+    connection.ensure_genco_topics(topics, settings.request_partitions)
+    connection.ensure_genco_topics(topics, 5)  # a second serve asking for more changes nothing
+    consumer = KafkaConsumer(bootstrap_servers=list(connection.servers))
+    try:
+        counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in topics.all()}
+    finally:
+        consumer.close()
+    assert counts == {topic: 3 if topic == topics.requests else 1 for topic in topics.all()}, counts
+    monkeypatch.setenv("GENCO_REQUEST_PARTITIONS", "0")
+    with pytest.raises(SystemExit, match="GENCO_REQUEST_PARTITIONS='0' is not a whole number of at least 1"):
+        Settings()
+
+
 @pytest.mark.slow
 def test_roles_in_processes_that_share_nothing_but_the_broker(broker, topics, tmp_path):
     """``genco serve --agents joiner,learner`` and ``--agents selector``, each on its own state dir: the selector
