@@ -31,18 +31,27 @@ from stream.serve import wait_until_ready
 WINDOW = 2.0
 
 
-def serve_env(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0) -> dict[str, str]:
-    """The environment of a closed loop's ``genco serve``: a WINDOW-second click window, checkpoints every 5 s."""
-    return {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix,
-            "GENCO_STATE_DIR": str(state_dir), "GENCO_CLICK_WINDOW_S": str(WINDOW),
-            "GENCO_METRICS_PORT": str(metrics_port), "GENCO_CHECKPOINT_EVERY_S": "5"}
+TEST_CHECKPOINT_EVERY_S = 5.0  # tests kill and restart serves within seconds: each must have checkpoints to resume
+
+
+def serve_env(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0,
+              checkpoint_every_s: float | None = TEST_CHECKPOINT_EVERY_S) -> dict[str, str]:
+    """The environment of a closed loop's ``genco serve``: a WINDOW-second click window, checkpoints every
+    ``checkpoint_every_s`` (None: genco's default, as a deployment has it)."""
+    env = {**os.environ, "GENCO_BROKER": broker, "GENCO_TOPIC_PREFIX": topics.prefix,
+           "GENCO_STATE_DIR": str(state_dir), "GENCO_CLICK_WINDOW_S": str(WINDOW),
+           "GENCO_METRICS_PORT": str(metrics_port)}
+    if checkpoint_every_s is not None:
+        env["GENCO_CHECKPOINT_EVERY_S"] = str(checkpoint_every_s)
+    return env
 
 
 def start_serve(broker: str, topics: Topics, state_dir: Path, metrics_port: int = 0,
-                extra_env: dict[str, str] | None = None, agents: tuple[str, ...] = AGENTS) -> subprocess.Popen:
+                extra_env: dict[str, str] | None = None, agents: tuple[str, ...] = AGENTS,
+                checkpoint_every_s: float | None = TEST_CHECKPOINT_EVERY_S) -> subprocess.Popen:
     """``genco serve --agents`` on ``broker`` (see ``serve_env``, plus ``extra_env``), its log in
     state_dir/serve.log."""
-    env = {**serve_env(broker, topics, state_dir, metrics_port), **(extra_env or {})}
+    env = {**serve_env(broker, topics, state_dir, metrics_port, checkpoint_every_s), **(extra_env or {})}
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(state_dir) / "serve.log", "a") as log:  # a file, not a pipe: a full pipe would block the agents
         return subprocess.Popen([sys.executable, "-m", "genco.cli", "serve", "--agents", ",".join(agents)], env=env,
@@ -130,7 +139,8 @@ def serve_loop(world: KnownTruth, config: LoopConfig, seed: int) -> tuple[LoopRe
 
     topics = Topics("live.")
     with tempfile.TemporaryDirectory() as state, EmbeddedBroker() as broker:
-        serve = start_serve(broker.url, topics, Path(state), extra_env={
+        # checkpoints as often as a deployment writes them by default: the learner publishes each to Kafka
+        serve = start_serve(broker.url, topics, Path(state), checkpoint_every_s=None, extra_env={
             "GENCO_CLICK_WINDOW_S": str(config.window_s), "GENCO_EXPLORE": str(config.explore)})
         try:
             wait_ready(Path(state))
