@@ -144,13 +144,12 @@ class Connection:
         """Every topic genco reads or writes, created where missing: selection-requests with
         ``request_partitions`` (``Settings.request_partitions``), the others with one each, genco's own two
         with their configs (each holds chains read in order, so they keep one partition)."""
-        self.ensure_topics([topics.requests], partitions=request_partitions)
-        self.ensure_topics(topics.all(), configs=topics.configs)
+        self.ensure_topics(topics.all(), configs=topics.configs, counts={topics.requests: request_partitions})
 
     def ensure_topics(self, topics: list[str], partitions: int = 1, timeout_s: float = 60.0,
-                      configs: dict[str, dict[str, str]] | None = None) -> None:
-        """Create the topics that do not exist, each with its ``configs`` if any; leave existing ones (and their
-        partition counts and configs) alone."""
+                      configs: dict[str, dict[str, str]] | None = None, counts: dict[str, int] | None = None) -> None:
+        """Create the topics that do not exist, each with ``partitions`` (or its own in ``counts``) and its
+        ``configs`` if any; leave existing ones (and their partition counts and configs) alone."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -163,11 +162,12 @@ class Connection:
                 log.warning("broker %s not reachable yet (%s); retrying", ",".join(self.servers), error)
                 time.sleep(1.0)
         try:
-            missing = [t for t in topics if t not in set(admin.list_topics())]
-            for topic in missing:
+            existing = set(admin.list_topics())
+            for topic in [t for t in topics if t not in existing]:
+                count = (counts or {}).get(topic, partitions)
                 try:
-                    admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=(configs or {}).get(topic))])
-                    log.info("created topic %s (%d partition%s)", topic, partitions, "s"[: partitions > 1])
+                    admin.create_topics([NewTopic(topic, count, 1, topic_configs=(configs or {}).get(topic))])
+                    log.info("created topic %s (%d partition%s)", topic, count, "s"[: count > 1])
                 except TopicAlreadyExistsError:
                     pass
         finally:

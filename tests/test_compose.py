@@ -383,8 +383,8 @@ def test_every_selector_gets_a_partition_of_the_requests(compose):
     there are selectors."""
     services = serve_services(compose)
     selectors = sum(replicas(genco) for genco in services.values() if "selector" in roles(genco))
-    creators = {**services, **dict([service_running(compose, "simulate")])}
-    for name, genco in creators.items():
+    simulator, simulate = service_running(compose, "simulate")
+    for name, genco in {**services, simulator: simulate}.items():
         partitions = int(environment(genco).get("GENCO_REQUEST_PARTITIONS", "1"))
         assert partitions >= selectors, f"{name} would create selection-requests with {partitions} for {selectors}"
 
