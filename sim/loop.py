@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from contract.events import Bag, SelectionRequest
+from learner.policy import uniform_propensity
 
 
 class Serving(Protocol):
@@ -143,6 +144,8 @@ def run_loop(world, policy: LivePolicy, config: LoopConfig | None = None, seed: 
             clicked = rng.random() < p
             at = i / config.rate
             known_at = at + (rng.uniform(0.05, 0.8 * config.window_s) if clicked else config.window_s)
-            bag = {**raw, "impression_id": f"imp-{i}", "ts": at, "shown": shown, "clicked": clicked}
+            logged = {"policy": "explore", "propensity": uniform_propensity(raw["candidates"])} if explore else {
+                "policy": "genco", "propensity": None}  # as the selector's answer says, and the ad server copies
+            bag = {**raw, "impression_id": f"imp-{i}", "ts": at, "shown": shown, "clicked": clicked, **logged}
             heapq.heappush(pending, (known_at, i, bag))
     return report
