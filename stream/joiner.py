@@ -79,6 +79,7 @@ class Joiner:
         await producer.start()
         consumer = self.connection.consumer(group=self.topics.group("joiner"), max_poll_records=2000,
                                             partition_assignment_strategy=(OneActive(),))
+        watch = FetchWatch("joiner", log)
         try:
             leftovers = self.store.outbox()
             if leftovers:
@@ -87,7 +88,6 @@ class Joiner:
             consumer.subscribe([self.topics.impressions, self.topics.clicks],
                                listener=SeekToStoredOffsets(consumer, self.store))
             await consumer.start()
-            watch = FetchWatch("joiner", log)
             fetch = SafeFetch(consumer, "joiner", self.topics.dead_letters)
             log.info("joining %s + %s -> %s (window %.0f s)", self.topics.impressions, self.topics.clicks,
                      self.topics.bags, self.join.window_s)
@@ -113,6 +113,7 @@ class Joiner:
                 if sum(map(len, batches.values())) < 500:
                     await asyncio.sleep(POLL_PAUSE_S)
         finally:
+            watch.close()
             await consumer.stop()
             await producer.stop()
 

@@ -124,7 +124,7 @@ class FetchWatch:
     An outage is logged once when it starts and once when it ends, by a task of its own
     that looks every second: the agent's loop may itself be waiting on the broker (for an
     acknowledgement, say) and so take no turn to notice. aiokafka keeps retrying meanwhile,
-    and consumption resumes where it stopped.
+    and consumption resumes where it stopped. ``close`` ends that task: the agent calls it when it stops.
     """
 
     def __init__(self, agent: str, agent_log: logging.Logger) -> None:
@@ -142,6 +142,11 @@ class FetchWatch:
             AGENT_READY.labels(self.agent).set(1)
             ready.set()
             self.outages = asyncio.create_task(self._watch_outages(consumer))
+
+    def close(self) -> None:
+        """Stop watching for outages (the agent is stopping; its consumer is about to)."""
+        if self.outages is not None:
+            self.outages.cancel()
 
     async def _watch_outages(self, consumer: AIOKafkaConsumer) -> None:
         """Every second: has the broker answered a fetch for any assigned partition lately?"""

@@ -199,5 +199,6 @@ class SelectorAgent:
                     SELECTION_LATENCY.observe(elapsed)
         finally:
             follower.cancel()
+            watch.close()
             await consumer.stop()
             await producer.stop()

@@ -403,6 +403,7 @@ class TrainingAgent:
             if self.trained_ids.unrecorded:
                 await self.publish_next(checkpoint=True)
         finally:
+            watch.close()
             await consumer.stop()
             await producer.stop()
             for publisher in (self.publisher, self.checkpointer):

@@ -63,6 +63,8 @@ async def run_joiner(url: str, topics, store_dir, until, produce_messages, settl
         stop.set()
         await task
         joiner.store.close()
+    left = [t.get_coro().__qualname__ for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not left, f"the stopped joiner left tasks running: {left}"
     return joiner, bags
 
 
