@@ -1,6 +1,7 @@
 """Faults against the real ``genco serve`` in the closed loop, each on a fresh embedded broker.
 
-    python benchmarks/reliability.py [--rate 250] [--seconds 60] [--json bench-out/reliability.json]
+    python benchmarks/reliability.py [--rate 250] [--seconds 60] [--only two_serves] [--seeds 1 2 3]
+                                     [--json bench-out/reliability.json]
 
 Scenarios: clean (three seeds: the noise), 5% garbage (two seeds) on every input topic,
 SIGKILL of ``genco serve`` halfway and restart after 2 s, two ``genco serve`` processes
@@ -111,10 +112,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=250.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run each scenario once per seed (a fault repeated on that many runs), not its own seeds")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     plan = [("clean", 1, 0.0), ("clean", 2, 0.0), ("clean", 3, 0.0), ("garbage", 1, 0.05), ("garbage", 2, 0.05),
             ("sigkill", 1, 0.0), ("two_serves", 1, 0.0), ("frozen_broker", 1, 0.0)]
+    if args.seeds:
+        garbage_of = {name: garbage for name, _, garbage in plan}
+        plan = [(name, seed, garbage) for name, garbage in garbage_of.items() for seed in args.seeds]
     results = []
     for name, seed, garbage in plan:
         if args.only and name not in args.only:
