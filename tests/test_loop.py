@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from contract.events import SelectionRequest
+from contract.events import Bag, SelectionRequest
 from learner.baselines import PooledBeta
 from learner.policy import uniform_propensity
 from sim.loop import Frozen, LoopConfig, run_loop
@@ -25,15 +25,15 @@ class FirstCandidates:
     """A live policy that always serves every component's first candidate, and keeps the bags it learns."""
 
     def __init__(self) -> None:
-        self.bags = []
+        self.bags: list[Bag] = []
 
-    def learn(self, bags) -> None:
+    def learn(self, bags: list[Bag]) -> None:
         self.bags.extend(bags)
 
-    def snapshot(self):
+    def snapshot(self) -> FirstCandidates:
         return self
 
-    def select(self, requests) -> list[dict[str, str]]:
+    def select(self, requests: list[SelectionRequest]) -> list[dict[str, str]]:
         return [{component: ids[0] for component, ids in r.candidates.items()} for r in requests]
 
 
