@@ -144,8 +144,9 @@ def run_loop(world, policy: LivePolicy, config: LoopConfig | None = None, seed: 
             clicked = rng.random() < p
             at = i / config.rate
             known_at = at + (rng.uniform(0.05, 0.8 * config.window_s) if clicked else config.window_s)
-            logged = {"policy": "explore", "propensity": uniform_propensity(raw["candidates"])} if explore else {
-                "policy": "genco", "propensity": None}  # as the selector's answer says, and the ad server copies
-            bag = {**raw, "impression_id": f"imp-{i}", "ts": at, "shown": shown, "clicked": clicked, **logged}
+            # who chose, as the selector's answer says and the ad server copies into the impression
+            chosen_by, propensity = ("explore", uniform_propensity(raw["candidates"])) if explore else ("genco", None)
+            bag = {**raw, "impression_id": f"imp-{i}", "ts": at, "shown": shown, "clicked": clicked,
+                   "policy": chosen_by, "propensity": propensity}
             heapq.heappush(pending, (known_at, i, bag))
     return report
