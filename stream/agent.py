@@ -59,7 +59,7 @@ async def run_agent(name: str, connection: Connection, settings: Settings) -> No
 def main() -> None:
     spec = json.loads(os.environ["GENCO_AGENT_SPEC"])
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    for noisy in ("aiokafka", "kafka"):
+    for noisy in ("aiokafka", "kafka", "faust", "mode", "stream.faust_app"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from learner.compute import configure_compute
 

@@ -69,11 +69,12 @@ class SafeFetch:
         self.agent = agent
         self.dead_letters = dead_letters
 
-    async def getmany(self, timeout_ms: int, max_records: int) -> Fetched:
-        """Records by partition, and dead letters for the batches that could not be decoded."""
-        positions = {tp: await self.consumer.position(tp) for tp in self.consumer.assignment()}
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int, max_records: int) -> Fetched:
+        """Records by partition (of ``partitions``, or of all assigned), and dead letters for the batches that
+        could not be decoded."""
+        positions = {tp: await self.consumer.position(tp) for tp in partitions or self.consumer.assignment()}
         try:
-            records = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            records = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
             LAST_FETCH.labels(self.agent).set(time.time())
             return Fetched(records)
         except Exception as error:

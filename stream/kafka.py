@@ -1,7 +1,8 @@
 """Kafka plumbing shared by every agent: broker URLs, topic names, clients, topic creation.
 
-The agents talk to Kafka through aiokafka directly (see README, "Why not Faust's
-stream engine"); kafka-python's admin client creates topics before they start.
+The joiner and the learner talk to Kafka through aiokafka directly; the selector is a
+Faust agent (``stream.faust_app``) whose consumer and producer are made here too, so every
+client has the same credentials. kafka-python's admin client creates topics before they start.
 """
 
 from __future__ import annotations

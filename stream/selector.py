@@ -1,21 +1,23 @@
 """The selector agent: SelectionRequests -> SelectionResponses, from the newest snapshot.
 
-Requests are answered in batches (whatever one fetch returned, up to 512), so the
-model runs once per batch. Snapshots come over Kafka (``stream.snapshot_topic``), so a
-selector runs on any host: at start it reads the newest chain of publications, and
-then follows the topic, applying each new version off the event loop and swapping
-the serving policy between two batches: serving never pauses, and the version served
-never goes back. It serves the readout the snapshot names (``serving``: genco, or one
-of its baselines that the learner's referee found ahead); its answers say ``genco``
-either way. A request that fails validation gets an error response (when its
-request_id can be read) and a dead letter. Offsets are committed after the responses
-are sent: after a crash, unanswered requests are answered again, never dropped.
+A Faust agent (``stream.faust_app``): the ``<prefix>selector`` app's consumer group shares
+``selection-requests`` among every selector, on any host. Requests are answered in batches
+(up to 512, or whatever arrived within 5 ms), so the model runs once per batch. Snapshots come
+over Kafka (``stream.snapshot_topic``), so a selector runs on any host: at start it reads the
+newest chain of publications, and then follows the topic, applying each new version off the
+event loop and swapping the serving policy between two batches: serving never pauses, and the
+version served never goes back. It serves the readout the snapshot names (``serving``: genco,
+or one of its baselines that the learner's referee found ahead); its answers say ``genco``
+either way. A request that fails validation gets an error response (when its request_id can be
+read) and a dead letter. A batch is acknowledged to Faust, which commits only acknowledged
+offsets, once its responses are acknowledged by the broker: after a crash, unanswered requests
+are answered again, never dropped.
 
 No request can stop it: a batch is cut by work (``contract.events.work_batches``), a
 model call that raises is retried request by request and a request that raises
 alone gets an error response and a dead letter, a batch the client cannot decode is
-dead-lettered (``stream.fetch``), and a snapshot that fails to load, for whatever
-reason, leaves the last good model serving.
+dead-lettered (``stream.fetch``, inside Faust's fetching), and a snapshot that fails to load,
+for whatever reason, leaves the last good model serving.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import logging
 import time
 
 import torch
+from aiokafka import AIOKafkaProducer, TopicPartition
+from faust.types import EventT, StreamT
 
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import SelectionRequest, work_batches
@@ -33,7 +37,7 @@ from contract.jsonl import parse_line, readable_request_id
 from learner.policy import ServingPolicy
 from learner.serving import READOUTS
 from learner.snapshots import Snapshot, model_from
-from stream.fetch import SafeFetch
+from stream.faust_app import GencoApp
 from stream.kafka import Connection, Topics
 from stream.metrics import (
     EVENTS_IN,
@@ -44,7 +48,7 @@ from stream.metrics import (
     SERVING_POLICY,
     SNAPSHOT_LOAD_FAILURES,
 )
-from stream.runtime import FetchWatch, commit, dead_letter, send_all
+from stream.runtime import dead_letter, send_all
 from stream.snapshot_topic import Follower, seek_to_newest_chain, snapshot_consumer
 
 log = logging.getLogger("genco.selector")
@@ -162,6 +166,16 @@ class SelectorAgent:
         return [letter, (self.topics.responses, request_id.encode(),
                          json.dumps({"request_id": request_id, "error": json.loads(letter[2])["error"]}).encode())]
 
+    async def answer_events(self, producer: AIOKafkaProducer, events: list[EventT]) -> None:
+        """Answer one batch of Faust events; return once every response (and dead letter) is acknowledged."""
+        started = time.monotonic()
+        records = [(TopicPartition(e.message.topic, e.message.partition), e.message) for e in events]
+        EVENTS_IN.labels(self.topics.requests).inc(len(records))
+        await send_all(producer, self.answer(records), self.topics.dead_letters)
+        elapsed = time.monotonic() - started
+        for _ in records:
+            SELECTION_LATENCY.observe(elapsed)
+
     async def run(self, stop: asyncio.Event) -> None:
         follower = asyncio.create_task(self.follow_snapshots(stop))
         # After a restart, never answer with an older model than before it: requests wait for the newest.
@@ -170,35 +184,39 @@ class SelectorAgent:
         caught_up.cancel()
         producer = self.connection.producer(linger_ms=0)
         await producer.start()
-        consumer = self.connection.consumer(self.topics.requests, group=self.topics.group("selector"),
-                                            max_wait_ms=10, max_poll_records=self.max_batch)
-        await consumer.start()
-        watch = FetchWatch("selector", log)
-        fetch = SafeFetch(consumer, "selector", self.topics.dead_letters)
+        app = GencoApp("selector", self.connection, self.topics, fetch_wait_ms=10, max_poll_records=self.max_batch,
+                       send_letters=lambda letters: send_all(producer, letters, self.topics.dead_letters))
+        failed: list[BaseException] = []
+
+        @app.agent(app.topic(self.topics.requests))
+        async def select(stream: StreamT) -> None:
+            # Acknowledged (so committed) only once answered: a batch whose answers did not go out is
+            # answered again after a restart, never dropped.
+            async for events in stream.noack_take(self.max_batch, within=0.005):
+                try:
+                    await self.answer_events(producer, events)
+                except Exception as error:  # the agent must not go on past requests it did not answer
+                    failed.append(error)
+                    stop.set()
+                    return
+                for event in events:
+                    await stream.ack(event)
+
+        await app.start()
         log.info("answering %s on %s", self.topics.requests, self.topics.responses)
+        assigned = asyncio.create_task(app.assigned.wait())
+        stopping = asyncio.create_task(stop.wait())
         try:
-            while not stop.is_set():
-                if follower.done():  # following the snapshots stopped on an error: let the agent die of it
-                    follower.result()
-                fetched = await fetch.getmany(timeout_ms=100, max_records=self.max_batch)
-                batches = fetched.records
-                watch.mark_ready(consumer, self.ready)
-                if fetched.letters:
-                    await send_all(producer, fetched.letters, self.topics.dead_letters)
-                    await commit(consumer, {tp: o for tp, o in fetched.skipped_to.items() if tp not in batches})
-                if not batches:
-                    await watch.lagging(consumer)
-                    continue
-                started = time.monotonic()
-                records = [(tp, r) for tp, rs in batches.items() for r in rs]
-                EVENTS_IN.labels(self.topics.requests).inc(len(records))
-                await send_all(producer, self.answer(records), self.topics.dead_letters)
-                await commit(consumer, {tp: rs[-1].offset + 1 for tp, rs in batches.items()})
-                elapsed = time.monotonic() - started
-                for _ in records:
-                    SELECTION_LATENCY.observe(elapsed)
+            await asyncio.wait([assigned, stopping, follower], return_when=asyncio.FIRST_COMPLETED)
+            if assigned.done():
+                self.ready.set()
+            await asyncio.wait([stopping, follower], return_when=asyncio.FIRST_COMPLETED)
+            if follower.done():  # following the snapshots stopped on an error: let the agent die of it
+                follower.result()
+            if failed:
+                raise failed[0]
         finally:
-            follower.cancel()
-            watch.close()
-            await consumer.stop()
+            for task in (assigned, stopping, follower):
+                task.cancel()
+            await app.stop()
             await producer.stop()

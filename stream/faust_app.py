@@ -1,0 +1,130 @@
+"""Faust apps for genco's agents, on genco's own Kafka connection and its safe fetching.
+
+One app, so one consumer group (``Topics.group(role)``), per role: Faust runs all of an app's
+agents on one consumer, and a worker that runs only some roles needs an app for each (issue 32).
+The app runs inside the agent process's own event loop (``await app.start()``) rather than
+under ``faust.Worker``: the process keeps genco's signal handling, logging and exit status,
+which the supervisor and ``genco status`` read, and no web server is bound.
+
+What genco changes in Faust's aiokafka driver, and why:
+
+- **Fetching.** Faust's consumer thread lets a batch it cannot decode raise out of its fetch
+  loop, which stops the worker, and again after every restart. Here the thread fetches
+  through ``stream.fetch.SafeFetch``: such a batch is dead-lettered (the letter sent and
+  acknowledged before any record after it is handed on) and skipped, and Faust's tracking
+  of offset gaps commits past it once the records after it are acknowledged.
+- **Clients.** Consumer and producer are made like genco's other clients
+  (``stream.kafka.Connection``): its credentials and TLS context, a 10 s session, and a
+  fetch wait chosen per role. Faust fixes the wait at 1.5 s, and the embedded broker holds an
+  empty fetch for all of it: latency, for the selector.
+- **Readiness and lag.** A ``stream.runtime.FetchWatch`` looks at every fetch, on the
+  consumer's own thread, so ``genco status`` shows the role as ready, its lag and any broker
+  outage, as for the other agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.errors import ConsumerStoppedError
+from aiokafka.structs import TopicPartition
+from faust.transport.drivers import aiokafka as driver
+
+from contract.deadletters import Message
+from stream.fetch import SafeFetch
+from stream.kafka import Connection, Topics
+from stream.runtime import FetchWatch
+
+SendLetters = Callable[[list[Message]], Awaitable[None]]
+
+
+class GencoApp(faust.App):
+    """A Faust app for one of genco's roles, its clients made by ``connection``.
+
+    ``send_letters`` sends dead letters for undecodable batches and returns once they are
+    acknowledged; it runs on the app's event loop (the fetching thread waits for it).
+    """
+
+    def __init__(self, role: str, connection: Connection, topics: Topics, send_letters: SendLetters,
+                 fetch_wait_ms: int, max_poll_records: int) -> None:
+        self.role = role
+        self.connection = connection
+        self.dead_letters = topics.dead_letters
+        self.send_letters = send_letters
+        self.fetch_wait_ms = fetch_wait_ms
+        self.watch = FetchWatch(role, logging.getLogger(f"genco.{role}"))
+        self.assigned = asyncio.Event()  # set (on the app's loop) once the role's consumer has partitions
+        super().__init__(
+            topics.group(role), broker=[f"kafka://{server}" for server in connection.servers], store="memory://",
+            autodiscover=False, web_enabled=False, topic_allow_declare=False, topic_disable_leader=True,
+            key_serializer="raw", value_serializer="raw", consumer_auto_offset_reset="earliest",
+            broker_max_poll_records=max_poll_records, broker_session_timeout=10, broker_heartbeat_interval=1)
+
+    def _new_transport(self) -> Transport:
+        return Transport(self.conf.broker_consumer, self)
+
+    def _new_producer_transport(self) -> Transport:
+        return Transport(self.conf.broker_producer, self)
+
+
+class ConsumerThread(driver.AIOKafkaConsumerThread):
+    """Faust's consumer thread, with genco's consumer and its safe fetch."""
+
+    app: GencoApp
+    ready: asyncio.Event | None = None  # the watch's, on this thread's loop
+
+    def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
+        # As Faust chooses: its own assignor only where tables need it.
+        tables = self.app.conf.table_standby_replicas > 0 or bool(self.app.tables.changelog_topics)
+        self._assignor = self.app.assignor if tables else RoundRobinPartitionAssignor
+        return self.app.connection.consumer(
+            group=self.app.conf.id, max_wait_ms=self.app.fetch_wait_ms, client_id=self.app.conf.broker_client_id,
+            partition_assignment_strategy=[self._assignor], max_poll_records=self.app.conf.broker_max_poll_records)
+
+    async def _fetch_records(self, consumer: AIOKafkaConsumer, active_partitions: set[TopicPartition],
+                             timeout: float | None = None, max_records: int | None = None) -> dict:
+        if not self.consumer.flow_active:
+            return {}
+        if consumer._closed or consumer._fetcher._closed:
+            raise ConsumerStoppedError()
+        if not active_partitions:  # all paused (a rebalance under way): fetching none would fetch them all
+            await asyncio.sleep(0.05)
+            return {}
+        app = self.app
+        partitions = [TopicPartition(tp.topic, tp.partition) for tp in active_partitions]  # Faust's TP is not one
+        fetched = await SafeFetch(consumer, app.role, app.dead_letters).getmany(
+            *partitions, timeout_ms=int((timeout or 0) * 1000), max_records=max_records or 500)
+        if fetched.letters:  # out and acknowledged before Faust sees (and may commit) the offsets after them
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(app.send_letters(fetched.letters), app.loop))
+        if consumer.assignment() and not app.assigned.is_set():
+            app.loop.call_soon_threadsafe(app.assigned.set)
+        if self.ready is None:
+            self.ready = asyncio.Event()
+        app.watch.mark_ready(consumer, self.ready)
+        await app.watch.lagging(consumer)
+        return fetched.records
+
+    async def on_thread_stop(self) -> None:
+        self.app.watch.close()
+        await super().on_thread_stop()
+
+
+class Consumer(driver.Consumer):
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class Producer(driver.Producer):
+    def _settings_auth(self) -> dict:
+        return self.app.connection.client_options()
+
+
+class Transport(driver.Transport):
+    Consumer = Consumer
+    Producer = Producer
