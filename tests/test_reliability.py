@@ -157,6 +157,40 @@ def test_two_serves_form_one_deployment_and_the_survivor_loses_nothing(broker, t
 
 
 @pytest.mark.slow
+def test_a_spare_selector_takes_over_the_partition_of_a_killed_one_and_answers_every_request(broker, topics,
+                                                                                              tmp_path):
+    """More selectors than request partitions (one, genco's default): one Faust consumer holds the partition,
+    the other stands by with none. The holder is SIGKILLed and the other must answer every request from the
+    holder's last commit on. Faust resumes a newly assigned partition before seeking it to the committed
+    offset (faust-streaming PR #241), a window in which a worker that held nothing can drop records and
+    commit past them."""
+    Connection.from_settings(Settings(), broker).ensure_genco_topics(topics)
+    dirs = [tmp_path / "first", tmp_path / "second"]
+    serves = [start_serve(broker, topics, dirs[0], agents=("selector",))]
+    killed: list[int] = []
+
+    async def fault() -> None:
+        serves.append(start_serve(broker, topics, dirs[1], agents=("selector",)))
+        await asyncio.sleep(12)  # the second has joined: the group's rebalance gave the partition to one of them
+        holder = 1 if "assigned" in serve_log(dirs[1]) else 0
+        serves[holder].kill()
+        await asyncio.to_thread(serves[holder].wait)
+        killed.append(holder)
+
+    try:
+        wait_ready(dirs[0], agents=("selector",))
+        report = run_closed_loop(broker, topics, rate=200, requests=5000, fault=fault)
+    finally:
+        for serve in serves:
+            if serve.poll() is None:
+                stop_serve(serve)
+    assert report.invalid == [], report.invalid[:5]
+    assert report.answered == report.sent, f"{report.sent - report.answered} requests never answered"
+    survivor = serve_log(dirs[1 - killed[0]])
+    assert "assigned 1 partitions" in survivor and "exited with status" not in survivor, survivor[-3000:]
+
+
+@pytest.mark.slow
 def test_a_frozen_broker_is_waited_out_without_restarts_or_loss(topics, tmp_path):
     with EmbeddedBroker() as broker:  # its own broker: SIGSTOP must not freeze the other tests'
         connection = Connection.from_settings(Settings(), broker.url)
