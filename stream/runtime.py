@@ -86,19 +86,6 @@ def refusal(message: Message, error: KafkaError, dead_letters: str) -> Message |
                   f"output of {len(value)} bytes refused: {type(error).__name__}")
 
 
-async def commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-    """Commit consumed offsets; a commit refused because the group rebalanced meanwhile is logged, not fatal.
-
-    aiokafka already retries commits while the coordinator is unreachable. A refused one
-    only means those messages are consumed again by whoever owns the partition now:
-    at-least-once, never lost.
-    """
-    try:
-        await consumer.commit(offsets)
-    except KafkaError as error:
-        log.warning("offsets not committed (%s): those messages will be consumed again", error)
-
-
 async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[bytes, Message]],
                   dead_letters: str) -> None:
     """Send committed outbox messages, then strike them off the store."""
