@@ -48,18 +48,19 @@ class GencoApp(faust.App):
     """A Faust app for one of genco's roles, its clients made by ``connection``.
 
     ``send_letters`` sends dead letters for undecodable batches and returns once they are
-    acknowledged; it runs on the app's event loop (the fetching thread waits for it).
+    acknowledged; it runs on the app's event loop (the fetching thread waits for it). ``ready`` is
+    set, on the app's loop, once the role's consumer has partitions.
     """
 
     def __init__(self, role: str, connection: Connection, topics: Topics, send_letters: SendLetters,
-                 fetch_wait_ms: int, max_poll_records: int) -> None:
+                 ready: asyncio.Event, fetch_wait_ms: int, max_poll_records: int) -> None:
         self.role = role
         self.connection = connection
         self.dead_letters = topics.dead_letters
         self.send_letters = send_letters
         self.fetch_wait_ms = fetch_wait_ms
         self.watch = FetchWatch(role, logging.getLogger(f"genco.{role}"))
-        self.assigned = asyncio.Event()  # set (on the app's loop) once the role's consumer has partitions
+        self.ready = ready
         super().__init__(
             topics.group(role), broker=[f"kafka://{server}" for server in connection.servers], store="memory://",
             autodiscover=False, web_enabled=False, topic_allow_declare=False, topic_disable_leader=True,
@@ -77,7 +78,7 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     """Faust's consumer thread, with genco's consumer and its safe fetch."""
 
     app: GencoApp
-    ready: asyncio.Event | None = None  # the watch's, on this thread's loop
+    watched: asyncio.Event | None = None  # the watch's readiness, on this thread's loop
 
     def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
         # As Faust chooses: its own assignor only where tables need it.
@@ -99,14 +100,15 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
         app = self.app
         partitions = [TopicPartition(tp.topic, tp.partition) for tp in active_partitions]  # Faust's TP is not one
         fetched = await SafeFetch(consumer, app.role, app.dead_letters).getmany(
-            *partitions, timeout_ms=int((timeout or 0) * 1000), max_records=max_records or 500)
+            *partitions, timeout_ms=int((timeout or 0) * 1000),
+            max_records=max_records or app.conf.broker_max_poll_records)
         if fetched.letters:  # out and acknowledged before Faust sees (and may commit) the offsets after them
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(app.send_letters(fetched.letters), app.loop))
-        if consumer.assignment() and not app.assigned.is_set():
-            app.loop.call_soon_threadsafe(app.assigned.set)
-        if self.ready is None:
-            self.ready = asyncio.Event()
-        app.watch.mark_ready(consumer, self.ready)
+        if self.watched is None:
+            self.watched = asyncio.Event()
+        app.watch.mark_ready(consumer, self.watched)
+        if self.watched.is_set() and not app.ready.is_set():
+            app.loop.call_soon_threadsafe(app.ready.set)
         await app.watch.lagging(consumer)
         return fetched.records
 

@@ -184,7 +184,8 @@ class SelectorAgent:
         caught_up.cancel()
         producer = self.connection.producer(linger_ms=0)
         await producer.start()
-        app = GencoApp("selector", self.connection, self.topics, fetch_wait_ms=10, max_poll_records=self.max_batch,
+        app = GencoApp("selector", self.connection, self.topics, ready=self.ready, fetch_wait_ms=10,
+                       max_poll_records=self.max_batch,
                        send_letters=lambda letters: send_all(producer, letters, self.topics.dead_letters))
         failed: list[BaseException] = []
 
@@ -204,19 +205,15 @@ class SelectorAgent:
 
         await app.start()
         log.info("answering %s on %s", self.topics.requests, self.topics.responses)
-        assigned = asyncio.create_task(app.assigned.wait())
         stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([assigned, stopping, follower], return_when=asyncio.FIRST_COMPLETED)
-            if assigned.done():
-                self.ready.set()
             await asyncio.wait([stopping, follower], return_when=asyncio.FIRST_COMPLETED)
             if follower.done():  # following the snapshots stopped on an error: let the agent die of it
                 follower.result()
             if failed:
                 raise failed[0]
         finally:
-            for task in (assigned, stopping, follower):
+            for task in (stopping, follower):
                 task.cancel()
             await app.stop()
             await producer.stop()
