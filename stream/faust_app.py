@@ -31,6 +31,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import ConsumerStoppedError
 from aiokafka.structs import TopicPartition
@@ -42,6 +43,7 @@ from stream.kafka import Connection, Topics
 from stream.runtime import FetchWatch
 
 SendLetters = Callable[[list[Message]], Awaitable[None]]
+Assignor = type[AbstractPartitionAssignor] | AbstractPartitionAssignor
 
 
 class GencoApp(faust.App):
@@ -49,12 +51,18 @@ class GencoApp(faust.App):
 
     ``send_letters`` sends dead letters for undecodable batches and returns once they are
     acknowledged; it runs on the app's event loop (the fetching thread waits for it). ``ready`` is
-    set, on the app's loop, once the role's consumer has partitions.
+    set, on the app's loop, once the role's consumer has partitions. ``assignor`` shares the role's
+    partitions among its group (``stream.one_active`` where one member must hold them all).
+    ``wait_empty=False`` lets a rebalance go ahead while events are still unacknowledged: for an agent
+    that acknowledges only once its work is durable (the learner, at its checkpoints), which waiting
+    would hold up for that long.
     """
 
     def __init__(self, role: str, connection: Connection, topics: Topics, send_letters: SendLetters,
-                 ready: asyncio.Event, fetch_wait_ms: int, max_poll_records: int) -> None:
+                 ready: asyncio.Event, fetch_wait_ms: int, max_poll_records: int,
+                 assignor: Assignor = RoundRobinPartitionAssignor, wait_empty: bool = True) -> None:
         self.role = role
+        self.partition_assignor = assignor
         self.connection = connection
         self.dead_letters = topics.dead_letters
         self.send_letters = send_letters
@@ -65,7 +73,8 @@ class GencoApp(faust.App):
             topics.group(role), broker=[f"kafka://{server}" for server in connection.servers], store="memory://",
             autodiscover=False, web_enabled=False, topic_allow_declare=False, topic_disable_leader=True,
             key_serializer="raw", value_serializer="raw", consumer_auto_offset_reset="earliest",
-            broker_max_poll_records=max_poll_records, broker_session_timeout=10, broker_heartbeat_interval=1)
+            broker_max_poll_records=max_poll_records, broker_session_timeout=10, broker_heartbeat_interval=1,
+            stream_wait_empty=wait_empty)
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
@@ -81,9 +90,7 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
     watched: asyncio.Event | None = None  # the watch's readiness, on this thread's loop
 
     def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
-        # As Faust chooses: its own assignor only where tables need it.
-        tables = self.app.conf.table_standby_replicas > 0 or bool(self.app.tables.changelog_topics)
-        self._assignor = self.app.assignor if tables else RoundRobinPartitionAssignor
+        self._assignor = self.app.partition_assignor  # no tables: Faust's own assignor would have nothing to place
         return self.app.connection.consumer(
             group=self.app.conf.id, max_wait_ms=self.app.fetch_wait_ms, client_id=self.app.conf.broker_client_id,
             partition_assignment_strategy=[self._assignor], max_poll_records=self.app.conf.broker_max_poll_records)

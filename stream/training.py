@@ -1,20 +1,25 @@
 """The learner agent: bags in arrival order -> ``Learner.step`` per mini-batch -> snapshots.
 
-Effectively once: the marks of trained impressions (``stream.trained_ids``) and the bags
-offsets are written to RocksDB only together with a checkpoint (a snapshot carrying the
-optimiser state). After a crash the learner reloads that checkpoint, rewinds to those
-offsets and trains the bags after them again, so every impression counts in the model
-once; a bag whose impression was already trained is skipped (the joiner may repeat a
-bag after its own crash).
+A Faust agent (``stream.faust_app``) in the ``<prefix>learner`` app, whose group hands every
+partition of the bags topic to one member (``stream.one_active``): one learner trains, the
+others stand by, and when it is lost the group's rebalance hands everything to a standby.
+
+Effectively once: the marks of trained impressions (``stream.trained_ids``) are written to
+RocksDB only together with a checkpoint (a snapshot carrying the optimiser state), and a bag
+is acknowledged to Faust, which commits acknowledged offsets only, once a checkpoint on Kafka
+covers it. So the group's committed offset never passes a bag the newest checkpoint has not
+trained on. After a crash the learner reloads that checkpoint and Faust starts from the
+committed offset, at or before the checkpoint's end: the bags after the checkpoint are
+trained again, and those before it are skipped by their marks, so every impression counts in
+the model once (the joiner may repeat a bag after its own crash; that copy is skipped too).
 
 Serving snapshots (weights only) go out every ``snapshot_every_s`` while learning, on the
 snapshot topic for every selector (``stream.snapshot_topic``: a whole model now and then,
 the rows that changed between) and into the state dir; checkpoints every
 ``checkpoint_every_s``, into the state dir and on the checkpoint topic (weights, optimiser
-state, trained marks, offsets). Of the learners in a group one trains
-(``stream.one_active``); when another is handed the partitions, it first takes over the
-newest checkpoint on the topic if that is newer than its own, so a standby on a fresh
-host resumes where the lost one last checkpointed. Version numbers only ever grow, across
+state, trained marks). A learner handed the partitions first takes over the newest
+checkpoint on the topic if that is newer than its own, before it trains on any bag, so a
+standby on a fresh host resumes where the lost one last checkpointed. Version numbers only ever grow, across
 learners too: one continues after the newest version on the topic.
 
 Before each step, the referee (``learner.referee``) scores every readout of the model as it stands on the
@@ -37,12 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from faust.types import EventT, StreamT
 from river import metrics
 
 from contract.deadletters import InvalidInput, Message, Reason
-from contract.events import BATCH_WORK_CELLS, Bag, work_batches
+from contract.events import Bag, work_batches
 from contract.jsonl import parse_line
 from learner.publications import Differ, Replica, encode
 from learner.referee import Referee
@@ -50,7 +56,7 @@ from learner.serving import readouts
 from learner.snapshots import SnapshotError, SnapshotStore, model_from
 from learner.trainer import Learner, preset
 from state.kv import Store
-from stream.fetch import Fetched, SafeFetch
+from stream.faust_app import GencoApp
 from stream.kafka import Connection, Topics
 from stream.metrics import (
     DUPLICATES,
@@ -64,7 +70,7 @@ from stream.metrics import (
     TRAINING_STEPS,
 )
 from stream.one_active import OneActive
-from stream.runtime import FetchWatch, dead_letter, send_all
+from stream.runtime import dead_letter, send_all
 from stream.snapshot_topic import SnapshotPublisher, read_newest
 from stream.trained_ids import TENSORS as TRAINED_TENSORS
 from stream.trained_ids import TrainedIds
@@ -73,7 +79,7 @@ Source = tuple[TopicPartition, ConsumerRecord]  # where a bag came from, for its
 
 log = logging.getLogger("genco.learner")
 
-_CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored offsets and trained ids belong to
+_CHECKPOINT = b"checkpoint"  # -> the snapshot version the stored trained ids belong to
 # What of a snapshot's manifest a selector needs: no optimiser, referee or training settings go on the topic.
 PUBLISHED = ("version", "bags_seen", "steps", "created", "model_config", "serving", "estimates", "format")
 CHECKPOINTED = (*PUBLISHED, "train_config", "referee")  # and a checkpoint's, to resume from
@@ -90,36 +96,9 @@ class Outgoing:
     blob: bytes
 
 
-class AdoptThenSeek(ConsumerRebalanceListener):
-    """On assignment, take over the newest checkpoint on Kafka when it is newer than this learner's own (a
-    standby taking over, perhaps on a fresh host), then start each partition where the store says (at its
-    beginning where the store has no offset). Until that is done the agent is not ``settled``: what the
-    consumer fetched meanwhile, from wherever it stood, is dropped, and fetched again from there."""
-
-    def __init__(self, consumer, agent: TrainingAgent) -> None:
-        self.consumer = consumer
-        self.agent = agent
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self.agent.settled.clear()
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self.agent.settled.clear()
-        if assigned:
-            await self.agent.adopt_newest_checkpoint()
-        stored = self.agent.store.offsets()
-        for tp in assigned:
-            offset = stored.get((tp.topic, tp.partition))
-            if offset is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, offset)
-        self.agent.settled.set()
-
-
 class TrainingAgent:
     def __init__(self, connection: Connection, topics: Topics, state_dir: Path, window_s: float,
-                 batch_size: int = 1024, idle_flush_s: float = 0.3, max_wait_s: float = 1.5,
+                 batch_size: int = 1024, max_wait_s: float = 1.5,
                  snapshot_every_s: float = 4.0, checkpoint_every_s: float = 30.0,
                  referee_settings: dict | None = None) -> None:
         self.connection = connection
@@ -128,7 +107,6 @@ class TrainingAgent:
         self.snapshots = SnapshotStore(state_dir / "snapshots")
         self.trained_ids = TrainedIds(self.store, horizon_s=max(2 * window_s, 3600.0))
         self.batch_size = batch_size
-        self.idle_flush_s = idle_flush_s
         self.max_wait_s = max_wait_s
         self.snapshot_every_s = snapshot_every_s
         self.checkpoint_every_s = checkpoint_every_s
@@ -140,8 +118,11 @@ class TrainingAgent:
         self.checkpoint_differ = Differ(CHECKPOINT_BASE_EVERY)
         self.checkpointer = SnapshotPublisher(connection, topics.checkpoints)
         self.loss = metrics.LogLoss()
-        self.offsets: dict[tuple[str, int], int] = {}  # reached since the last checkpoint
-        self.settled = asyncio.Event()  # set once the partitions assigned start where the checkpoint ends
+        # Training, publishing and taking over a checkpoint each hold it: none runs into another's model.
+        self.lock = asyncio.Lock()
+        self.unacknowledged: list[EventT] = []  # taken bags no checkpoint on Kafka covers yet
+        self.learned_since_snapshot = False
+        self.last_snapshot = self.last_checkpoint = time.monotonic()
         self.ready = asyncio.Event()  # set once partitions are assigned
 
     def _resume(self) -> tuple[Learner, Referee]:
@@ -257,39 +238,40 @@ class TrainingAgent:
                 POLICY_SCTR.labels(policy).set(estimate["sctr"])
                 POLICY_SCTR_SE.labels(policy).set(estimate["se"])
         if checkpoint:
-            offsets = [[topic, partition, offset] for (topic, partition), offset in self.offsets.items()]
             self._record_trained()
             tensors = weights | {_OPTIMIZER + name: value.numpy() for name, value in optimizer_state.items()}
             publication = self.checkpoint_differ.publication(
                 tensors | self.trained_ids.tensors(),
-                {**{name: getattr(manifest, name) for name in CHECKPOINTED}, "offsets": offsets})
+                {name: getattr(manifest, name) for name in CHECKPOINTED})
             outgoing.append(Outgoing(self.checkpointer, publication.manifest["kind"] == "base", encode(publication)))
         return outgoing
 
-    async def publish_next(self, checkpoint: bool) -> None:
-        """Write the next snapshot and put it (and the checkpoint) on Kafka. The first time, this learner takes
-        the next epoch and continues after the topic's newest version: only now, as the active learner (a
-        standby that started long ago must not reuse the version numbers of its day)."""
+    async def publish_next(self, checkpoint: bool) -> bool:
+        """Write the next snapshot and put it (and the checkpoint) on Kafka; whether all of it went out. The
+        first time, this learner takes the next epoch and continues after the topic's newest version: only now,
+        as the active learner (a standby that started long ago must not reuse the version numbers of its day)."""
         if self.publisher.producer is None:
             for publisher in (self.publisher, self.checkpointer):
                 await publisher.open()
             self.version = max(self.version, self.publisher.last_version, self.checkpointer.last_version)
-        for outgoing in await asyncio.to_thread(self.publish, checkpoint):
-            await self.send(outgoing)
+        sent = [await self.send(outgoing) for outgoing in await asyncio.to_thread(self.publish, checkpoint)]
+        return all(sent)
 
-    async def send(self, outgoing: Outgoing) -> None:
-        """Put a publication on its topic. Where that fails, the next ones are bases: readers that missed this
-        one must not wait for a chain that broke here."""
+    async def send(self, outgoing: Outgoing) -> bool:
+        """Put a publication on its topic; whether it went. Where that fails, the next ones are bases: readers
+        that missed this one must not wait for a chain that broke here."""
         try:
             await outgoing.publisher.publish(self.version, outgoing.base, outgoing.blob)
+            return True
         except KafkaError as error:
             log.error("v%d not published on %s (%s: %s): the next versions go whole", self.version,
                       outgoing.publisher.topic, type(error).__name__, error)
             self.differ, self.checkpoint_differ = Differ(), Differ(CHECKPOINT_BASE_EVERY)
+            return False
 
     async def adopt_newest_checkpoint(self) -> None:
         """Resume from the newest checkpoint on the checkpoint topic when it is newer than this learner's own:
-        its model, optimiser and referee, its trained marks and its offsets. A checkpoint that does not load
+        its model, optimiser and referee, and its trained marks. A checkpoint that does not load
         leaves the learner as it was (counted and logged), never stopped."""
         try:
             replica = await read_newest(self.connection, self.topics.checkpoints)
@@ -305,12 +287,11 @@ class TrainingAgent:
         tx = self.store.transaction()
         self.trained_ids.unrecorded.clear()  # trained into the model being replaced
         restored = self.trained_ids.restore(tx, replica.weights)
-        for topic, partition, offset in m["offsets"]:
-            tx.set_offset(topic, partition, offset)
         tx.put(_CHECKPOINT, str(m["version"]).encode())
         tx.commit()
         self.learner, self.referee, self.learner_version = learner, referee, m["version"]
-        self.version, self.offsets = max(self.version, m["version"]), {}
+        self.version = max(self.version, m["version"])
+        self.unacknowledged.clear()  # trained into the model being replaced: taken again from the committed offset
         log.info("resuming from checkpoint v%d of the checkpoint topic (%d bags seen, %d trained marks new here)",
                  m["version"], m["bags_seen"], restored)
 
@@ -324,87 +305,114 @@ class TrainingAgent:
         return learner, Referee.restore(m["referee"], readouts(model.config), **self.referee_settings)
 
     def _record_trained(self) -> None:
-        """Record the trained impressions and the offsets reached, with the checkpoint they belong to."""
+        """Record the trained impressions with the checkpoint they belong to."""
         tx = self.store.transaction()
         self.trained_ids.record(tx)
-        for (topic, partition), offset in self.offsets.items():
-            tx.set_offset(topic, partition, offset)
         tx.put(_CHECKPOINT, str(self.version).encode())
         tx.commit()
         self.learner_version = self.version
 
+    async def learn(self, producer: AIOKafkaProducer, events: list[EventT]) -> None:
+        """Train on one batch of taken bags (skipping those already trained), dead-letter what cannot be, and
+        publish a snapshot (and a checkpoint) when one is due. The caller holds ``lock``."""
+        self.unacknowledged += events
+        EVENTS_IN.labels(self.topics.bags).inc(len(events))
+        bags, sources, dead = [], [], []
+        for event in events:
+            source = TopicPartition(event.message.topic, event.message.partition), event.message
+            admitted = self.admit(*source)
+            if isinstance(admitted, tuple):
+                dead.append(admitted)
+            elif admitted is not None:
+                bags.append(admitted)
+                sources.append(source)
+        if bags:
+            dead += await asyncio.to_thread(self.train_isolating, bags, sources)
+            TRAINING_STEPS.inc()
+            PROGRESSIVE_LOGLOSS.set(self.loss.get())
+            self.learned_since_snapshot = True
+        await send_all(producer, dead, self.topics.dead_letters)
+        await self.publish_when_due()
+
+    async def publish_when_due(self, force_checkpoint: bool = False) -> None:
+        """A snapshot when ``snapshot_every_s`` has passed since the last and something was learned since; with a
+        checkpoint when ``checkpoint_every_s`` has (or ``force_checkpoint`` and bags are unrecorded). The bags a
+        checkpoint on Kafka covers are then acknowledged. The caller holds ``lock``."""
+        if not self.trained_ids.unrecorded:  # all taken since the last checkpoint were skipped or dead-lettered
+            self.acknowledge(len(self.unacknowledged))
+        now = time.monotonic()
+        checkpoint = bool(self.trained_ids.unrecorded) and (
+            force_checkpoint or now - self.last_checkpoint >= self.checkpoint_every_s)
+        if not checkpoint and not (self.learned_since_snapshot and now - self.last_snapshot >= self.snapshot_every_s):
+            return
+        covered = len(self.unacknowledged)
+        published = await self.publish_next(checkpoint)
+        self.last_snapshot, self.learned_since_snapshot = now, False
+        if checkpoint:
+            self.last_checkpoint = now
+            if published:
+                self.acknowledge(covered)
+
+    def acknowledge(self, count: int) -> None:
+        """Acknowledge the first ``count`` taken bags. Always the oldest first: Faust commits past a single
+        unacknowledged offset at the head of the acknowledged ones (faust-streaming #606)."""
+        for event in self.unacknowledged[:count]:
+            event.ack()
+        del self.unacknowledged[:count]
+
+    async def publish_idle(self, stop: asyncio.Event) -> None:
+        """Publish what was learned when no bags arrive to trigger it: the last batch before a pause must still
+        reach the selectors, and its bags a checkpoint."""
+        while not stop.is_set():
+            await asyncio.sleep(0.25)
+            async with self.lock:
+                await self.publish_when_due()
+
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
         await producer.start()
-        consumer = self.connection.consumer(group=self.topics.group("learner"), max_poll_records=self.batch_size,
-                                            partition_assignment_strategy=(OneActive(),))  # one learner trains
-        consumer.subscribe([self.topics.bags], listener=AdoptThenSeek(consumer, self))
-        await consumer.start()
-        watch = FetchWatch("learner", log)
-        fetch = SafeFetch(consumer, "learner", self.topics.dead_letters)
+        app = GencoApp("learner", self.connection, self.topics, ready=self.ready, fetch_wait_ms=100,
+                       max_poll_records=self.batch_size, assignor=OneActive(), wait_empty=False,
+                       send_letters=lambda letters: send_all(producer, letters, self.topics.dead_letters))
+        failed: list[BaseException] = []
+
+        @app.on_partitions_assigned.connect
+        async def take_over(sender, assigned, **kwargs) -> None:
+            # Before any bag of the new assignment is trained (the agent waits for the lock).
+            if assigned:
+                async with self.lock:
+                    await self.adopt_newest_checkpoint()
+
+        @app.agent(app.topic(self.topics.bags))
+        async def learn(stream: StreamT) -> None:
+            # Acknowledged only once a checkpoint covers them (publish_when_due), so Faust's committed offset
+            # never passes an untrained bag.
+            async for events in stream.noack_take(self.batch_size, within=self.max_wait_s):
+                try:
+                    async with self.lock:
+                        if stop.is_set():
+                            return
+                        await self.learn(producer, events)
+                except Exception as error:  # the agent must not go on past bags it did not train
+                    failed.append(error)
+                    stop.set()
+                    return
+
+        await app.start()
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
                  self.snapshots.directory, self.version)
-        buffer: list[Bag] = []
-        sources: list[Source] = []
-        cells = 0  # work in the buffer (contract.events.work_cells)
-        first_wait = last_arrival = last_snapshot = last_checkpoint = time.monotonic()
-        learned_since_snapshot = False
+        idle = asyncio.create_task(self.publish_idle(stop))
         try:
-            while not stop.is_set():
-                fetched = await fetch.getmany(timeout_ms=100, max_records=self.batch_size - len(buffer))
-                if not self.settled.is_set():  # from before this assignment's seek: fetched again after it
-                    fetched = Fetched()
-                batches = fetched.records
-                watch.mark_ready(consumer, self.ready)
-                now = time.monotonic()
-                dead = list(fetched.letters)
-                for tp, records in batches.items():
-                    EVENTS_IN.labels(tp.topic).inc(len(records))
-                    for record in records:
-                        bag = self.admit(tp, record)
-                        if isinstance(bag, tuple):
-                            dead.append(bag)
-                            continue
-                        if bag is None:
-                            continue
-                        if not buffer:
-                            first_wait = now
-                        buffer.append(bag)
-                        sources.append((tp, record))
-                        cells += bag.work_cells
-                    self.offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
-                    last_arrival = now
-                for tp, offset in fetched.skipped_to.items():
-                    self.offsets[(tp.topic, tp.partition)] = offset
-                await send_all(producer, dead, self.topics.dead_letters)
-                due = len(buffer) >= self.batch_size or cells >= BATCH_WORK_CELLS or (
-                    buffer and (now - last_arrival >= self.idle_flush_s or now - first_wait >= self.max_wait_s))
-                if due:
-                    failed = await asyncio.to_thread(self.train_isolating, buffer, sources)
-                    await send_all(producer, failed, self.topics.dead_letters)
-                    TRAINING_STEPS.inc()
-                    PROGRESSIVE_LOGLOSS.set(self.loss.get())
-                    buffer, sources, cells = [], [], 0
-                    learned_since_snapshot = True
-                now = time.monotonic()
-                if learned_since_snapshot and not buffer and now - last_snapshot >= self.snapshot_every_s:
-                    checkpoint = now - last_checkpoint >= self.checkpoint_every_s
-                    await self.publish_next(checkpoint)
-                    last_snapshot, learned_since_snapshot = now, False
-                    if checkpoint:
-                        last_checkpoint = now
-                await watch.lagging(consumer)
-                if not batches:
-                    continue
-                if sum(map(len, batches.values())) < self.batch_size // 2:
-                    await asyncio.sleep(0.2)  # fewer, larger fetches: see stream.joiner.POLL_PAUSE_S
-            if buffer:
-                await send_all(producer, self.train_isolating(buffer, sources), self.topics.dead_letters)
-            if self.trained_ids.unrecorded:
-                await self.publish_next(checkpoint=True)
+            await asyncio.wait([idle, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if idle.done():
+                idle.result()
+            if failed:
+                raise failed[0]
+            async with self.lock:
+                await self.publish_when_due(force_checkpoint=True)
         finally:
-            watch.close()
-            await consumer.stop()
+            idle.cancel()
+            await app.stop()
             await producer.stop()
             for publisher in (self.publisher, self.checkpointer):
                 await publisher.close()
