@@ -5,6 +5,8 @@
 - floor: plain aiokafka produce, consume + json.loads, and consume -> decode -> encode -> produce
 - joiner: impressions/s of one Joiner process draining a backlog (10% clicked)
 - selector: requests/s of one SelectorAgent draining a backlog, with a trained snapshot
+- learner: bags/s of one TrainingAgent (a Faust agent) training on a backlog, snapshots and checkpoints
+  included, beside the same bags through ``Learner.learn`` in process
 - freshness: closed loop at 300 requests/s; click -> first snapshot that trained on its bag (p50, p90)
 - late_selector: a selector started after a whole chain (a base and 59 deltas of a catalogue world's model,
   1,024 bags apart) is on the snapshot topic: seconds until it serves the newest, and until it answers
@@ -26,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from contract.events import Bag
 from contract.settings import Settings
+from contract.window import JoinWindow
 from learner.compute import configure_compute
 from learner.publications import BASE_EVERY, Differ, encode
 from learner.snapshots import SnapshotError, SnapshotStore
@@ -41,7 +44,7 @@ from stream.kafka import Connection, Topics
 from stream.selector import SelectorAgent
 from stream.serve import running_agents
 from stream.snapshot_topic import SnapshotPublisher
-from stream.watermark import SETTLE_S
+from stream.training import TrainingAgent
 
 
 async def load(servers: list[str], messages: list[tuple[str, bytes, bytes]]) -> float:
@@ -131,11 +134,12 @@ def bench_joiner(url: str, world: World, n: int, state: Path) -> dict:
                              json.dumps({"impression_id": f"imp-{i}", "ts": ts + 0.5}).encode()))
     produce_rate = asyncio.run(load(servers, messages))
     raw = asyncio.run(floor(servers, topics.impressions, "bj.floor-out", n))
-    joiner = Joiner(connection, topics, 1.0, Store(state / "joiner"))
+    window = JoinWindow(1.0)
+    joiner = Joiner(connection, topics, window, Store(state / "joiner"))
     elapsed = asyncio.run(drain(joiner, joiner.ready.is_set, servers, topics.bags, n))
-    rate = n / (elapsed - SETTLE_S)
+    rate = n / (elapsed - window.grace_s)
     return {"impressions": n, "producer_per_s": round(produce_rate), **raw, "drain_s": round(elapsed, 2),
-            "settle_s": SETTLE_S, "joiner_impressions_per_s": round(rate),
+            "settle_s": window.grace_s, "joiner_impressions_per_s": round(rate),
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
 
 
@@ -174,6 +178,39 @@ def bench_selector(url: str, world: World, n: int, state: Path) -> dict:
     rate = n / elapsed
     return {"requests": n, **raw, "selector_requests_per_s": round(rate),
             "ratio_to_pass_through": round(rate / raw["pass_through_per_s"], 3)}
+
+
+def bench_learner(url: str, world: World, n: int, state: Path) -> dict:
+    """The single active learner bounds a deployment: the bags/s it trains is the traffic one learner serves."""
+    topics = Topics("bt.")
+    connection = Connection.from_settings(Settings(), url)
+    servers = list(connection.servers)
+    connection.ensure_topics(topics.all())
+    log = world.uniform_log(n)
+    asyncio.run(load(servers, [(topics.bags, bag["impression_id"].encode(), json.dumps(bag).encode())
+                               for bag in log]))
+    raw = asyncio.run(floor(servers, topics.bags, "bt.floor-out", n))
+    bags = [Bag.model_validate(bag) for bag in log]
+    start = time.perf_counter()
+    Learner().learn(bags)
+    in_process = n / (time.perf_counter() - start)
+    agent = TrainingAgent(connection, topics, state, JoinWindow(60.0))
+
+    async def train_all() -> float:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await agent.ready.wait()
+        start = time.perf_counter()
+        while agent.learner.bags_seen < n:
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await task
+        return elapsed
+
+    rate = n / asyncio.run(train_all())
+    return {"bags": n, **raw, "in_process_bags_per_s": round(in_process), "learner_bags_per_s": round(rate),
+            "ratio_to_in_process": round(rate / in_process, 3)}
 
 
 def bench_late_selector(url: str) -> dict:
@@ -256,7 +293,7 @@ def bench_freshness(url: str, state: Path, rate: float = 300, seconds: float = 4
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=30_000)
-    parser.add_argument("--only", nargs="*", default=["joiner", "selector", "freshness", "late_selector"])
+    parser.add_argument("--only", nargs="*", default=["joiner", "selector", "learner", "freshness", "late_selector"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     configure_compute()
@@ -270,6 +307,8 @@ def main() -> None:
                     results[name] = bench_joiner(broker.url, world, args.n, state)
                 elif name == "selector":
                     results[name] = bench_selector(broker.url, world, args.n, state)
+                elif name == "learner":
+                    results[name] = bench_learner(broker.url, world, args.n, state)
                 elif name == "late_selector":
                     results[name] = bench_late_selector(broker.url)
                 else:

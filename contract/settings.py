@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from contract.window import JoinWindow
+
 
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name, "")
@@ -71,6 +73,11 @@ class Settings:
     # Compression of what genco produces (bags, responses, dead letters); any codec is read on input.
     kafka_compression: str = field(default_factory=lambda: _choice("GENCO_KAFKA_COMPRESSION", "none", COMPRESSIONS))
     kafka_security: dict[str, str] = field(default_factory=_security, repr=False)
+
+    @property
+    def join_window(self) -> JoinWindow:
+        """The join window these settings give: the one value the joiner and the learner read."""
+        return JoinWindow(after_s=self.click_window_s)
 
     def shareable(self) -> dict:
         """The settings an agent process is started with: everything but the secrets (it reads those from the

@@ -33,11 +33,11 @@ def build_agent(name: str, connection: Connection, settings: Settings):
         from state.kv import Store
         from stream.joiner import Joiner
 
-        return Joiner(connection, topics, settings.click_window_s, Store(state / "joiner"))
+        return Joiner(connection, topics, settings.join_window, Store(state / "joiner"))
     if name == "learner":
         from stream.training import TrainingAgent
 
-        return TrainingAgent(connection, topics, state, settings.click_window_s,
+        return TrainingAgent(connection, topics, state, settings.join_window,
                              checkpoint_every_s=settings.checkpoint_every_s)
     if name == "selector":
         from stream.selector import SelectorAgent

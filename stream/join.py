@@ -1,11 +1,11 @@
 """Impressions + clicks -> bags, exactly the contract's join semantics, on a RocksDB store.
 
-Event time throughout: a click labels an impression when ``-60 s <= click.ts -
-impression.ts <= window``, whatever order the two arrive in. A positive bag goes
-out as soon as the pair meets; a negative one when the watermark (see
-``stream.watermark``) passes the impression's window. Each impression yields one
-bag: repeated impressions and clicks are recognised by impression_id for a
-horizon of ``max(2 * window, 1 h)`` of event time.
+Event time throughout: a click labels an impression when the window says so
+(``contract.window.JoinWindow``: up to 60 s before it and the click window after),
+whatever order the two arrive in. A positive bag goes out as soon as the pair
+meets; a negative one when the watermark (see ``stream.watermark``) passes the
+impression's window. Each impression yields one bag: repeated impressions and
+clicks are recognised by impression_id for the window's horizon of event time.
 
 The time-ordered indexes take an event's ``ts`` no later than ``FUTURE_GRACE_S``
 after the clock's now: a ts in year 3000, or 1e300, would otherwise keep its keys in
@@ -29,9 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from contract.events import FUTURE_GRACE_S, Click, Impression
+from contract.window import JoinWindow
 from state.kv import Transaction, decode_time, encode_time
-
-EARLY_CLICK_S = 60.0  # clicks this long before the impression still count (clock skew)
 
 
 @dataclass
@@ -53,9 +52,8 @@ def bag_json(impression_json: bytes, click_ts: float | None) -> bytes:
 class Join:
     """The join's decisions; the caller owns the transaction and sends what it queues."""
 
-    def __init__(self, window_s: float, bags_topic: str, clock: Callable[[], float] = time.time) -> None:
-        self.window_s = window_s
-        self.horizon_s = max(2 * window_s, 3600.0)
+    def __init__(self, window: JoinWindow, bags_topic: str, clock: Callable[[], float] = time.time) -> None:
+        self.window = window
         self.bags_topic = bags_topic
         self.clock = clock
         self.counts = JoinCounts()
@@ -64,13 +62,10 @@ class Join:
         """``ts`` as the expiry indexes take it: never further ahead of now than a clock's plausible error."""
         return min(ts, self.clock() + FUTURE_GRACE_S)
 
-    def _attributes(self, click_ts: float, impression_ts: float) -> bool:
-        return -EARLY_CLICK_S <= click_ts - impression_ts <= self.window_s
-
     def _finish(self, tx: Transaction, impression_id: bytes, ts: float, bag: bytes, clicked: bool) -> None:
         tx.send(self.bags_topic, impression_id, bag)
         tx.put(b"d" + impression_id, (b"1" if clicked else b"0") + encode_time(ts))
-        tx.put(b"e" + encode_time(self._indexed(ts) + self.horizon_s) + impression_id, b"")
+        tx.put(b"e" + encode_time(self._indexed(ts) + self.window.horizon_s) + impression_id, b"")
         if clicked:
             self.counts.bags_positive += 1
         else:
@@ -84,12 +79,12 @@ class Join:
         body = impression.model_dump_json(exclude_none=True).encode()
         early = tx.get(b"c" + key)
         if early is not None:
-            clicks = [t for t in _unpack_times(early) if self._attributes(t, impression.ts)]
+            clicks = [t for t in _unpack_times(early) if self.window.attributes(t, impression.ts)]
             if clicks:
                 tx.delete(b"c" + key)
                 self._finish(tx, key, impression.ts, bag_json(body, min(clicks)), clicked=True)
                 return
-        close = self._indexed(impression.ts) + self.window_s
+        close = self._indexed(impression.ts) + self.window.after_s
         tx.put(b"i" + key, encode_time(impression.ts) + body)
         self.counts.pending += 1
         tx.put(b"t" + encode_time(close) + key, b"")
@@ -102,7 +97,7 @@ class Join:
         pending = tx.get(b"i" + key)
         if pending is not None:
             impression_ts = decode_time(pending)
-            if self._attributes(click.ts, impression_ts):
+            if self.window.attributes(click.ts, impression_ts):
                 tx.delete(b"i" + key)  # its t-index entry is skipped by the sweep
                 self.counts.pending -= 1
                 self._finish(tx, key, impression_ts, bag_json(pending[8:], click.ts), clicked=True)
@@ -116,7 +111,8 @@ class Join:
             return
         tx.put(b"c" + key, _pack_times([*times, click.ts]))
         if not times:  # kept for the window, and at least as long as an impression it can label may come
-            tx.put(b"u" + encode_time(self._indexed(click.ts) + max(self.window_s, EARLY_CLICK_S)) + key, b"")
+            kept_s = max(self.window.after_s, self.window.before_s)
+            tx.put(b"u" + encode_time(self._indexed(click.ts) + kept_s) + key, b"")
 
     def sweep(self, tx: Transaction, watermark: float) -> None:
         """Close windows, drop orphan clicks and forget done marks that the watermark has passed."""

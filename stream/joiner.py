@@ -26,6 +26,7 @@ from aiokafka import TopicPartition
 from contract.deadletters import InvalidInput, Reason
 from contract.events import Click, Impression
 from contract.jsonl import parse_line
+from contract.window import JoinWindow
 from state.kv import Store
 from stream.fetch import SafeFetch
 from stream.join import Join, JoinCounts
@@ -44,13 +45,13 @@ POLL_PAUSE_S = 0.1
 
 
 class Joiner:
-    def __init__(self, connection: Connection, topics: Topics, window_s: float, store: Store) -> None:
+    def __init__(self, connection: Connection, topics: Topics, window: JoinWindow, store: Store) -> None:
         self.connection = connection
         self.topics = topics
         self.store = store
-        self.join = Join(window_s, topics.bags)
+        self.join = Join(window, topics.bags)
         self.join.counts.pending = sum(1 for _ in store.scan(b"i"))
-        self.watermark = Watermark()
+        self.watermark = Watermark(window.grace_s)
         self._reported = JoinCounts()
         self.ready = asyncio.Event()  # set once partitions are assigned: from then on input is joined
 
@@ -90,7 +91,7 @@ class Joiner:
             await consumer.start()
             fetch = SafeFetch(consumer, "joiner", self.topics.dead_letters)
             log.info("joining %s + %s -> %s (window %.0f s)", self.topics.impressions, self.topics.clicks,
-                     self.topics.bags, self.join.window_s)
+                     self.topics.bags, self.join.window.after_s)
             while not stop.is_set():
                 fetched = await fetch.getmany(timeout_ms=200, max_records=2000)
                 batches = fetched.records

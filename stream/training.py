@@ -50,6 +50,7 @@ from river import metrics
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import Bag, work_batches
 from contract.jsonl import parse_line
+from contract.window import JoinWindow
 from learner.publications import Differ, Replica, encode
 from learner.referee import Referee
 from learner.serving import readouts
@@ -97,7 +98,7 @@ class Outgoing:
 
 
 class TrainingAgent:
-    def __init__(self, connection: Connection, topics: Topics, state_dir: Path, window_s: float,
+    def __init__(self, connection: Connection, topics: Topics, state_dir: Path, window: JoinWindow,
                  batch_size: int = 1024, max_wait_s: float = 1.5,
                  snapshot_every_s: float = 4.0, checkpoint_every_s: float = 30.0,
                  referee_settings: dict | None = None) -> None:
@@ -105,7 +106,7 @@ class TrainingAgent:
         self.topics = topics
         self.store = Store(state_dir / "learner")
         self.snapshots = SnapshotStore(state_dir / "snapshots")
-        self.trained_ids = TrainedIds(self.store, horizon_s=max(2 * window_s, 3600.0))
+        self.trained_ids = TrainedIds(self.store, horizon_s=window.horizon_s)
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.snapshot_every_s = snapshot_every_s

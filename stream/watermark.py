@@ -31,12 +31,10 @@ from aiokafka import TopicPartition
 # Confirmations further apart than this mean the broker (or the joiner) stalled: that stretch is
 # not credited to event time, since producers resend what they held back only after it.
 MAX_CONFIRMATION_GAP_S = 1.0
-# How long, in seconds of broker answers, an advance waits before it counts.
-SETTLE_S = 2.5
 
 
 class Watermark:
-    def __init__(self, settle_s: float = SETTLE_S) -> None:
+    def __init__(self, settle_s: float) -> None:
         self.settle_s = settle_s
         self.newest: dict[TopicPartition, float] = {}
         self.max_ts = -math.inf

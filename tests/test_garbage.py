@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from contract.deadletters import MAX_RAW_CHARS
 from contract.events import Bag
+from contract.window import JoinWindow
 from learner.snapshots import SnapshotStore
 from learner.trainer import Learner
 from sim.garbage import FAULTS, corrupt
@@ -95,7 +96,7 @@ def join(messages: list[tuple[str, bytes]]) -> tuple[dict[str, bool], list[dict]
     """Bags (impression_id -> clicked) and dead letters from a joiner fed ``messages``, all windows closed."""
     with tempfile.TemporaryDirectory() as directory:
         store = Store(Path(directory))
-        joiner = Joiner(UNUSED, TOPICS, WINDOW, store)
+        joiner = Joiner(UNUSED, TOPICS, JoinWindow(WINDOW), store)
         tx = store.transaction()
         for offset, (topic, raw) in enumerate(messages):
             joiner.apply(tx, *record(topic, offset, raw))

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from contract.deadletters import MAX_ERROR_CHARS, Reason
 from contract.events import FUTURE_GRACE_S, MAX_SEGMENT_CROSSES, Bag, considered
+from contract.window import JoinWindow
 from learner.snapshots import SnapshotStore
 from learner.trainer import Learner
 from sim.world import World, WorldConfig
@@ -140,13 +141,13 @@ def test_the_joiner_keeps_no_state_beyond_now_whatever_the_timestamps(messages):
     now = time.time()
     with tempfile.TemporaryDirectory() as directory:
         store = Store(Path(directory))
-        joiner = Joiner(UNUSED, TOPICS, WINDOW, store)
+        joiner = Joiner(UNUSED, TOPICS, JoinWindow(WINDOW), store)
         joiner.join.clock = lambda: now
         tx = store.transaction()
         for offset, (topic, raw) in enumerate(messages):
             joiner.apply(tx, *record(topic, offset, raw))
         letters = [json.loads(v) for _, (t, _, v) in tx.commit() if t == TOPICS.dead_letters]
-        latest = now + FUTURE_GRACE_S + joiner.join.horizon_s
+        latest = now + FUTURE_GRACE_S + joiner.join.window.horizon_s
         for prefix in (b"t", b"u", b"e"):
             for key, _ in store.scan(prefix):
                 assert decode_time(key[1:9]) <= latest, "an expiry index beyond now + grace + horizon"
@@ -160,7 +161,7 @@ def test_the_joiner_keeps_no_state_beyond_now_whatever_the_timestamps(messages):
 @given(st.lists(impressions() | deep | requests(), min_size=1, max_size=4), st.booleans())
 def test_the_learner_keeps_its_dedupe_whatever_the_bags(tmp_path_factory, raws, clicked):
     state = tmp_path_factory.mktemp("learner")
-    agent = TrainingAgent(UNUSED, TOPICS, state, WINDOW)
+    agent = TrainingAgent(UNUSED, TOPICS, state, JoinWindow(WINDOW))
     old = WORLD.uniform_log(2)
     for i, bag in enumerate(old):  # trained and checkpointed before the hostile bags came
         agent.admit(*record(TOPICS.bags, i, json.dumps({**bag, "ts": time.time()}).encode()))

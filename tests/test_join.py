@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 
 from aiokafka import TopicPartition
 
+import contract.window
 from contract.events import Click, Impression
+from contract.settings import Settings
+from contract.window import JoinWindow
 from state.kv import Store
 from stream.join import Join
 from stream.watermark import Watermark
 
 W = 10.0
+WINDOW = JoinWindow(W)
 
 
 def imp(i: int, ts: float) -> Impression:
@@ -28,7 +33,7 @@ def step(store: Store, join: Join, events: list, watermark: float) -> list[dict]
 
 
 def test_orphan_clicks_are_counted_and_dropped_once_no_impression_can_claim_them(tmp_path):
-    store, join = Store(tmp_path), Join(W, "bags")
+    store, join = Store(tmp_path), Join(WINDOW, "bags")
     assert step(store, join, [Click(impression_id="imp-1", ts=100.0)], watermark=100.0) == []
     assert step(store, join, [], watermark=100.0 + 60 - 1) == [] and join.counts.orphan_clicks == 0
     step(store, join, [], watermark=100.0 + 60 + 1)
@@ -38,12 +43,12 @@ def test_orphan_clicks_are_counted_and_dropped_once_no_impression_can_claim_them
 
 
 def test_done_marks_expire_after_the_horizon_and_state_is_left_empty(tmp_path):
-    store, join = Store(tmp_path), Join(W, "bags")
+    store, join = Store(tmp_path), Join(WINDOW, "bags")
     bags = step(store, join, [imp(1, 100.0), Click(impression_id="imp-1", ts=101.0), imp(2, 100.0)], 100.0)
     assert [(b["impression_id"], b["clicked"], b.get("click_ts")) for b in bags] == [("imp-1", True, 101.0)]
     assert step(store, join, [imp(1, 100.0)], 100.0) == []  # repeated: ignored
     assert [b["impression_id"] for b in step(store, join, [], 100.0 + W + 0.5)] == ["imp-2"]
-    step(store, join, [], 100.0 + join.horizon_s + 1)
+    step(store, join, [], 100.0 + WINDOW.horizon_s + 1)
     keys = {k[:1] for k, _ in store.scan(b"")} - {b"o"}  # the outbox is the caller's to clear
     assert keys == set(), keys
 
@@ -77,3 +82,11 @@ def test_fresh_impressions_after_an_outage_wait_for_the_clicks_another_producer_
     for t in (0.0, 0.5, 1.0, 1.5, 2.0):
         assert watermark.advance([], confirmed=back + t) < now + 3.5, "held at what had settled before the jump"
     assert watermark.advance([], confirmed=back + 2.5) >= back, "2.5 s of answers later the jump counts"
+
+
+def test_the_window_is_one_value_built_from_the_settings():
+    assert doctest.testmod(contract.window).failed == 0
+    window = Settings(click_window_s=7200.0).join_window
+    assert (window.after_s, window.before_s, window.horizon_s) == (7200.0, 60.0, 14400.0), "two windows past an hour"
+    assert window.attributes(click_ts=1000.0 + 7200.0, impression_ts=1000.0)
+    assert not window.attributes(click_ts=1000.0 + 7200.5, impression_ts=1000.0)

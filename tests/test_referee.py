@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from contract.events import Bag, SelectionRequest
+from contract.window import JoinWindow
 from learner.policy import Selector
 from learner.priors import PriorKeys
 from learner.publications import decode
@@ -108,7 +109,7 @@ def test_the_learner_hands_serving_to_the_pooled_counter_and_genco_takes_it_back
     settings = {"half_life": 3000, "max_bags": 1024}
 
     def agent() -> TrainingAgent:
-        return TrainingAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path, window_s=60.0,
+        return TrainingAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path, JoinWindow(60.0),
                              referee_settings=settings)
 
     def train_until(learner: TrainingAgent, steps: int, champion: str | None = None) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 
 from contract.deadletters import MAX_RAW_CHARS
 from contract.settings import Settings
+from contract.window import JoinWindow
 from learner.snapshots import SnapshotStore
 from sim.adserver import AdServer, Report
 from sim.garbage import corrupt
@@ -220,7 +221,7 @@ def test_5_mb_values_on_every_input_topic_become_truncated_dead_letters_and_traf
     big = {"request": corrupt("request", request, random.Random(0), "big_value"),
            "impression": corrupt("impression", impression, random.Random(0), "big_value"),
            "click": corrupt("click", {"impression_id": "imp-x", "ts": 1.0}, random.Random(0), "big_value")}
-    joiner = Joiner(connection, topics, WINDOW, Store(tmp_path / "joiner"))
+    joiner = Joiner(connection, topics, JoinWindow(WINDOW), Store(tmp_path / "joiner"))
     selector = SelectorAgent(connection, topics, explore=0.0)
 
     async def scenario() -> tuple[list[dict], list[dict], list[dict]]:

@@ -14,6 +14,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 import learner.publications
 from contract.events import SelectionRequest
 from contract.settings import Settings
+from contract.window import JoinWindow
 from learner.features import HashSizes
 from learner.model import GenCO, ModelConfig
 from learner.publications import ChainBroken, Differ, PublicationError, Replica, decode, encode
@@ -228,7 +229,7 @@ def test_a_learner_on_a_fresh_state_dir_resumes_from_the_newest_checkpoint_on_ka
     _, bags = small_world
     connection = Connection.from_settings(Settings(), broker)
     connection.ensure_topics(topics.all(), configs=topics.configs)
-    first = TrainingAgent(connection, topics, tmp_path / "first", window_s=60.0)
+    first = TrainingAgent(connection, topics, tmp_path / "first", JoinWindow(60.0))
     trained = bags[:3000]
 
     async def scenario() -> TrainingAgent:
@@ -239,7 +240,7 @@ def test_a_learner_on_a_fresh_state_dir_resumes_from_the_newest_checkpoint_on_ka
         await first.publish_next(checkpoint=False)  # a later snapshot without a checkpoint
         for publisher in (first.publisher, first.checkpointer):
             await publisher.close()
-        second = TrainingAgent(connection, topics, tmp_path / "second", window_s=60.0)
+        second = TrainingAgent(connection, topics, tmp_path / "second", JoinWindow(60.0))
         await second.adopt_newest_checkpoint()
         await first.adopt_newest_checkpoint()  # its own is the newest: nothing changes
         await second.publish_next(checkpoint=False)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from contract.window import JoinWindow
 from learner.features import HashSizes
 from learner.model import GenCO, ModelConfig
 from learner.snapshots import SnapshotError, SnapshotStore
@@ -96,7 +97,7 @@ def test_a_checkpoint_damaged_on_disk_resumes_the_learner_from_the_one_before(tm
     _, bags = small_world
 
     def agent() -> TrainingAgent:
-        return TrainingAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path, window_s=60.0)
+        return TrainingAgent(Connection(("127.0.0.1:1",)), Topics("s."), tmp_path, JoinWindow(60.0))
 
     first = agent()
     first.train(bags[:1024])

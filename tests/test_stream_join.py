@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from contract.settings import Settings
+from contract.window import JoinWindow
 from state.kv import Store
 from stream.joiner import Joiner
 from stream.kafka import Connection
@@ -52,7 +53,7 @@ async def run_joiner(url: str, topics, store_dir, until, produce_messages, settl
     holds (+ settle_s)."""
     connection = Connection.from_settings(Settings(), url)
     stop = asyncio.Event()
-    joiner = Joiner(connection, topics, WINDOW, Store(store_dir))
+    joiner = Joiner(connection, topics, JoinWindow(WINDOW), Store(store_dir))
     prepare(joiner)
     task = asyncio.create_task(joiner.run(stop))
     try:
