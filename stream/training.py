@@ -176,7 +176,7 @@ class TrainingAgent:
         return bag
 
     def train(self, bags: list[Bag]) -> None:
-        """One optimiser step (run in a worker thread so the consumer keeps fetching)."""
+        """One optimiser step."""
         result = self.learner.step(bags)
         for bag, p in zip(bags, result.predicted.tolist(), strict=True):
             self.loss.update(bag.clicked, p)
@@ -318,22 +318,29 @@ class TrainingAgent:
         publish a snapshot (and a checkpoint) when one is due. The caller holds ``lock``."""
         self.unacknowledged += events
         EVENTS_IN.labels(self.topics.bags).inc(len(events))
-        bags, sources, dead = [], [], []
-        for event in events:
-            source = TopicPartition(event.message.topic, event.message.partition), event.message
-            admitted = self.admit(*source)
-            if isinstance(admitted, tuple):
-                dead.append(admitted)
-            elif admitted is not None:
-                bags.append(admitted)
-                sources.append(source)
-        if bags:
-            dead += await asyncio.to_thread(self.train_isolating, bags, sources)
+        sources = [(TopicPartition(event.message.topic, event.message.partition), event.message) for event in events]
+        dead, trained = await asyncio.to_thread(self.admit_and_train, sources)
+        if trained:
             TRAINING_STEPS.inc()
             PROGRESSIVE_LOGLOSS.set(self.loss.get())
             self.learned_since_snapshot = True
         await send_all(producer, dead, self.topics.dead_letters)
         await self.publish_when_due()
+
+    def admit_and_train(self, sources: list[Source]) -> tuple[list[Message], bool]:
+        """Parse, admit and train on one batch, off the event loop (which takes the next batch meanwhile): the
+        dead letters, and whether any bag was trained."""
+        bags, trained_sources, dead = [], [], []
+        for source in sources:
+            admitted = self.admit(*source)
+            if isinstance(admitted, tuple):
+                dead.append(admitted)
+            elif admitted is not None:
+                bags.append(admitted)
+                trained_sources.append(source)
+        if bags:
+            dead += self.train_isolating(bags, trained_sources)
+        return dead, bool(bags)
 
     async def publish_when_due(self, force_checkpoint: bool = False) -> None:
         """A snapshot when ``snapshot_every_s`` has passed since the last and something was learned since; with a
@@ -361,13 +368,19 @@ class TrainingAgent:
             event.ack()
         del self.unacknowledged[:count]
 
-    async def publish_idle(self, stop: asyncio.Event) -> None:
-        """Publish what was learned when no bags arrive to trigger it: the last batch before a pause must still
-        reach the selectors, and its bags a checkpoint."""
+    async def train_taken(self, producer: AIOKafkaProducer, taken: asyncio.Queue, stop: asyncio.Event) -> None:
+        """Train each batch the agent takes, in order, while the agent takes the next; publish when due, also
+        while no bags arrive (the last batch before a pause must still reach the selectors, and a checkpoint)."""
         while not stop.is_set():
-            await asyncio.sleep(0.25)
+            try:
+                events = await asyncio.wait_for(taken.get(), timeout=0.25)
+            except TimeoutError:
+                events = []
             async with self.lock:
-                await self.publish_when_due()
+                if events:
+                    await self.learn(producer, events)
+                else:
+                    await self.publish_when_due()
 
     async def run(self, stop: asyncio.Event) -> None:
         producer = self.connection.producer()
@@ -375,44 +388,34 @@ class TrainingAgent:
         app = GencoApp("learner", self.connection, self.topics, ready=self.ready, fetch_wait_ms=100,
                        max_poll_records=self.batch_size, assignor=OneActive(), wait_empty=False,
                        send_letters=lambda letters: send_all(producer, letters, self.topics.dead_letters))
-        failed: list[BaseException] = []
+        taken: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
 
         @app.on_partitions_assigned.connect
         async def take_over(sender, assigned, **kwargs) -> None:
-            # Before any bag of the new assignment is trained (the agent waits for the lock).
+            # Before any bag of the new assignment is trained (training waits for the lock).
             if assigned:
                 async with self.lock:
                     await self.adopt_newest_checkpoint()
 
         @app.agent(app.topic(self.topics.bags))
-        async def learn(stream: StreamT) -> None:
-            # Acknowledged only once a checkpoint covers them (publish_when_due), so Faust's committed offset
-            # never passes an untrained bag.
+        async def take(stream: StreamT) -> None:
+            # Trained by train_taken, so the next batch is taken while this one trains; acknowledged only once
+            # a checkpoint covers them (publish_when_due), so Faust's committed offset never passes an untrained bag.
             async for events in stream.noack_take(self.batch_size, within=self.max_wait_s):
-                try:
-                    async with self.lock:
-                        if stop.is_set():
-                            return
-                        await self.learn(producer, events)
-                except Exception as error:  # the agent must not go on past bags it did not train
-                    failed.append(error)
-                    stop.set()
-                    return
+                await taken.put(events)
 
         await app.start()
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
                  self.snapshots.directory, self.version)
-        idle = asyncio.create_task(self.publish_idle(stop))
+        training = asyncio.create_task(self.train_taken(producer, taken, stop))
         try:
-            await asyncio.wait([idle, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-            if idle.done():
-                idle.result()
-            if failed:
-                raise failed[0]
+            await asyncio.wait([training, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if training.done():
+                training.result()  # an error that stopped training stops the agent
             async with self.lock:
                 await self.publish_when_due(force_checkpoint=True)
         finally:
-            idle.cancel()
+            training.cancel()
             await app.stop()
             await producer.stop()
             for publisher in (self.publisher, self.checkpointer):
