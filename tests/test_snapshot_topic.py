@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 import learner.publications
 from contract.events import SelectionRequest
@@ -19,7 +19,7 @@ from learner.features import HashSizes
 from learner.model import GenCO, ModelConfig
 from learner.publications import ChainBroken, Differ, PublicationError, Replica, decode, encode
 from learner.trainer import Learner, Preset, TrainConfig
-from stream.kafka import Connection, Topics
+from stream.kafka import Connection, Topics, bootstrap_servers
 from stream.metrics import SNAPSHOT_LOAD_FAILURES
 from stream.selector import SelectorAgent
 from stream.snapshot_topic import CHUNK_BYTES, SnapshotPublisher
@@ -263,6 +263,52 @@ def test_a_learner_on_a_fresh_state_dir_resumes_from_the_newest_checkpoint_on_ka
     assert second.version == 4, "versions continue after the newest published (v3, a snapshot only)"
     for agent in (first, second):
         agent.store.close()
+
+
+@pytest.mark.integration
+def test_bags_trained_after_the_last_checkpoint_are_trained_again_after_a_crash(broker, topics, tmp_path,
+                                                                                  small_world):
+    """The learner agent acknowledges a bag to Faust only once a checkpoint on Kafka covers it: one that dies
+    having trained every bag but checkpointed none leaves the group's committed offset before all of them, so
+    the next learner trains them all (acknowledging on taking would have started it past them, losing them);
+    one stopped cleanly checkpoints and commits the end."""
+    _, bags = small_world
+    n = 2000
+    connection = Connection.from_settings(Settings(), broker)
+    connection.ensure_topics(topics.all(), configs=topics.configs)
+    asyncio.run(produce(broker, [(topics.bags, bag.impression_id, bag.model_dump_json().encode())
+                                 for bag in bags[:n]]))
+
+    async def run_until_trained(agent: TrainingAgent, crash: bool) -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        while agent.learner.bags_seen < n:
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.1)
+        if crash:
+            task.cancel()  # no final checkpoint
+            await asyncio.gather(task, return_exceptions=True)
+        else:
+            stop.set()
+            await task
+        return agent.learner.bags_seen
+
+    async def committed() -> int | None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers(broker), group_id=topics.group("learner"),
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return await consumer.committed(TopicPartition(topics.bags, 0))
+        finally:
+            await consumer.stop()
+
+    crashed = TrainingAgent(connection, topics, tmp_path, JoinWindow(60.0), checkpoint_every_s=3600.0)
+    assert asyncio.run(run_until_trained(crashed, crash=True)) == n
+    assert asyncio.run(committed()) in (None, 0), "nothing acknowledged without a checkpoint on Kafka"
+    restarted = TrainingAgent(connection, topics, tmp_path, JoinWindow(60.0), checkpoint_every_s=3600.0)
+    assert restarted.learner_version == 0, "no checkpoint was recorded"
+    assert asyncio.run(run_until_trained(restarted, crash=False)) == n, "every bag trained again, once"
+    assert asyncio.run(committed()) == n, "the clean stop's checkpoint covers every bag"
 
 
 def record(topic: str, offset: int, bag) -> tuple[TopicPartition, ConsumerRecord]:
