@@ -36,6 +36,7 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.errors import ConsumerStoppedError
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as driver
+from faust.types import EventT, StreamT
 
 from contract.deadletters import Message
 from stream.fetch import SafeFetch
@@ -75,6 +76,22 @@ class GencoApp(faust.App):
             key_serializer="raw", value_serializer="raw", consumer_auto_offset_reset="earliest",
             broker_max_poll_records=max_poll_records, broker_session_timeout=10, broker_heartbeat_interval=1,
             stream_wait_empty=wait_empty)
+
+    def batches(self, topic: str, size: int, within: float) -> asyncio.Queue[list[EventT]]:
+        """The role's agent: it takes up to ``size`` events off ``topic`` (or what arrived within ``within``
+        seconds) into the queue returned, one batch ahead of the role's work on them, which runs in a task of
+        its own. Faust's take hands over a batch only once the one before is consumed, so working on a batch
+        inside the agent would stop intake meanwhile. Events come unacknowledged: the role acknowledges each
+        (``event.ack()``, oldest first) once its effect is durable, and Faust commits acknowledged offsets only.
+        """
+        taken: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
+
+        @self.agent(self.topic(topic))
+        async def take(stream: StreamT) -> None:
+            async for events in stream.noack_take(size, within=within):
+                await taken.put(events)
+
+        return taken
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)

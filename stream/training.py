@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from faust.types import EventT, StreamT
+from faust.types import EventT
 from river import metrics
 
 from contract.deadletters import InvalidInput, Message, Reason
@@ -388,7 +388,9 @@ class TrainingAgent:
         app = GencoApp("learner", self.connection, self.topics, ready=self.ready, fetch_wait_ms=100,
                        max_poll_records=self.batch_size, assignor=OneActive(), wait_empty=False,
                        send_letters=lambda letters: send_all(producer, letters, self.topics.dead_letters))
-        taken: asyncio.Queue[list[EventT]] = asyncio.Queue(maxsize=1)
+        # Acknowledged only once a checkpoint covers them (publish_when_due), so Faust's committed offset never
+        # passes an untrained bag.
+        taken = app.batches(self.topics.bags, self.batch_size, within=self.max_wait_s)
 
         @app.on_partitions_assigned.connect
         async def take_over(sender, assigned, **kwargs) -> None:
@@ -396,13 +398,6 @@ class TrainingAgent:
             if assigned:
                 async with self.lock:
                     await self.adopt_newest_checkpoint()
-
-        @app.agent(app.topic(self.topics.bags))
-        async def take(stream: StreamT) -> None:
-            # Trained by train_taken, so the next batch is taken while this one trains; acknowledged only once
-            # a checkpoint covers them (publish_when_due), so Faust's committed offset never passes an untrained bag.
-            async for events in stream.noack_take(self.batch_size, within=self.max_wait_s):
-                await taken.put(events)
 
         await app.start()
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
