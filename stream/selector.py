@@ -2,16 +2,16 @@
 
 A Faust agent (``stream.faust_app``): the ``<prefix>selector`` app's consumer group shares
 ``selection-requests`` among every selector, on any host. Requests are answered in batches
-(up to 512, or whatever arrived within 5 ms, taken through ``GencoApp.batches``), so the model
-runs once per batch. Snapshots come over Kafka (``stream.snapshot_topic``), so a selector runs
-on any host: at start it reads the newest chain of publications, and then follows the topic,
-applying each new version off the event loop and swapping the serving policy between two
-batches: serving never pauses, and the version served never goes back. It serves the readout
-the snapshot names (``serving``: genco, or one of its baselines that the learner's referee found
-ahead); its answers say ``genco`` either way. A request that fails validation gets an error
-response (when its request_id can be read) and a dead letter. A batch is acknowledged to Faust,
-which commits only acknowledged offsets, once its responses are acknowledged by the broker: after
-a crash, unanswered requests are answered again, never dropped.
+(up to 512, or whatever arrived within 5 ms), so the model runs once per batch. Snapshots come
+over Kafka (``stream.snapshot_topic``), so a selector runs on any host: at start it reads the
+newest chain of publications, and then follows the topic, applying each new version off the
+event loop and swapping the serving policy between two batches: serving never pauses, and the
+version served never goes back. It serves the readout the snapshot names (``serving``: genco,
+or one of its baselines that the learner's referee found ahead); its answers say ``genco``
+either way. A request that fails validation gets an error response (when its request_id can be
+read) and a dead letter. A batch is acknowledged to Faust, which commits only acknowledged
+offsets, once its responses are acknowledged by the broker: after a crash, unanswered requests
+are answered again, never dropped.
 
 No request can stop it: a batch is cut by work (``contract.events.work_batches``), a
 model call that raises is retried request by request and a request that raises
@@ -29,7 +29,7 @@ import time
 
 import torch
 from aiokafka import AIOKafkaProducer, TopicPartition
-from faust.types import EventT
+from faust.types import EventT, StreamT
 
 from contract.deadletters import InvalidInput, Message, Reason
 from contract.events import SelectionRequest, work_batches
@@ -176,16 +176,6 @@ class SelectorAgent:
         for _ in records:
             SELECTION_LATENCY.observe(elapsed)
 
-    async def answer_taken(self, producer: AIOKafkaProducer, taken: asyncio.Queue) -> None:
-        """Answer each batch the agent takes, in order, and acknowledge it once its responses are acknowledged
-        (Faust commits acknowledged offsets only): a batch whose answers did not go out is answered again after a
-        restart, never dropped. An error stops the agent rather than go on past requests it did not answer."""
-        while True:
-            events = await taken.get()
-            await self.answer_events(producer, events)
-            for event in events:
-                event.ack()
-
     async def run(self, stop: asyncio.Event) -> None:
         follower = asyncio.create_task(self.follow_snapshots(stop))
         # After a restart, never answer with an older model than before it: requests wait for the newest.
@@ -197,18 +187,33 @@ class SelectorAgent:
         app = GencoApp("selector", self.connection, self.topics, ready=self.ready, fetch_wait_ms=10,
                        max_poll_records=self.max_batch,
                        send_letters=lambda letters: send_all(producer, letters, self.topics.dead_letters))
-        taken = app.batches(self.topics.requests, self.max_batch, within=0.005)
+        failed: list[BaseException] = []
+
+        @app.agent(app.topic(self.topics.requests))
+        async def select(stream: StreamT) -> None:
+            # Acknowledged (so committed) only once answered: a batch whose answers did not go out is
+            # answered again after a restart, never dropped.
+            async for events in stream.noack_take(self.max_batch, within=0.005):
+                try:
+                    await self.answer_events(producer, events)
+                except Exception as error:  # the agent must not go on past requests it did not answer
+                    failed.append(error)
+                    stop.set()
+                    return
+                for event in events:
+                    await stream.ack(event)
+
         await app.start()
         log.info("answering %s on %s", self.topics.requests, self.topics.responses)
-        answering = asyncio.create_task(self.answer_taken(producer, taken))
         stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([stopping, follower, answering], return_when=asyncio.FIRST_COMPLETED)
-            for task in (follower, answering):  # following the snapshots or answering stopped on an error
-                if task.done():
-                    task.result()
+            await asyncio.wait([stopping, follower], return_when=asyncio.FIRST_COMPLETED)
+            if follower.done():  # following the snapshots stopped on an error: let the agent die of it
+                follower.result()
+            if failed:
+                raise failed[0]
         finally:
-            for task in (stopping, follower, answering):
+            for task in (stopping, follower):
                 task.cancel()
             await app.stop()
             await producer.stop()

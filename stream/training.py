@@ -19,8 +19,8 @@ the rows that changed between) and into the state dir; checkpoints every
 ``checkpoint_every_s``, into the state dir and on the checkpoint topic (weights, optimiser
 state, trained marks). A learner handed the partitions first takes over the newest
 checkpoint on the topic if that is newer than its own, before it trains on any bag, so a
-standby on a fresh host resumes where the lost one last checkpointed. Version numbers only ever grow, across
-learners too: one continues after the newest version on the topic.
+standby on a fresh host resumes where the lost one last checkpointed. Version numbers only
+ever grow, across learners too: one continues after the newest version on the topic.
 
 Before each step, the referee (``learner.referee``) scores every readout of the model as it stands on the
 batch's explore bags and keeps the champion; each snapshot names it (``serving``) with every readout's
@@ -122,6 +122,7 @@ class TrainingAgent:
         # Training, publishing and taking over a checkpoint each hold it: none runs into another's model.
         self.lock = asyncio.Lock()
         self.unacknowledged: list[EventT] = []  # taken bags no checkpoint on Kafka covers yet
+        self.checkpointed_on_kafka = True  # whether the newest checkpoint recorded here went out on the topic
         self.learned_since_snapshot = False
         self.last_snapshot = self.last_checkpoint = time.monotonic()
         self.ready = asyncio.Event()  # set once partitions are assigned
@@ -293,6 +294,7 @@ class TrainingAgent:
         self.learner, self.referee, self.learner_version = learner, referee, m["version"]
         self.version = max(self.version, m["version"])
         self.unacknowledged.clear()  # trained into the model being replaced: taken again from the committed offset
+        self.checkpointed_on_kafka = True
         log.info("resuming from checkpoint v%d of the checkpoint topic (%d bags seen, %d trained marks new here)",
                  m["version"], m["bags_seen"], restored)
 
@@ -346,8 +348,8 @@ class TrainingAgent:
         """A snapshot when ``snapshot_every_s`` has passed since the last and something was learned since; with a
         checkpoint when ``checkpoint_every_s`` has (or ``force_checkpoint`` and bags are unrecorded). The bags a
         checkpoint on Kafka covers are then acknowledged. The caller holds ``lock``."""
-        if not self.trained_ids.unrecorded:  # all taken since the last checkpoint were skipped or dead-lettered
-            self.acknowledge(len(self.unacknowledged))
+        if not self.trained_ids.unrecorded and self.checkpointed_on_kafka:
+            self.acknowledge(len(self.unacknowledged))  # all taken since were skipped or dead-lettered
         now = time.monotonic()
         checkpoint = bool(self.trained_ids.unrecorded) and (
             force_checkpoint or now - self.last_checkpoint >= self.checkpoint_every_s)
@@ -357,7 +359,7 @@ class TrainingAgent:
         published = await self.publish_next(checkpoint)
         self.last_snapshot, self.learned_since_snapshot = now, False
         if checkpoint:
-            self.last_checkpoint = now
+            self.last_checkpoint, self.checkpointed_on_kafka = now, published
             if published:
                 self.acknowledge(covered)
 
@@ -403,14 +405,16 @@ class TrainingAgent:
         log.info("learning from %s; snapshots in %s (starting after v%d)", self.topics.bags,
                  self.snapshots.directory, self.version)
         training = asyncio.create_task(self.train_taken(producer, taken, stop))
+        stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait([training, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([training, stopping], return_when=asyncio.FIRST_COMPLETED)
             if training.done():
                 training.result()  # an error that stopped training stops the agent
             async with self.lock:
                 await self.publish_when_due(force_checkpoint=True)
         finally:
-            training.cancel()
+            for task in (training, stopping):
+                task.cancel()
             await app.stop()
             await producer.stop()
             for publisher in (self.publisher, self.checkpointer):
