@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -36,8 +36,7 @@ from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssigno
 from aiokafka.errors import ConsumerStoppedError
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as driver
-from faust.types import TP, EventT, StreamT
-from faust.types import Message as FaustMessage
+from faust.types import EventT, StreamT
 
 from contract.deadletters import Message
 from stream.fetch import SafeFetch
@@ -143,31 +142,8 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class Consumer(driver.Consumer):
-    """Faust's consumer, with genco's consumer thread; nothing fetched before a seek is handed on after it.
-
-    Faust's drain loop hands on a fetched batch record by record, and a rebalance (whose recovery
-    seeks every partition to its committed offset) can come in the middle. The rest of the batch,
-    handed on after the seek, moves the read offset past records the seek is about to fetch again:
-    those are dropped ("DROPPED MESSAGE ROFF"), or the jump is taken for a gap in the log and counted
-    as acknowledged, and Faust commits past records that no agent has seen. So a batch stops at a seek,
-    and what it still held is fetched again from the committed offset.
-    """
-
-    seeks = 0
-
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def perform_seek(self) -> None:
-        self.seeks += 1
-        await super().perform_seek()
-
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, FaustMessage]]:
-        seeks = self.seeks
-        async for tp, message in super().getmany(timeout):
-            if self.seeks != seeks:
-                return
-            yield tp, message
 
 
 class Producer(driver.Producer):
