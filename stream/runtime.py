@@ -6,8 +6,9 @@ import asyncio
 import logging
 import math
 import time
+from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CorruptRecordException, KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from contract.deadletters import Message, Reason, letter
@@ -93,7 +94,15 @@ async def deliver(producer: AIOKafkaProducer, store: Store, outbox: list[tuple[b
     store.sent([key for key, _ in outbox])
 
 
-def dead_letter(dead_letters: str, tp: TopicPartition, record: ConsumerRecord, reason: Reason, error: str) -> Message:
+class InputRecord(Protocol):
+    """An input record as an agent holds it: aiokafka's ``ConsumerRecord`` or a Faust ``Message`` alike."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def dead_letter(dead_letters: str, tp: TopicPartition, record: InputRecord, reason: Reason, error: str) -> Message:
     """The contract's DeadLetter for a bad input record, keyed like it: where it was, what is wrong, 64 KiB of it."""
     DEAD_LETTERS.labels(tp.topic, reason).inc()
     return letter(dead_letters, tp.topic, tp.partition, record.offset, record.key, record.value or b"", reason, error)

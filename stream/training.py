@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from faust.types import EventT
 from river import metrics
@@ -71,12 +71,12 @@ from stream.metrics import (
     TRAINING_STEPS,
 )
 from stream.one_active import OneActive
-from stream.runtime import dead_letter, send_all
+from stream.runtime import InputRecord, dead_letter, send_all
 from stream.snapshot_topic import SnapshotPublisher, read_newest
 from stream.trained_ids import TENSORS as TRAINED_TENSORS
 from stream.trained_ids import TrainedIds
 
-Source = tuple[TopicPartition, ConsumerRecord]  # where a bag came from, for its dead letter
+Source = tuple[TopicPartition, InputRecord]  # where a bag came from (a Faust message), for its dead letter
 
 log = logging.getLogger("genco.learner")
 
@@ -157,7 +157,7 @@ class TrainingAgent:
         raise SnapshotError(f"no checkpoint in {self.snapshots.directory} loads ({'; '.join(failures)}); move the "
                             "snapshots aside to start the learner afresh")
 
-    def admit(self, tp: TopicPartition, record: ConsumerRecord) -> Bag | Message | None:
+    def admit(self, tp: TopicPartition, record: InputRecord) -> Bag | Message | None:
         """A bag to train on (noted as trained), its dead letter if invalid, or None if already trained or
         stale (a horizon older than the newest trained: ``stream.trained_ids``).
 
