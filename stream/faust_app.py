@@ -37,6 +37,9 @@ from aiokafka.errors import ConsumerStoppedError
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as driver
 from faust.types import EventT, StreamT
+from faust.types import Message as FaustMessage
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 from contract.deadletters import Message
 from stream.fetch import SafeFetch
@@ -45,6 +48,7 @@ from stream.runtime import FetchWatch
 
 SendLetters = Callable[[list[Message]], Awaitable[None]]
 Assignor = type[AbstractPartitionAssignor] | AbstractPartitionAssignor
+log = logging.getLogger("genco.faust")
 
 
 class GencoApp(faust.App):
@@ -142,8 +146,37 @@ class ConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class Consumer(driver.Consumer):
+    """Faust's consumer, with genco's consumer thread; only an acknowledgement of an event handed on in the
+    current generation, with the flow running, counts towards a commit.
+
+    Faust's stream acknowledges an event it skips (one it reads while the flow is suspended for a
+    rebalance, or one fetched in an earlier generation of the group) as if an agent had processed it.
+    At a revocation Faust has just forgotten the partition's committed offset, and it then commits the
+    first run of acknowledged offsets it holds, whatever lies below it: an event skipped that way, after
+    the ones before it were cleared from the agents' buffers unprocessed, is committed past them, and
+    they are never handed on again (requests unanswered in two-serve failovers). So such an
+    acknowledgement marks the event done, for the rebalance not to wait on it, but is not counted: the
+    event is fetched again from the committed offset and handed on once more (at least once). An agent's
+    own acknowledgement that comes during a rebalance is not counted either, for the same reason: its
+    event is handed on again after the rebalance.
+    """
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def ack(self, message: FaustMessage) -> bool:
+        app = self.app
+        if self.flow_active and app.flow_control.is_active() and message.generation_id == app.consumer_generation_id:
+            return super().ack(message)
+        with ack_lock:
+            if message.acked:
+                return False
+            message.acked = True
+            self._unacked_messages.discard(message)
+            notify(self._waiting_for_ack)
+        log.info("%s[%d]@%d acknowledged during a rebalance: not committed, it is handed on again",
+                 message.topic, message.partition, message.offset)
+        return False
 
 
 class Producer(driver.Producer):
