@@ -40,12 +40,24 @@ from stream.embedded import EmbeddedBroker
 from stream.kafka import Connection, Topics
 
 TOPICS = Topics("rel.")
+SELECTORS = 2  # selector-only serves beside the full one in selector_churn
 
 
 def captured(report: Report) -> float | None:
     """(learned - uniform) / (oracle - uniform) true CTR over the last quarter of the responses."""
     ctr = report.last_quarter()
     return round((ctr["genco"] - ctr["uniform"]) / (ctr["oracle"] - ctr["uniform"]), 3) if ctr else None
+
+
+async def churn_selectors(serves: list, broker: str, state_dir: Path, every_s: float, times: int) -> None:
+    """``times`` times, after ``every_s``: SIGKILL the oldest selector-only serve (``serves[1]``; ``serves[0]``
+    runs every agent) and start a fresh one on a state dir of its own."""
+    for n in range(times):
+        await asyncio.sleep(every_s)
+        victim = serves.pop(1)
+        victim.kill()
+        victim.wait()
+        serves.append(start_serve(broker, TOPICS, state_dir / f"selector-{n + SELECTORS}", agents=("selector",)))
 
 
 def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float = 0.0) -> dict:
@@ -66,6 +78,8 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
                 await asyncio.sleep(seconds / 2)
                 serves[0].kill()
                 serves[0].wait()
+            elif name == "selector_churn":
+                await churn_selectors(serves, broker.url, state_dir, every_s=seconds / 6, times=5)
             elif name == "frozen_broker":
                 await freeze(broker, after_s=seconds / 2, for_s=15)
 
@@ -79,11 +93,19 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
         if name == "two_serves":
             serves.append(start_serve(broker.url, TOPICS, survivor))
             wait_ready(survivor, agents=("selector",))  # its joiner and learner stand by
+        if name == "selector_churn":
+            for n in range(SELECTORS):
+                serves.append(start_serve(broker.url, TOPICS, state_dir / f"selector-{n}", agents=("selector",)))
+                wait_ready(state_dir / f"selector-{n}", agents=("selector",))
         report = asyncio.run(run())
         deadline = time.monotonic() + 60
         while bags_seen(survivor) < len(report.labels) and time.monotonic() < deadline:
             time.sleep(0.5)
         bags = asyncio.run(read_topic(connection, TOPICS.bags))
+        if name == "selector_churn":
+            for serve in serves[1:]:
+                stop_serve(serve)
+            del serves[1:]
         stop_serve(serves[-1])
         labels: dict[str, set[bool]] = {}
         for bag in bags:
@@ -91,6 +113,7 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
         log = serve_log(state_dir) + (serve_log(survivor) if survivor != state_dir else "")
         return {
             "scenario": name, "seed": seed, "requests": report.sent, "lost": report.sent - report.answered,
+            "seen_late": report.seen_late,
             "invalid": len(report.invalid), "garbage_sent": sum(report.garbage.values()),
             "error_responses_missing": len(report.errors_due - report.errors_answered),
             "impressions": len(report.labels),
@@ -98,8 +121,9 @@ def scenario(name: str, seed: int, rate: float, seconds: float, garbage: float =
             "wrong_label": sum(1 for i, clicked in report.labels.items() if labels.get(i, {clicked}) != {clicked}),
             "repeated_bags": len(bags) - len(labels),
             "trained_bags_minus_impressions": bags_seen(survivor) - len(report.labels),
-            # two selectors follow the versions each on its own: their answers interleave
-            "version_went_back": None if name == "two_serves" else report.versions != sorted(report.versions),
+            # several selectors follow the versions each on its own: their answers interleave
+            "version_went_back": None if name in ("two_serves", "selector_churn")
+            else report.versions != sorted(report.versions),
             "agent_restarts": log.count("exited with status"),
             "p50_ms": round(report.latency_percentile(0.5), 1), "p99_ms": round(report.latency_percentile(0.99), 1),
             "max_ms": round(max(report.latencies_ms, default=float("nan")), 1),
@@ -117,7 +141,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     plan = [("clean", 1, 0.0), ("clean", 2, 0.0), ("clean", 3, 0.0), ("garbage", 1, 0.05), ("garbage", 2, 0.05),
-            ("sigkill", 1, 0.0), ("two_serves", 1, 0.0), ("frozen_broker", 1, 0.0)]
+            ("sigkill", 1, 0.0), ("two_serves", 1, 0.0), ("selector_churn", 1, 0.0), ("frozen_broker", 1, 0.0)]
     if args.seeds:
         garbage_of = {name: garbage for name, _, garbage in plan}
         plan = [(name, seed, garbage) for name, garbage in garbage_of.items() for seed in args.seeds]

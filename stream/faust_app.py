@@ -20,6 +20,9 @@ What genco changes in Faust's aiokafka driver, and why:
 - **Readiness and lag.** A ``stream.runtime.FetchWatch`` looks at every fetch, on the
   consumer's own thread, so ``genco status`` shows the role as ready, its lag and any broker
   outage, as for the other agents.
+- **Acknowledgements.** Only an agent's acknowledgement of an event of the current generation, while
+  the flow runs, counts towards a commit (``Consumer.ack``): Faust's stream acknowledges the events it
+  skips during a rebalance, and would commit them unhandled.
 """
 
 from __future__ import annotations
