@@ -155,9 +155,9 @@ class Consumer(driver.Consumer):
     Faust's stream acknowledges an event it skips (one it reads while the flow is suspended for a
     rebalance, or one fetched in an earlier generation of the group) as if an agent had processed it.
     At a revocation Faust has just forgotten the partition's committed offset, and it then commits the
-    first run of acknowledged offsets it holds, whatever lies below it: an event skipped that way, after
-    the ones before it were cleared from the agents' buffers unprocessed, is committed past them, and
-    they are never handed on again (requests unanswered in two-serve failovers). So such an
+    first run of acknowledged offsets it holds, whatever lies below it: an event skipped that way is
+    committed unhandled, and with it any cleared from the agents' buffers before it, none of them ever
+    handed on again (a request never answered). So such an
     acknowledgement marks the event done, for the rebalance not to wait on it, but is not counted: the
     event is fetched again from the committed offset and handed on once more (at least once). An agent's
     own acknowledgement that comes during a rebalance is not counted either, for the same reason: its
