@@ -224,17 +224,22 @@ class AdServer:
                     request_id = response["request_id"]
                 except (ValueError, KeyError, TypeError):
                     continue  # judged when it was read the first time
-                if request_id in self.report.errors_due:
-                    continue
-                entry = self.outstanding.pop(request_id, None)
-                if entry is None:
-                    continue
-                problem = check_response(response, entry[1])
-                if problem:
-                    self.report.invalid.append(f"{request_id}: {problem}")
-                    continue
-                self.report.answered += 1
-                self.report.seen_late += 1
+                if self._claim(request_id, response):
+                    self.report.seen_late += 1
+
+    def _claim(self, request_id: str, response: dict) -> tuple[float, dict] | None:
+        """The outstanding request a response answers (when it was sent, the request), now counted as answered;
+        None when none is outstanding (a repeated answer, allowed after a crash, or another client's) or when
+        the response breaks the contract (then recorded as invalid)."""
+        entry = self.outstanding.pop(request_id, None)
+        if entry is None:
+            return None
+        problem = check_response(response, entry[1])
+        if problem:
+            self.report.invalid.append(f"{request_id}: {problem}")
+            return None
+        self.report.answered += 1
+        return entry
 
     async def _on_response(self, raw: bytes, producer) -> None:
         received = time.monotonic()
@@ -250,16 +255,11 @@ class AdServer:
             else:
                 self.report.invalid.append(f"{request_id}: a broken request was answered")
             return
-        entry = self.outstanding.pop(request_id, None)
+        entry = self._claim(request_id, response)
         if entry is None:
-            return  # a repeated answer (allowed after a crash) or another client's request
-        sent_at, request = entry
-        problem = check_response(response, request)
-        if problem:
-            self.report.invalid.append(f"{request_id}: {problem}")
             return
+        sent_at, request = entry
         report = self.report
-        report.answered += 1
         report.latencies_ms.append(1000 * (received - sent_at))
         report.policies[response["policy"]] = report.policies.get(response["policy"], 0) + 1
         report.versions.append(response["model_version"])
